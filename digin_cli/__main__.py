@@ -1,0 +1,3 @@
+from digin_cli.cli import main
+
+main()
