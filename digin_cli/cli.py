@@ -1,0 +1,280 @@
+"""The command line: parse options, call a job, report. Nothing else lives here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from typer.core import TyperGroup
+
+from digin_cli import __version__
+from digin_cli.errors import DiginError
+
+try:  # typer >= 0.24 vendors its own copy of click, whose exceptions are not click's
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as click_exceptions
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors as one `Error: ...` line and exit code 2, without the usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.UsageError as error:
+            if type(error).__name__ == "NoArgsIsHelpError" and error.ctx is not None:
+                typer.echo(error.ctx.get_help())  # `digin` alone: help, not an error
+                sys.exit(0)
+            hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
+            typer.echo(f"Error: {error.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("Error: aborted", err=True)
+            sys.exit(130)
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    help="Explain image classifiers by optimizing the inputs of a latent diffusion model (DiG-IN).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str, code: int = 1) -> None:
+    stderr.print(f"Error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def run_job(job_fn, *args) -> Any:
+    """Call a job; turn the errors a user can fix into one line, never a traceback."""
+    try:
+        return job_fn(*args)
+    except DiginError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        fail("interrupted; files already written are complete, rerun to redo the rest", 130)
+    except MemoryError:
+        fail("out of memory; lower --batch-size, --cutouts or --ddim-steps, or use a GPU")
+    except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
+        if os.environ.get("DIGIN_DEBUG"):
+            raise
+        if "out of memory" in str(error).lower():
+            fail("out of GPU memory; lower --batch-size or --cutouts, or use --dtype bf16")
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        fail(f"unexpected {type(error).__name__}: {first} (set DIGIN_DEBUG=1 to see the traceback and report it)")
+
+
+class RichProgress:
+    """A rich progress bar over optimization steps, showing the live loss and metrics."""
+
+    def __init__(self, console: Console) -> None:
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = None
+
+    def start(self, label: str, total_steps: int) -> None:
+        if self.task is None:
+            self.bar.start()
+        else:
+            self.bar.remove_task(self.task)
+        self.task = self.bar.add_task(label, total=total_steps, status="")
+
+    def step(self, report) -> None:
+        parts = [f"loss {report.loss.mean():+.3f}"]
+        parts += [f"{name} {values.mean():.3f}" for name, values in report.metrics.items()]
+        self.bar.update(self.task, completed=report.step, status="  ".join(parts))
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+# -- options shared by every subcommand (defined once) -----------------------------
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        help="Diffusion model: a Hugging Face id, a local diffusers folder, or a built-in name (see `digin models`).",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str, typer.Option(help="UNet autocast on CUDA: fp32, bf16 or fp16 (optimization stays fp32).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.", file_okay=True)]
+DdimStepsOpt = Annotated[int, typer.Option("--ddim-steps", help="DDIM sampling steps.")]
+GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Optimization (Adam) steps.")]
+LrLatentOpt = Annotated[float, typer.Option("--lr-latent", help="Learning rate of z_T.")]
+LrPromptOpt = Annotated[float, typer.Option("--lr-prompt", help="Learning rate of the per-step prompt deltas.")]
+LrNullOpt = Annotated[float, typer.Option("--lr-null", help="Learning rate of the per-step null-text deltas.")]
+OptLatentOpt = Annotated[bool, typer.Option("--optimize-latent/--freeze-latent", help="Optimize z_T.")]
+OptPromptOpt = Annotated[bool, typer.Option("--optimize-prompt/--freeze-prompt", help="Optimize prompt deltas.")]
+OptNullOpt = Annotated[bool, typer.Option("--optimize-null/--freeze-null", help="Optimize null-text deltas.")]
+LossStepsOpt = Annotated[int, typer.Option("--loss-steps", help="Put the loss on the last K DDIM steps.")]
+CutoutsOpt = Annotated[int, typer.Option("--cutouts", help="Augmented classifier views per image.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images optimized together in one batch.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")]
+
+
+def _sampler_and_optim(ddim_steps, guidance, steps, lr_latent, lr_prompt, lr_null, opt_latent, opt_prompt,
+                       opt_null, loss_steps, cutouts, seed):  # fmt: skip
+    from digin_cli.engine import OptimConfig, SamplerConfig
+
+    sampler = SamplerConfig(num_steps=ddim_steps, guidance_scale=guidance)
+    optim = OptimConfig(
+        steps=steps,
+        lr_latent=lr_latent,
+        lr_prompt=lr_prompt,
+        lr_null=lr_null,
+        optimize_latent=opt_latent,
+        optimize_prompt=opt_prompt,
+        optimize_null=opt_null,
+        loss_steps=loss_steps,
+        num_cutouts=cutouts,
+        seed=seed,
+    )
+    return sampler, optim
+
+
+@app.command()
+def disagree(
+    classifier_f: Annotated[
+        str, typer.Option("--classifier-f", "-f", help="Classifier that should see the class (spec, see README).")
+    ],
+    classifier_g: Annotated[
+        str, typer.Option("--classifier-g", "-g", help="Classifier that should not see the class.")
+    ],
+    class_name: Annotated[str, typer.Option("--class", "-c", help="Target class: a name (any case) or an index.")],
+    model: ModelOpt = "CompVis/stable-diffusion-v1-4",
+    num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images (seeds) to make.")] = 1,
+    seed: Annotated[int, typer.Option(help="First seed; image i uses seed + i.")] = 0,
+    prompt_template: Annotated[str, typer.Option(help="Initial prompt; {} is the class name.")] = (
+        "a photograph of a {}"
+    ),
+    ddim_steps: DdimStepsOpt = 20,
+    guidance: GuidanceOpt = 3.0,
+    steps: StepsOpt = 20,
+    lr_latent: LrLatentOpt = 1e-3,
+    lr_prompt: LrPromptOpt = 1e-2,
+    lr_null: LrNullOpt = 1e-2,
+    optimize_latent: OptLatentOpt = True,
+    optimize_prompt: OptPromptOpt = True,
+    optimize_null: OptNullOpt = True,
+    loss_steps: LossStepsOpt = 3,
+    cutouts: CutoutsOpt = 16,
+    batch_size: BatchOpt = 1,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    out: OutOpt = Path("digin-out/disagree"),
+    quiet: QuietOpt = False,
+) -> None:
+    """Make images that classifier f assigns to CLASS and classifier g does not (paper section 4)."""
+    from digin_cli.runs import DisagreeJob, RuntimeOptions, run_disagree
+
+    if num_images < 1:
+        fail("--num-images must be at least 1")
+    sampler, optim = _sampler_and_optim(ddim_steps, guidance, steps, lr_latent, lr_prompt, lr_null,
+                                        optimize_latent, optimize_prompt, optimize_null, loss_steps, cutouts,
+                                        seed)  # fmt: skip
+    job = DisagreeJob(
+        classifier_f=classifier_f,
+        classifier_g=classifier_g,
+        class_name=class_name,
+        out=out,
+        seeds=list(range(seed, seed + num_images)),
+        prompt_template=prompt_template,
+        batch_size=batch_size,
+        runtime=RuntimeOptions(model=model, device=device, dtype=dtype),
+        sampler=sampler,
+        optim=optim,
+    )
+    progress = None if quiet else RichProgress(stderr)
+    try:
+        record = run_job(run_disagree, job, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if not quiet:
+        table = Table(title=f"disagree: '{record['config']['class_name']}'  (p_f up, p_g down)")
+        for column in ("seed", "p_f before", "p_g before", "p_f after", "p_g after", "best step", "sheet"):
+            table.add_column(column)
+        for item in record["images"]:
+            b, a = item["initial"], item["optimized"]
+            table.add_row(str(item["seed"]), f"{b['p_f']:.3f}", f"{b['p_g']:.3f}", f"{a['p_f']:.3f}",
+                          f"{a['p_g']:.3f}", str(item["best_step"]), item["files"]["sheet"])  # fmt: skip
+        stdout.print(table)
+    stdout.print(f"Wrote {len(record['images'])} image(s) and {record['json']}", highlight=False)
+
+
+@app.command()
+def models() -> None:
+    """List the built-in offline models and classifiers, and the accepted spec forms."""
+    from digin_cli.models.builtin import builtin_catalog
+
+    catalog = builtin_catalog()
+    table = Table(title="Built-in models (offline, no download)")
+    table.add_column("kind")
+    table.add_column("name")
+    table.add_column("what it is")
+    for kind, entries in catalog.items():
+        for name, description in entries:
+            table.add_row(kind, name, description)
+    stdout.print(table)
+    stdout.print(
+        "Also: --model <hub id or diffusers folder>; classifiers timm:NAME[,checkpoint=PATH][,classes=FILE], "
+        "openclip:ARCH/PRETRAINED[,classes=FILE], torchscript:PATH,classes=FILE",
+        highlight=False,
+    )
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"digin {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Explain image classifiers by optimizing the inputs of a latent diffusion model (DiG-IN)."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,195 @@
+"""Built-in offline models: `--model tiny` and the `tiny:f` / `tiny:g` classifiers.
+
+They are built from configs with fixed seeds the first time they are asked for,
+saved with diffusers' / timm's own savers into the digin cache, and from then on
+loaded through exactly the same loaders as a real model. Their weights are
+random: they exercise the whole tool on any machine without network or GPU,
+but what they show means nothing about real classifiers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from digin_cli.errors import DiginError
+from digin_cli.io import cache_dir
+from digin_cli.models.classifiers import BUILTIN_CLASSIFIER_LOADERS, Classifier, load_classifier
+from digin_cli.models.diffusion import BUILTIN_DIFFUSION_MODELS
+
+TINY_CLASSES = ["circle", "square", "triangle", "star"]
+TINY_CLASSIFIERS = {"f": 1, "g": 2}  # name -> init seed
+TINY_VERSION = "v2"  # bump when the recipe below changes, so old caches are not reused
+
+
+def clip_tokenizer_files(folder: Path) -> None:
+    """Write the real CLIP BPE vocabulary (shipped inside open_clip) as vocab.json + merges.txt.
+
+    open_clip names the special tokens <start_of_text>/<end_of_text>; Stable Diffusion's
+    tokenizer calls them <|startoftext|>/<|endoftext|> (ids 49406/49407), so rename them.
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+
+    bpe = SimpleTokenizer()
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(token, token): index for token, index in bpe.encoder.items()}
+    merges = sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    lines = ["#version: 0.2"] + [f"{a} {b}" for (a, b), _ in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def build_tiny_pipeline(folder: Path, seed: int = 0) -> None:
+    """A small Stable-Diffusion-format pipeline (64x64 images, 16x16x4 latents), random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    # Stable Diffusion v1's scheduler settings.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        clip_tokenizer_files(Path(vocab_dir))
+        tokenizer = CLIPTokenizer.from_pretrained(vocab_dir, model_max_length=77)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+
+
+def _build_once(name: str, build) -> Path:
+    """Build into a temporary sibling folder and rename it into place, so an interrupted
+    or concurrent build never leaves a half-written model behind."""
+    target = cache_dir() / "models" / name
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():  # not lost to a concurrent build: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def tiny_pipeline_folder() -> Path:
+    return _build_once(f"tiny-{TINY_VERSION}", build_tiny_pipeline)
+
+
+def _build_tiny_classifier(folder: Path, seed: int) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    generator = torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=len(TINY_CLASSES))
+    # A freshly initialised ResNet gives nearly the same logits for every image (its
+    # BatchNorm statistics are the defaults). Calibrate it on smooth random colour
+    # images: real BatchNorm statistics, and a head scaled to logits of std ~2, so the
+    # random classifier responds to its input and the optimization has something to move.
+    size = timm.data.resolve_model_data_config(model)["input_size"][1:]
+    images = F.interpolate(torch.rand(256, 3, 6, 6, generator=generator), size=size, mode="bicubic").clamp(0, 1)
+    mean, std = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
+    inputs = (images - mean) / std  # (256, 3, H, W)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batches
+    with torch.no_grad():
+        model.train()
+        for chunk in inputs.split(64):
+            model(chunk)
+        model.eval()
+        logits = model(inputs)  # (256, C)
+        scale = 2.0 / logits.std(dim=0).mean().clamp_min(1e-6)
+        model.get_classifier().weight.mul_(scale)
+        model.get_classifier().bias.zero_()
+    save_file(model.state_dict(), str(folder / "model.safetensors"))
+    (folder / "classes.txt").write_text("\n".join(TINY_CLASSES) + "\n")
+
+
+def load_tiny_classifier(spec: str, device: torch.device | str) -> Classifier:
+    name = spec.split(":", 1)[1]
+    if name not in TINY_CLASSIFIERS:
+        known = ", ".join(f"tiny:{n}" for n in TINY_CLASSIFIERS)
+        raise DiginError(f"unknown built-in classifier '{spec}'; the tiny ones are {known}")
+    seed = TINY_CLASSIFIERS[name]
+    folder = _build_once(f"tiny-classifier-{name}-{TINY_VERSION}", lambda f: _build_tiny_classifier(f, seed))
+    classifier = load_classifier(
+        f"timm:test_resnet,checkpoint={folder / 'model.safetensors'},classes={folder / 'classes.txt'}", device
+    )
+    classifier.spec = spec
+    return classifier
+
+
+def builtin_catalog() -> dict[str, list[tuple[str, str]]]:
+    """What `digin models` lists: kind -> [(name, description)]."""
+    return {
+        "diffusion": [("tiny", "64x64 Stable-Diffusion-format pipeline, random weights (smoke runs)")],
+        "classifiers": [
+            (f"tiny:{name}", f"timm test_resnet over {', '.join(TINY_CLASSES)}, random weights (seed {seed})")
+            for name, seed in TINY_CLASSIFIERS.items()
+        ],
+    }
+
+
+BUILTIN_DIFFUSION_MODELS["tiny"] = tiny_pipeline_folder
+BUILTIN_CLASSIFIER_LOADERS["tiny"] = load_tiny_classifier

@@ -1,0 +1,85 @@
+"""Loading a Stable-Diffusion-style model with diffusers' own loaders.
+
+A model is a Hugging Face hub id (the hub cache and HF_HUB_OFFLINE behave as
+with any diffusers code), a local diffusers folder, or the name of a built-in
+offline model (see ``builtin.py``), which is a diffusers folder too and goes
+through the same loaders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from digin_cli.engine import DiffusionComponents
+from digin_cli.errors import DiginError
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+
+# name -> function that makes sure the built-in model exists on disk and returns its folder
+BUILTIN_DIFFUSION_MODELS: dict[str, Callable[[], Path]] = {}
+
+# The sub-models a Stable-Diffusion-style repo must have.
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def quiet_library_output() -> None:
+    """Loading bars and warnings of transformers/diffusers would bury digin's own progress;
+    download bars of the hub client stay, so a first download still shows what it does."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+
+
+def load_diffusion(model: str) -> DiffusionComponents:
+    """Load UNet, VAE, CLIP text encoder + tokenizer and a DDIM scheduler from `model`.
+
+    The scheduler's own config (betas, prediction_type, timestep spacing) is kept; only
+    its class becomes DDIM, as the method needs a deterministic sampler.
+    """
+    quiet_library_output()
+    builtin = BUILTIN_DIFFUSION_MODELS.get(model)
+    location = str(builtin()) if builtin is not None else model
+    local = Path(location).expanduser()
+    if local.is_dir():
+        location = str(local)
+        missing = [name for name in SUBFOLDERS if not (local / name).is_dir()]
+        if missing:
+            raise DiginError(
+                f"'{model}' is a folder but not a Stable-Diffusion-style diffusers model: it lacks "
+                f"{', '.join(m + '/' for m in missing)}. Pass a folder saved with "
+                "StableDiffusionPipeline.save_pretrained, a hub id such as "
+                f"{DEFAULT_MODEL}, or the built-in offline model with --model {_builtin_names()}."
+            )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(location, subfolder="vae")
+        text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
+        scheduler = DDIMScheduler.from_pretrained(location, subfolder="scheduler")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        where = "the local folder" if local.is_dir() else "the Hugging Face hub (or its local cache)"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DiginError(
+            f"could not load the diffusion model '{model}' from {where}: {reason}. "
+            f"A hub model must be downloaded once with network access (for example "
+            f"`huggingface-cli download {model if '/' in model else DEFAULT_MODEL}`) and is then read "
+            "from the cache, also with HF_HUB_OFFLINE=1; a local folder must hold a diffusers "
+            f"Stable Diffusion model ({', '.join(SUBFOLDERS)}). With no network, use the built-in "
+            f"offline model: --model {_builtin_names()}."
+        ) from error
+    if not hasattr(unet.config, "cross_attention_dim") or unet.config.cross_attention_dim is None:
+        raise DiginError(f"'{model}' has no text-conditioned UNet; digin needs a Stable-Diffusion-style model.")
+    return DiffusionComponents(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, source=model
+    )
+
+
+def _builtin_names() -> str:
+    return " or --model ".join(sorted(BUILTIN_DIFFUSION_MODELS)) or "tiny"
