@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -277,4 +279,10 @@ def _root(
 
 
 def main() -> None:
+    if not os.environ.get("DIGIN_DEBUG"):
+        # Libraries report through logging and warnings (retries, deprecations, a root
+        # ERROR line from open_clip before it raises); digin reports every problem itself
+        # as one `Error:` line, so their messages only bury it. DIGIN_DEBUG=1 shows them.
+        logging.getLogger().addHandler(logging.NullHandler())
+        warnings.filterwarnings("ignore")
     app()

@@ -24,7 +24,8 @@ from digin_cli.models.diffusion import BUILTIN_DIFFUSION_MODELS
 
 TINY_CLASSES = ["circle", "square", "triangle", "star"]
 TINY_CLASSIFIERS = {"f": 1, "g": 2}  # name -> init seed
-TINY_VERSION = "v2"  # bump when the recipe below changes, so old caches are not reused
+TINY_CLASSIFIER_SIZE = 64  # the tiny pipeline's resolution: no upsampling to timm's default 160
+TINY_VERSION = "v3"  # bump when the recipe below changes, so old caches are not reused
 
 
 def clip_tokenizer_files(folder: Path) -> None:
@@ -145,7 +146,7 @@ def _build_tiny_classifier(folder: Path, seed: int) -> None:
     # BatchNorm statistics are the defaults). Calibrate it on smooth random colour
     # images: real BatchNorm statistics, and a head scaled to logits of std ~2, so the
     # random classifier responds to its input and the optimization has something to move.
-    size = timm.data.resolve_model_data_config(model)["input_size"][1:]
+    size = (TINY_CLASSIFIER_SIZE, TINY_CLASSIFIER_SIZE)
     images = F.interpolate(torch.rand(256, 3, 6, 6, generator=generator), size=size, mode="bicubic").clamp(0, 1)
     mean, std = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
     inputs = (images - mean) / std  # (256, 3, H, W)
@@ -177,6 +178,7 @@ def load_tiny_classifier(spec: str, device: torch.device | str) -> Classifier:
         f"timm:test_resnet,checkpoint={folder / 'model.safetensors'},classes={folder / 'classes.txt'}", device
     )
     classifier.spec = spec
+    classifier.input_size = (TINY_CLASSIFIER_SIZE, TINY_CLASSIFIER_SIZE)  # part of the built-in recipe
     return classifier
 
 

@@ -32,9 +32,12 @@ def quiet_library_output() -> None:
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
+    import huggingface_hub.utils.logging as hub_logging
+
     for library in (diffusers_logging, transformers_logging):
         library.disable_progress_bar()
         library.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # connection retries; the final error is reported by digin
 
 
 def load_diffusion(model: str) -> DiffusionComponents:
@@ -65,11 +68,11 @@ def load_diffusion(model: str) -> DiffusionComponents:
         scheduler = DDIMScheduler.from_pretrained(location, subfolder="scheduler")
     except (OSError, ValueError, KeyError, TypeError) as error:
         where = "the local folder" if local.is_dir() else "the Hugging Face hub (or its local cache)"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = str(error).strip().splitlines()[0].rstrip('.') if str(error).strip() else type(error).__name__
         raise DiginError(
             f"could not load the diffusion model '{model}' from {where}: {reason}. "
             f"A hub model must be downloaded once with network access (for example "
-            f"`huggingface-cli download {model if '/' in model else DEFAULT_MODEL}`) and is then read "
+            f"`hf download {model if '/' in model else DEFAULT_MODEL}`) and is then read "
             "from the cache, also with HF_HUB_OFFLINE=1; a local folder must hold a diffusers "
             f"Stable Diffusion model ({', '.join(SUBFOLDERS)}). With no network, use the built-in "
             f"offline model: --model {_builtin_names()}."
