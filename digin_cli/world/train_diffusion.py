@@ -1,0 +1,260 @@
+"""Train the shapes world's text-to-image latent diffusion model, in Stable Diffusion format.
+
+Three stages, fixed seeds, CPU-sized:
+1. an AutoencoderKL (64x64 RGB <-> 4x16x16 latents),
+2. a CLIP text encoder (real CLIP BPE vocabulary, small transformer) and a
+   UNet2DConditionModel, trained together on the DDPM noise-prediction loss, with
+   10% of captions dropped so classifier-free guidance works,
+3. saved with `StableDiffusionPipeline.save_pretrained` (fp16 weights to keep the
+   package small), so `--model shapes` loads through the same loaders as a hub model.
+
+    python -m digin_cli.world.train_diffusion --out digin_cli/world/weights/diffusion
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from digin_cli.world.scenes import IMAGE_SIZE, caption, render, sample_scene
+
+LATENT_SIZE = 16  # 64 px / VAE factor 4
+CAPTION_DROPOUT = 0.1  # share of empty captions: the unconditional branch of classifier-free guidance
+
+
+def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """n balanced scenes: images (n, 3, 64, 64) in [-1, 1] and their captions."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    captions = []
+    for i in range(n):
+        scene = sample_scene(rng)
+        images[i] = render(scene)[0]
+        captions.append(caption(scene))
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, 64, 64)
+    return tensor, captions
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        # Cross-attention at the 8x8 level and in the mid block only: attention over the
+        # 256 tokens of the 16x16 level doubles the cost of a training step on a CPU.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(1, 2),  # diffusers' legacy name: heads per level, i.e. 32 channels a head
+        norm_num_groups=16,
+    )
+
+
+def build_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    # Stable Diffusion v1's noise schedule and DDIM settings.
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def train_vae(images: torch.Tensor, steps: int, batch: int, seed: int, log) -> tuple[torch.nn.Module, float]:
+    """MSE reconstruction + a small KL term. Returns the VAE and the latent scaling factor."""
+    torch.manual_seed(seed)
+    vae = build_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    for step in range(steps):
+        index = torch.randint(len(images), (batch,), generator=generator)
+        x = images[index]  # (batch, 3, 64, 64)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=None)).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images[:2048].split(256)])
+    scaling = float(1.0 / latents.std())  # as in SD: unit-variance latents for the UNet
+    return vae, scaling
+
+
+def train_denoiser(
+    latents: torch.Tensor,
+    token_ids: torch.Tensor,
+    empty_ids: torch.Tensor,
+    steps: int,
+    batch: int,
+    seed: int,
+    log,
+):
+    """Jointly train text encoder + UNet on epsilon prediction; returns EMA copies of both."""
+    torch.manual_seed(seed)
+    unet, text_encoder = build_unet(), build_text_encoder()
+    noise_scheduler = build_scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=0.03)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_decay = 0.998
+    generator = torch.Generator().manual_seed(seed)
+    alphas = noise_scheduler.alphas_cumprod
+    started = time.perf_counter()
+    for step in range(steps):
+        index = torch.randint(len(latents), (batch,), generator=generator)
+        z0 = latents[index]  # (batch, 4, 16, 16)
+        ids = token_ids[index].clone()  # (batch, 77)
+        drop = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
+        ids[drop] = empty_ids
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        text = text_encoder(ids)[0]  # (batch, 77, 64)
+        pred = unet(zt, t, encoder_hidden_states=text).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - decay)
+        if step % 200 == 0 or step == steps - 1:
+            log(f"unet step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)")
+    return ema_unet.eval(), ema_text.eval()
+
+
+def train(
+    out: Path, n_images: int, vae_steps: int, vae_batch: int, unet_steps: int, batch: int, seed: int, log=print
+) -> dict:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from digin_cli.models.builtin import clip_tokenizer_files
+
+    started = time.perf_counter()
+    images, captions = render_dataset(n_images, seed)
+    log(f"rendered {n_images} scenes ({time.perf_counter() - started:.0f}s)")
+    vae, scaling = train_vae(images, vae_steps, vae_batch, seed, log)
+    vae.register_to_config(scaling_factor=scaling)
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images[:512]).latent_dist.mean).sample
+        vae_psnr = float(10 * torch.log10(4 / F.mse_loss(recon, images[:512])))  # range [-1, 1]: peak^2 = 4
+        latents = torch.cat([vae.encode(c).latent_dist.mean for c in images.split(256)]) * scaling
+    log(f"vae psnr {vae_psnr:.1f} dB, scaling {scaling:.3f}")
+
+    with tempfile.TemporaryDirectory() as vocab:
+        clip_tokenizer_files(Path(vocab))
+        tokenizer = CLIPTokenizer.from_pretrained(vocab, model_max_length=77)
+    tokenize = lambda texts: tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids  # noqa: E731
+    token_ids = tokenize(captions)  # (n, 77)
+    empty_ids = tokenize([""])[0]
+    unet, text_encoder = train_denoiser(latents, token_ids, empty_ids, unet_steps, batch, seed + 1, log)
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.to(torch.float16).save_pretrained(out)
+    info = {
+        "seed": seed,
+        "n_images": n_images,
+        "vae_steps": vae_steps,
+        "unet_steps": unet_steps,
+        "vae_batch": vae_batch,
+        "batch": batch,
+        "vae_psnr_db": round(vae_psnr, 2),
+        "scaling_factor": scaling,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights" / "diffusion")
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--vae-steps", type=int, default=700)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = train(args.out, args.images, args.vae_steps, args.vae_batch, args.unet_steps, args.batch, args.seed)
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()
