@@ -243,6 +243,182 @@ def disagree(
 
 
 @app.command()
+def neuron(
+    classifier: Annotated[str, typer.Option("--classifier", help="Classifier whose neuron is explained.")],
+    neuron_index: Annotated[
+        int | None, typer.Option("--neuron", "-u", help="Neuron index in the feature map.")
+    ] = None,
+    direction: Annotated[
+        Path | None, typer.Option("--direction", help="A .npy/.pt vector in feature space to maximize instead.")
+    ] = None,
+    layer: Annotated[
+        str | None, typer.Option(help="Named module to read (default: the input of the last linear layer).")
+    ] = None,
+    minimize: Annotated[bool, typer.Option("--minimize", help="Minimize instead of maximize.")] = False,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="Candidate initial prompt; repeat for several.")
+    ] = None,
+    select_samples: Annotated[int, typer.Option(help="Images per candidate prompt when choosing the start.")] = 8,
+    candidates: Annotated[int, typer.Option(help="Prompts proposed from the last layer when none are given.")] = 3,
+    model: ModelOpt = "CompVis/stable-diffusion-v1-4",
+    num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images (seeds) to make.")] = 1,
+    seed: Annotated[int, typer.Option(help="First seed; image i uses seed + i.")] = 0,
+    prompt_template: Annotated[str, typer.Option(help="Template for proposed prompts; {} is a class.")] = (
+        "a photograph of a {}"
+    ),
+    ddim_steps: DdimStepsOpt = 20,
+    guidance: GuidanceOpt = 3.0,
+    steps: StepsOpt = 20,
+    lr_latent: LrLatentOpt = 1e-3,
+    lr_prompt: LrPromptOpt = 1e-2,
+    lr_null: LrNullOpt = 1e-2,
+    optimize_latent: OptLatentOpt = True,
+    optimize_prompt: OptPromptOpt = True,
+    optimize_null: OptNullOpt = True,
+    loss_steps: LossStepsOpt = 3,
+    cutouts: CutoutsOpt = 16,
+    batch_size: BatchOpt = 1,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    out: OutOpt = Path("digin-out/neuron"),
+    quiet: QuietOpt = False,
+) -> None:
+    """Show what a neuron (or feature direction) of a classifier looks for (paper section 6)."""
+    from digin_cli.runs import NeuronJob, RuntimeOptions, run_neuron
+
+    if num_images < 1:
+        fail("--num-images must be at least 1")
+    sampler, optim = _sampler_and_optim(ddim_steps, guidance, steps, lr_latent, lr_prompt, lr_null,
+                                        optimize_latent, optimize_prompt, optimize_null, loss_steps, cutouts,
+                                        seed)  # fmt: skip
+    job = NeuronJob(
+        classifier=classifier,
+        out=out,
+        seeds=list(range(seed, seed + num_images)),
+        neuron=neuron_index,
+        direction_file=direction,
+        layer=layer,
+        maximize=not minimize,
+        prompts=list(prompt or []),
+        num_candidates=candidates,
+        select_samples=select_samples,
+        prompt_template=prompt_template,
+        batch_size=batch_size,
+        runtime=RuntimeOptions(model=model, device=device, dtype=dtype),
+        sampler=sampler,
+        optim=optim,
+    )
+    progress = None if quiet else RichProgress(stderr)
+    try:
+        record = run_job(run_neuron, job, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if not quiet:
+        config = record["config"]
+        if config["selection_scores"]:
+            stdout.print("start prompt chosen by mean activation:", highlight=False)
+            for text, score in config["selection_scores"].items():
+                mark = "*" if text == config["prompt"] else " "
+                stdout.print(f" {mark} {score:+.3f}  {text}", highlight=False, markup=False)
+        table = Table(title=f"neuron: {config['mode']} {config['neuron'] if config['neuron'] is not None else config['direction_file']}")
+        for column in ("seed", "activation before", "activation after", "top class after", "best step"):
+            table.add_column(column)
+        for item in record["images"]:
+            b, a = item["initial"], item["optimized"]
+            table.add_row(str(item["seed"]), f"{b['activation']:.3f}", f"{a['activation']:.3f}",
+                          f"{a['top_class_name']} {a['top_p']:.2f}", str(item["best_step"]))  # fmt: skip
+        stdout.print(table)
+    stdout.print(f"Wrote {len(record['images'])} image(s) and {record['json']}", highlight=False)
+
+
+@app.command()
+def neurons(
+    classifier: Annotated[str, typer.Option("--classifier", help="Classifier to inspect.")],
+    class_name: Annotated[str, typer.Option("--class", "-c", help="Class whose logit is attributed.")],
+    top: Annotated[int, typer.Option(help="How many neurons to list.")] = 10,
+    samples: Annotated[int, typer.Option(help="Generated images of the class to average over.")] = 8,
+    model: ModelOpt = "CompVis/stable-diffusion-v1-4",
+    seed: Annotated[int, typer.Option(help="First seed of the generated images.")] = 0,
+    prompt_template: Annotated[str, typer.Option(help="Prompt for the class images; {} is the class.")] = (
+        "a photograph of a {}"
+    ),
+    ddim_steps: DdimStepsOpt = 20,
+    guidance: GuidanceOpt = 3.0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the list to this JSON file.")] = None,
+) -> None:
+    """List the penultimate neurons that contribute most to a class logit (weight x mean activation)."""
+    from digin_cli.engine import SamplerConfig
+    from digin_cli.io import write_json
+    from digin_cli.runs import NeuronSearchJob, RuntimeOptions, find_neurons
+
+    if samples < 1 or top < 1:
+        fail("--samples and --top must be at least 1")
+    if "{}" not in prompt_template:
+        fail(f"--prompt-template must contain {{}} where the class name goes, got '{prompt_template}'")
+    job = NeuronSearchJob(classifier=classifier, class_name=class_name, top=top, samples=samples, seed=seed,
+                          prompt_template=prompt_template,
+                          runtime=RuntimeOptions(model=model, device=device, dtype=dtype),
+                          sampler=SamplerConfig(num_steps=ddim_steps, guidance_scale=guidance))  # fmt: skip
+    result = run_job(find_neurons, job)
+    table = Table(title=f"neurons driving '{result['class_name']}' in {classifier} ({samples} images of '{result['prompt']}')")
+    for column in ("neuron", "contribution", "weight", "mean activation"):
+        table.add_column(column)
+    for entry in result["neurons"]:
+        table.add_row(str(entry["neuron"]), f"{entry['contribution']:+.3f}", f"{entry['weight']:+.3f}",
+                      f"{entry['mean_activation']:.3f}")  # fmt: skip
+    stdout.print(table)
+    best = result["neurons"][0]["neuron"]
+    stdout.print(f"Next: digin neuron --classifier {classifier} --neuron {best} --model {model}", highlight=False, markup=False)
+    if json_out is not None:
+        run_job(write_json, result, json_out)
+
+
+@app.command()
+def bench(
+    out: OutOpt = Path("digin-out/bench"),
+    shapes: Annotated[
+        str | None, typer.Option(help="Comma-separated shapes to run (default: all of them).")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Runs (seeds) per shape.")] = 4,
+    steps: StepsOpt = 20,
+    ddim_steps: DdimStepsOpt = 20,
+    batch_size: BatchOpt = 4,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Quality benchmark on the built-in shapes world, judged by ground truth (fixed seeds)."""
+    from digin_cli.bench import BenchConfig, run_bench
+    from digin_cli.world.scenes import SHAPES
+
+    chosen = [s.strip() for s in shapes.split(",")] if shapes else list(SHAPES)
+    unknown = [s for s in chosen if s not in SHAPES]
+    if unknown:
+        fail(f"unknown shape(s) {', '.join(unknown)}; the shapes world has {', '.join(SHAPES)}")
+    if seeds < 1:
+        fail("--seeds must be at least 1")
+    config = BenchConfig(out=out, shapes=chosen, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps,
+                         batch_size=batch_size, device=device)  # fmt: skip
+    progress = None if quiet else RichProgress(stderr)
+    try:
+        result = run_job(run_bench, config, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    table = Table(title="digin bench: shapes world, judged by ground truth")
+    for column in ("row", "runs", "success", "success before opt.", "revealed (of successes)"):
+        table.add_column(column)
+    for row in result["rows"]:
+        table.add_row(row["row"], str(row["runs"]), f"{row['success_rate']:.0%}",
+                      f"{row['success_rate_before_optimization']:.0%}",
+                      f"{row['revealed_share_of_successes']:.0%}")  # fmt: skip
+    stdout.print(table)
+    stdout.print(f"Wrote {result['json']} ({result['seconds']:.0f} s)", highlight=False)
+
+
+@app.command()
 def models() -> None:
     """List the built-in offline models and classifiers, and the accepted spec forms."""
     from digin_cli.models.builtin import builtin_catalog

@@ -58,3 +58,88 @@ class Disagreement:
         p_f = class_probability(self.classifier_f, inputs.views, self.class_index)  # (B,)
         p_g = class_probability(self.classifier_g, inputs.views, self.class_index)  # (B,)
         return ObjectiveOutput(loss=-(p_f - p_g), metrics={"p_f": p_f, "p_g": p_g})
+
+
+class FeatureMap:
+    """phi: the activations a neuron objective reads, plus the classifier's logits.
+
+    Default: the input of the last linear layer (`Classifier.features`). With `layer`,
+    the output of that named module, captured by a forward hook during the ordinary
+    forward pass; conv maps (N, C, H, W) and token maps (N, T, C) are averaged over
+    space / tokens, so each channel is one neuron.
+    """
+
+    def __init__(self, classifier: Classifier, layer: str | None = None) -> None:
+        from digin_cli.errors import DiginError
+
+        self.classifier = classifier
+        self.layer = layer
+        self._module = None
+        if layer is not None:
+            names = dict(classifier.model.named_modules())
+            if layer not in names or layer == "":
+                import difflib
+
+                close = difflib.get_close_matches(layer, [n for n in names if n], n=5)
+                hint = f"close matches: {', '.join(close)}" if close else "list them with model.named_modules()"
+                raise DiginError(f"{classifier.spec} has no layer '{layer}'; {hint}")
+            self._module = names[layer]
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) in [0, 1] -> (activations (N, D), logits (N, C))."""
+        if self._module is None:
+            return self.classifier.features_and_logits(images)
+        captured: list[torch.Tensor] = []
+        handle = self._module.register_forward_hook(lambda _m, _i, output: captured.append(output))
+        try:
+            logits = self.classifier(images)
+        finally:
+            handle.remove()
+        output = captured[-1]
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        if output.dim() == 4:  # (N, C, H, W): channel-wise spatial mean
+            output = output.mean(dim=(2, 3))
+        elif output.dim() == 3:  # (N, T, C): mean over tokens
+            output = output.mean(dim=1)
+        return output.float(), logits
+
+    @torch.no_grad()
+    def width(self) -> int:
+        size = self.classifier.input_size
+        probe = torch.full((1, 3, *size), 0.5, device=self.classifier.mean.device)
+        return self(probe)[0].shape[1]
+
+
+@dataclass
+class NeuronObjective:
+    """Maximize (or minimize) one neuron, or the projection on a feature direction.
+
+    loss = -sign * a, with a = phi(x)_n or <phi(x), direction>; sign = +1 maximizes.
+    Reports the activation, the classifier's top class and its confidence.
+    """
+
+    feature_map: FeatureMap
+    neuron: int | None = None
+    direction: torch.Tensor | None = None  # (D,) in feature space
+    maximize: bool = True
+
+    def activation(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, V, 3, S, S) -> (activation (B,), probabilities (B, C)), both averaged over views."""
+        batch, num_views = views.shape[:2]
+        features, logits = self.feature_map(views.flatten(0, 1))  # (B*V, D), (B*V, C)
+        if self.direction is not None:
+            value = features @ self.direction.to(features)  # (B*V,)
+        else:
+            value = features[:, self.neuron]
+        probs = logits.float().softmax(dim=-1)
+        return value.view(batch, num_views).mean(1), probs.view(batch, num_views, -1).mean(1)
+
+    def __call__(self, inputs: ObjectiveInput) -> ObjectiveOutput:
+        value, probs = self.activation(inputs.views)
+        top_p, top_class = probs.max(dim=-1)
+        sign = 1.0 if self.maximize else -1.0
+        return ObjectiveOutput(
+            loss=-sign * value,
+            metrics={"activation": value, "top_class": top_class.float(), "top_p": top_p},
+        )

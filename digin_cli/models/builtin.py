@@ -175,23 +175,75 @@ def load_tiny_classifier(spec: str, device: torch.device | str) -> Classifier:
     seed = TINY_CLASSIFIERS[name]
     folder = _build_once(f"tiny-classifier-{name}-{TINY_VERSION}", lambda f: _build_tiny_classifier(f, seed))
     classifier = load_classifier(
-        f"timm:test_resnet,checkpoint={folder / 'model.safetensors'},classes={folder / 'classes.txt'}", device
+        f"timm:test_resnet,checkpoint={folder / 'model.safetensors'},classes={folder / 'classes.txt'},"
+        f"size={TINY_CLASSIFIER_SIZE}",
+        device,
     )
     classifier.spec = spec
-    classifier.input_size = (TINY_CLASSIFIER_SIZE, TINY_CLASSIFIER_SIZE)  # part of the built-in recipe
+    return classifier
+
+
+# -- the shapes world: trained weights shipped inside the package -----------------------
+
+SHAPES_WEIGHTS = Path(__file__).resolve().parent.parent / "world" / "weights"
+RETRAIN_HINT = "retrain with `python -m digin_cli.world.train` (see README, 'The shapes world')"
+
+
+def shapes_pipeline_folder() -> Path:
+    folder = SHAPES_WEIGHTS / "diffusion"
+    if not (folder / "model_index.json").is_file():
+        raise DiginError(f"the shapes diffusion model is missing from {folder}; {RETRAIN_HINT}")
+    return folder
+
+
+def shapes_classifier_names() -> list[str]:
+    root = SHAPES_WEIGHTS / "classifiers"
+    return sorted(p.parent.name for p in root.glob("*/meta.json"))
+
+
+def shapes_classifier_meta(name: str) -> dict:
+    path = SHAPES_WEIGHTS / "classifiers" / name / "meta.json"
+    if not path.is_file():
+        known = ", ".join(f"shapes:{n}" for n in shapes_classifier_names()) or "none (not trained yet)"
+        raise DiginError(f"unknown built-in classifier 'shapes:{name}'; known: {known}; {RETRAIN_HINT}")
+    return json.loads(path.read_text())
+
+
+def load_shapes_classifier(spec: str, device: torch.device | str) -> Classifier:
+    name = spec.split(":", 1)[1]
+    meta = shapes_classifier_meta(name)
+    folder = SHAPES_WEIGHTS / "classifiers" / name
+    triple = lambda values: ";".join(str(v) for v in values)  # noqa: E731
+    classifier = load_classifier(
+        f"timm:{meta['arch']},checkpoint={folder / 'model.safetensors'},"
+        f"classes={SHAPES_WEIGHTS / 'classifiers' / 'classes.txt'},size={meta['input_size']},"
+        f"mean={triple(meta['mean'])},std={triple(meta['std'])}",
+        device,
+    )
+    classifier.spec = spec
     return classifier
 
 
 def builtin_catalog() -> dict[str, list[tuple[str, str]]]:
     """What `digin models` lists: kind -> [(name, description)]."""
-    return {
-        "diffusion": [("tiny", "64x64 Stable-Diffusion-format pipeline, random weights (smoke runs)")],
-        "classifiers": [
-            (f"tiny:{name}", f"timm test_resnet over {', '.join(TINY_CLASSES)}, random weights (seed {seed})")
-            for name, seed in TINY_CLASSIFIERS.items()
-        ],
-    }
+    diffusion = [("tiny", "64x64 Stable-Diffusion-format pipeline, random weights (smoke runs)")]
+    if (SHAPES_WEIGHTS / "diffusion" / "model_index.json").is_file():
+        diffusion.insert(0, ("shapes", "64x64 text-to-image model trained on the shapes world"))
+    classifiers = []
+    for name in shapes_classifier_names():
+        meta = shapes_classifier_meta(name)
+        acc = meta.get("accuracy", {}).get("in_distribution")
+        planted = meta.get("planted")
+        what = f"timm {meta['arch']}, " + (f"planted bias {planted}" if planted else "balanced training")
+        classifiers.append((f"shapes:{name}", what + (f", in-distribution accuracy {acc:.1%}" if acc else "")))
+    classifiers += [
+        (f"tiny:{name}", f"timm test_resnet over {', '.join(TINY_CLASSES)}, random weights (seed {seed})")
+        for name, seed in TINY_CLASSIFIERS.items()
+    ]
+    return {"diffusion": diffusion, "classifiers": classifiers}
 
 
 BUILTIN_DIFFUSION_MODELS["tiny"] = tiny_pipeline_folder
+BUILTIN_DIFFUSION_MODELS["shapes"] = shapes_pipeline_folder
 BUILTIN_CLASSIFIER_LOADERS["tiny"] = load_tiny_classifier
+BUILTIN_CLASSIFIER_LOADERS["shapes"] = load_shapes_classifier

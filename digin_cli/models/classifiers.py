@@ -6,7 +6,9 @@ A classifier is named by a spec string ``KIND:NAME[,key=value...]``:
   (so the Hugging Face cache and ``HF_HUB_OFFLINE`` behave as timm users expect).
   ``checkpoint=PATH`` loads local weights (.safetensors / .pth) through timm's own
   ``pretrained_cfg_overlay`` mechanism; ``num_classes=N`` (inferred from the
-  checkpoint when omitted) and ``classes=FILE`` (one name per line) are optional.
+  checkpoint when omitted), ``classes=FILE`` (one name per line) and ``size=N``,
+  ``mean=r;g;b``, ``std=r;g;b`` (for weights trained at another resolution or
+  normalization than the architecture's default) are optional.
 - ``openclip:ARCH/PRETRAINED`` -- a zero-shot CLIP classifier (paper: ViT-B-16 /
   laion2b_s34b_b88k): class weights are open_clip's own averaged, L2-normalized
   text embeddings of the class names in the OpenAI ImageNet templates; logits are
@@ -53,12 +55,12 @@ ZERO_SHOT_LOGIT_SCALE = 100.0
 _ZERO_SHOT_CACHE_VERSION = "1"
 
 ACCEPTED_FORMS = (
-    "timm:NAME[,checkpoint=PATH][,num_classes=N][,classes=FILE]",
+    "timm:NAME[,checkpoint=PATH][,num_classes=N][,classes=FILE][,size=N][,mean=r;g;b][,std=r;g;b]",
     "openclip:ARCH/PRETRAINED[,classes=FILE][,mean=r;g;b][,std=r;g;b]",
     "torchscript:PATH,classes=FILE[,size=224][,mean=r;g;b][,std=r;g;b]",
 )
 _OPTION_KEYS = {
-    "timm": {"checkpoint", "num_classes", "classes"},
+    "timm": {"checkpoint", "num_classes", "classes", "size", "mean", "std"},
     "openclip": {"classes", "mean", "std"},
     "torchscript": {"classes", "size", "mean", "std"},
 }
@@ -137,6 +139,29 @@ class Classifier(nn.Module):
             )
         x = self.preprocess(images)
         return forward_head(forward_features(x), pre_logits=True)
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass: ((N, D) the last layer's input, (N, C) logits)."""
+        features = self.features(images)
+        return features, self.head(features)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The last layer alone: (N, D) features -> (N, C) logits."""
+        if isinstance(self.model, ZeroShotCLIP):
+            return self.model.forward_head(features)
+        get_classifier = getattr(self.model, "get_classifier", None)
+        if not callable(get_classifier):
+            raise DiginError(f"{self.spec} does not expose its last layer (timm's get_classifier)")
+        return get_classifier()(features)
+
+    def head_weight(self) -> torch.Tensor | None:
+        """(C, D): the last linear layer, mapping features() to logits; None if there is none."""
+        if isinstance(self.model, ZeroShotCLIP):
+            return ZERO_SHOT_LOGIT_SCALE * self.model.class_weights.T
+        get_classifier = getattr(self.model, "get_classifier", None)
+        head = get_classifier() if callable(get_classifier) else None
+        return head.weight if isinstance(head, nn.Linear) else None
+
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, num_classes={self.num_classes}, input_size={self.input_size}"
@@ -409,14 +434,18 @@ def _load_timm(spec: str, name: str, options: dict[str, str], device: torch.devi
         class_names, synonyms = _timm_class_names(model)
 
     data_config = timm.data.resolve_model_data_config(model)  # input_size is (C, H, W)
+    # A checkpoint trained at another resolution or normalization says so in the spec.
+    size = _parse_size(options["size"], spec) if "size" in options else tuple(data_config["input_size"][-2:])
+    mean = _parse_floats(options["mean"], "mean", spec) if "mean" in options else data_config["mean"]
+    std = _parse_floats(options["std"], "std", spec) if "std" in options else data_config["std"]
     return Classifier(
         model,
         spec=spec,
         class_names=class_names,
         class_synonyms=synonyms,
-        input_size=tuple(data_config["input_size"][-2:]),
-        mean=data_config["mean"],
-        std=data_config["std"],
+        input_size=size,
+        mean=mean,
+        std=std,
     ).to(device)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -61,9 +62,10 @@ def load_diffusion(model: str) -> DiffusionComponents:
                 f"{DEFAULT_MODEL}, or the built-in offline model with --model {_builtin_names()}."
             )
     try:
-        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(location, subfolder="vae")
-        text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder")
+        # fp32 whatever the stored dtype: the engine optimizes in fp32 and autocasts the UNet on CUDA.
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=torch.float32)
         tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
         scheduler = DDIMScheduler.from_pretrained(location, subfolder="scheduler")
     except (OSError, ValueError, KeyError, TypeError) as error:
