@@ -249,7 +249,7 @@ def test_num_classes_without_checkpoint_is_refused():
         ("timm:test_resnet,classes", r"malformed option 'classes' .* key=value"),
         (
             "timm:test_resnet,colour=red",
-            r"unknown option 'colour' in .*; timm: accepts checkpoint, classes, num_classes",
+            r"unknown option 'colour' in .*; timm: accepts checkpoint, classes, mean, num_classes, size, std",
         ),
         (
             "keras:model.h5",

@@ -233,8 +233,8 @@ def builtin_catalog() -> dict[str, list[tuple[str, str]]]:
     for name in shapes_classifier_names():
         meta = shapes_classifier_meta(name)
         acc = meta.get("accuracy", {}).get("in_distribution")
-        planted = meta.get("planted")
-        what = f"timm {meta['arch']}, " + (f"planted bias {planted}" if planted else "balanced training")
+        bias = meta.get("bias")
+        what = f"timm {meta['arch']}, " + (f"planted {bias} shortcut (95%)" if bias else "balanced training")
         classifiers.append((f"shapes:{name}", what + (f", in-distribution accuracy {acc:.1%}" if acc else "")))
     classifiers += [
         (f"tiny:{name}", f"timm test_resnet over {', '.join(TINY_CLASSES)}, random weights (seed {seed})")
