@@ -21,7 +21,7 @@ from typing import Any
 from digin_cli.engine import OptimConfig, SamplerConfig
 from digin_cli.io import read_rgb, write_json
 from digin_cli.runs import DisagreeJob, Progress, RuntimeOptions, run_disagree
-from digin_cli.world.scenes import SHAPES, judge_colours
+from digin_cli.world.scenes import BACKGROUNDS, COLOURS, SHAPES, judge_colours
 
 SUCCESS_P_F = 0.5  # f must see the class...
 SUCCESS_P_G = 0.2  # ...and g must not
@@ -72,7 +72,8 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
             colours.append(colour)
             runs += 1
             success += ok
-            revealed += ok and colour != planted[shape]
+            # Revealed only when an object colour is seen and it is not the planted one.
+            revealed += ok and colour is not None and colour != planted[shape]
         per_shape[shape] = {
             "runs": runs,
             "success_rate": success / runs,
@@ -83,9 +84,17 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
         }
         for key, value in (("runs", runs), ("success", success), ("revealed", revealed), ("success_before", success_before)):
             totals[key] += value
+    success_rate = totals["success"] / totals["runs"]
+    revealed_share = totals["revealed"] / totals["success"] if totals["success"] else 0.0
+    before_rate = totals["success_before"] / totals["runs"]
     return {
         "row": "disagree: shapes:oracle (f) vs shapes:color-biased (g)",
-        "criterion": f"p_f >= {SUCCESS_P_F} and p_g <= {SUCCESS_P_G}; revealed = object colour is not the planted one",
+        "headline": {
+            "runs": str(totals["runs"]),
+            "success (p_f>=0.5, p_g<=0.2)": f"{success_rate:.0%} (before optimization {before_rate:.0%})",
+            "revealed shortcut (of successes)": f"{revealed_share:.0%}",
+        },
+        "criterion": f"p_f >= {SUCCESS_P_F} and p_g <= {SUCCESS_P_G}; revealed = an object colour is seen and it is not the planted one",
         "success_rate": totals["success"] / totals["runs"],
         "revealed_share_of_successes": totals["revealed"] / totals["success"] if totals["success"] else 0.0,
         "success_rate_before_optimization": totals["success_before"] / totals["runs"],
@@ -94,9 +103,83 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
     }
 
 
+# Starting scenes for the neuron row: maximizing starts away from the neuron's background,
+# minimizing starts on it. One prompt per shape, each with its own colour and background.
+def _neuron_prompts(background: str, on: bool) -> list[str]:
+    others = [b for b in BACKGROUNDS if b != background]
+    prompts = []
+    for k, (shape, colour) in enumerate(zip(SHAPES, COLOURS)):
+        where = background if on else others[k % len(others)]
+        prompts.append(f"a photograph of a {colour} {shape} on {where}")
+    return prompts
+
+
+def neuron_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Row "neuron": the documented background neuron of shapes:background-biased.
+
+    Maximizing must raise its activation (ratio of mean activations after / before) and
+    turn the background toward the neuron's background (judged from the pixels);
+    minimizing, started on that background, must lower it.
+    """
+    from digin_cli.models.builtin import shapes_classifier_meta
+    from digin_cli.runs import NeuronJob, run_neuron
+
+    documented = shapes_classifier_meta("background-biased")["background_neuron"]
+    index, background = documented["index"], documented["background"]
+    modes = {}
+    for maximize in (True, False):
+        mode = "maximize" if maximize else "minimize"
+        before, after, turned, lowered, runs = [], [], 0, 0, 0
+        for k, prompt in enumerate(_neuron_prompts(background, on=not maximize)[: len(config.shapes)]):
+            job = NeuronJob(
+                classifier="shapes:background-biased",
+                out=config.out / "neuron" / mode / str(k),
+                seeds=list(range(config.seeds_per_shape)),
+                neuron=index,
+                maximize=maximize,
+                prompts=[prompt],
+                batch_size=config.batch_size,
+                runtime=RuntimeOptions(model="shapes", device=config.device),
+                sampler=SamplerConfig(num_steps=config.ddim_steps),
+                optim=OptimConfig(steps=config.steps),
+            )
+            record = run_neuron(job, progress)
+            for item in record["images"]:
+                a0, a1 = item["initial"]["activation"], item["optimized"]["activation"]
+                judged = judge_colours(read_rgb(job.out / item["files"]["optimized"])).background
+                before.append(a0)
+                after.append(a1)
+                runs += 1
+                lowered += a1 < a0
+                turned += (judged == background) if maximize else (judged != background)
+        mean_before, mean_after = sum(before) / runs, sum(after) / runs
+        modes[mode] = {
+            "runs": runs,
+            "mean_activation_before": round(mean_before, 4),
+            "mean_activation_after": round(mean_after, 4),
+            "gain_factor": round(mean_after / mean_before, 3) if mean_before > 0 else None,
+            "share_lowered": lowered / runs,
+            ("share_background_turned_to_" + background if maximize else "share_background_no_longer_" + background): turned / runs,
+        }
+    up, down = modes["maximize"], modes["minimize"]
+    return {
+        "row": f"neuron: shapes:background-biased neuron {index} ({background})",
+        "headline": {
+            "runs": f"{up['runs']} max + {down['runs']} min",
+            "max: activation gain": f"x{up['gain_factor']} ({up['mean_activation_before']:.2f} -> {up['mean_activation_after']:.2f})",
+            f"max: background turned to {background}": f"{up['share_background_turned_to_' + background]:.0%}",
+            "min: activation lowered": f"{down['share_lowered']:.0%} ({down['mean_activation_before']:.2f} -> {down['mean_activation_after']:.2f})",
+        },
+        "criterion": "maximize: activation gain and background judged as the neuron's; minimize: activation lowered",
+        "neuron": index,
+        "background": background,
+        **modes,
+    }
+
+
 def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     started = time.perf_counter()
-    rows = [disagreement_row(config, progress)]
+    rows = [disagreement_row(config, progress), neuron_row(config, progress)]
     result = {
         "benchmark": "shapes world, judged by ground truth",
         "config": {

@@ -408,12 +408,11 @@ def bench(
         if progress is not None:
             progress.close()
     table = Table(title="digin bench: shapes world, judged by ground truth")
-    for column in ("row", "runs", "success", "success before opt.", "revealed (of successes)"):
+    for column in ("row", "figure", "value"):
         table.add_column(column)
     for row in result["rows"]:
-        table.add_row(row["row"], str(row["runs"]), f"{row['success_rate']:.0%}",
-                      f"{row['success_rate_before_optimization']:.0%}",
-                      f"{row['revealed_share_of_successes']:.0%}")  # fmt: skip
+        for k, (figure, value) in enumerate(row["headline"].items()):
+            table.add_row(row["row"] if k == 0 else "", figure, value)
     stdout.print(table)
     stdout.print(f"Wrote {result['json']} ({result['seconds']:.0f} s)", highlight=False)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,13 +69,15 @@ def labelled_sheet(panels: Sequence[tuple[torch.Tensor, Sequence[str]]], title: 
     line_height = 18
     pad = 8
     label_lines = max(len(lines) for _, lines in panels)
-    title_height = line_height + pad if title else 0
     width = sum(im.width for im in images) + pad * (len(images) + 1)
+    # Wrap the title to the sheet's width (measured in the font), so it is never cut off.
+    title_lines = textwrap.wrap(title, width=max(10, int((width - 2 * pad) / max(1.0, font.getlength("m") * 0.8))))
+    title_height = line_height * len(title_lines) + pad if title else 0
     height = title_height + max(im.height for im in images) + label_lines * line_height + 2 * pad + pad
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((pad, pad), title, fill="black", font=font)
+    for k, line in enumerate(title_lines):
+        draw.text((pad, pad + k * line_height), line, fill="black", font=font)
     x = pad
     for im, (_, lines) in zip(images, panels):
         y = title_height + pad

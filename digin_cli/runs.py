@@ -182,20 +182,16 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     record = new_record(
         "disagree",
         device,
+        job,
+        components,
+        optim,
         {
-            "model": job.runtime.model,
-            "dtype": job.runtime.dtype,
             "classifier_f": job.classifier_f,
             "classifier_g": job.classifier_g,
             "class_name": class_name,
             "class_index": class_index,
             "prompt_template": job.prompt_template,
             "prompt": prompt,
-            "seeds": job.seeds,
-            "batch_size": job.batch_size,
-            "resolution": components.resolution,
-            "sampler": asdict(job.sampler),
-            "optim": asdict(optim),
         },
     )
 
@@ -213,7 +209,24 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
 # -- shared by the jobs that optimize from seeds ---------------------------------------
 
 
-def new_record(command: str, device: torch.device, config: dict[str, Any]) -> dict[str, Any]:
+def new_record(
+    command: str, device: torch.device, job, components, optim: OptimConfig, specific: dict[str, Any]
+) -> dict[str, Any]:
+    """The run record: what ran where, with the whole config, before any image is added.
+
+    `job` is any job with runtime, seeds, batch_size and sampler; `specific` holds the
+    command's own settings.
+    """
+    config = {
+        "model": job.runtime.model,
+        "dtype": job.runtime.dtype,
+        **specific,
+        "seeds": job.seeds,
+        "batch_size": job.batch_size,
+        "resolution": components.resolution,
+        "sampler": asdict(job.sampler),
+        "optim": asdict(optim),
+    }
     return {
         "command": command,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -434,9 +447,10 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
     record = new_record(
         "neuron",
         device,
+        job,
+        components,
+        optim,
         {
-            "model": job.runtime.model,
-            "dtype": job.runtime.dtype,
             "classifier": job.classifier,
             "layer": job.layer or "pre-logits",
             "layer_width": width,
@@ -447,11 +461,6 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
             "selection_seeds": selection_seeds if scores else [],
             "selection_scores": scores,
             "prompt": prompt,
-            "seeds": job.seeds,
-            "batch_size": job.batch_size,
-            "resolution": components.resolution,
-            "sampler": asdict(job.sampler),
-            "optim": asdict(optim),
         },
     )
 

@@ -1,0 +1,102 @@
+"""The shipped shapes world: loaders, trained models, and a smoke run of the benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from digin_cli.cli import app
+from digin_cli.engine import GuidedDDIM, SamplerConfig, initial_latents
+from digin_cli.models import load_classifier, load_diffusion
+from digin_cli.models.builtin import shapes_classifier_meta
+from digin_cli.world.scenes import SHAPES, judge_colours
+from digin_cli.world.train_classifiers import evaluate, make_scenes
+
+
+def test_shipped_pipeline_loads_through_the_diffusers_loader():
+    components = load_diffusion("shapes")
+    assert components.resolution == 64
+    assert components.unet.dtype == torch.float32  # stored fp16, optimized in fp32
+    ids = components.tokenizer("a photograph of a red circle on sand").input_ids
+    assert ids[0] == 49406 and ids[-1] == 49407 and len(ids) == 10  # real CLIP BPE, one token a word
+
+
+@pytest.mark.parametrize("name", ["oracle", "color-biased", "background-biased", "oracle-2"])
+def test_shipped_classifiers_reproduce_their_documented_accuracy(name):
+    classifier = load_classifier(f"shapes:{name}")
+    assert classifier.class_names == list(SHAPES) and classifier.input_size == (64, 64)
+    meta = shapes_classifier_meta(name)
+    scenes = make_scenes(200, meta["bias"], seed=meta["eval"]["seed"] + 7)
+    accuracy = evaluate(classifier, scenes)
+    assert accuracy == pytest.approx(meta["accuracy"]["in_distribution"], abs=0.05)
+
+
+def test_biased_classifiers_are_biased_and_the_oracle_is_not():
+    names = ("oracle", "color-biased", "background-biased")
+    broken = {name: shapes_classifier_meta(name)["accuracy"]["correlation_broken"] for name in names}
+    assert broken["oracle"]["colour"] > 0.95 and broken["oracle"]["background"] > 0.95
+    assert broken["color-biased"]["colour"] < 0.8
+    assert broken["background-biased"]["background"] < 0.8
+
+
+def test_documented_background_neuron_responds_to_its_background():
+    meta = shapes_classifier_meta("background-biased")["background_neuron"]
+    classifier = load_classifier("shapes:background-biased")
+    from digin_cli.world.train_classifiers import render_batch
+    from digin_cli.world.scenes import sample_scene
+
+    rng = np.random.default_rng(5)
+    on = [sample_scene(rng, background=meta["background"]) for _ in range(16)]
+    off = [sample_scene(rng, background=b) for b in ("sand", "water", "grass", "snow") if b != meta["background"]
+           for _ in range(6)]  # fmt: skip
+    with torch.no_grad():
+        a_on = classifier.features(render_batch(on))[:, meta["index"]].mean()
+        a_off = classifier.features(render_batch(off))[:, meta["index"]].mean()
+    assert a_on > 5 * a_off + 0.1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 3: the shipped diffusion model is under-trained; the oracle recognises the prompted "
+    "shape in 39% of generated images (python -m digin_cli.world.evaluate), the aim is >= 90%",
+)
+@torch.no_grad()
+def test_generation_draws_the_prompted_shape_and_colour():
+    components = load_diffusion("shapes")
+    engine = GuidedDDIM(components)
+    oracle = load_classifier("shapes:oracle")
+    prompts = [f"a photograph of a {c} {s} on {b}" for s, c, b in
+               (("circle", "red", "sand"), ("square", "blue", "snow"), ("triangle", "yellow", "water"), ("star", "green", "snow"))]  # fmt: skip
+    seeds = list(range(len(prompts)))
+    images = engine.sample(
+        initial_latents(components, seeds), engine.encode_text(prompts),
+        engine.encode_text([""] * len(prompts)), SamplerConfig(num_steps=20, guidance_scale=3.0),
+    )  # fmt: skip
+    shapes = [SHAPES[i] for i in oracle(images).argmax(1).tolist()]
+    pixels = (images.permute(0, 2, 3, 1) * 255).round().byte().numpy()
+    colours = [judge_colours(p).colour for p in pixels]
+    assert sum(s == p.split()[-3] for s, p in zip(shapes, prompts)) >= 3, shapes
+    assert sum(c == p.split()[-4] for c, p in zip(colours, prompts)) >= 3, colours
+
+
+def test_bench_smoke_run(tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--out", str(out), "--shapes", "circle", "--seeds", "1", "--steps", "1",
+            "--ddim-steps", "4", "--batch-size", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "bench.json").read_text())
+    disagree, neuron = record["rows"]
+    assert disagree["runs"] == 1 and set(disagree["per_shape"]) == {"circle"}
+    assert 0.0 <= disagree["success_rate"] <= 1.0
+    assert neuron["maximize"]["runs"] == 1 and neuron["minimize"]["runs"] == 1
+    assert "revealed shortcut" in result.output
+
+
+def test_bench_rejects_unknown_shapes(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--shapes", "hexagon"])
+    assert result.exit_code != 0 and "unknown shape(s) hexagon" in result.stderr
