@@ -46,10 +46,67 @@ def clip_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def sd_v1_scheduler():
+    """Stable Diffusion v1's noise schedule and DDIM settings."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def clip_text_encoder(hidden_size: int, intermediate_size: int, num_layers: int = 2, num_heads: int = 4):
+    """A small CLIP text transformer over the real CLIP vocabulary (49408 tokens, 77 positions)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
+def clip_tokenizer():
+    """Stable Diffusion's CLIPTokenizer, built from the vocabulary that ships inside open_clip."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        clip_tokenizer_files(Path(vocab_dir))
+        return CLIPTokenizer.from_pretrained(vocab_dir, model_max_length=77)
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A StableDiffusionPipeline without safety checker, ready for save_pretrained."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_tiny_pipeline(folder: Path, seed: int = 0) -> None:
     """A small Stable-Diffusion-format pipeline (64x64 images, 16x16x4 latents), random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -74,41 +131,8 @@ def build_tiny_pipeline(folder: Path, seed: int = 0) -> None:
         norm_num_groups=16,
         sample_size=64,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    # Stable Diffusion v1's scheduler settings.
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    with tempfile.TemporaryDirectory() as vocab_dir:
-        clip_tokenizer_files(Path(vocab_dir))
-        tokenizer = CLIPTokenizer.from_pretrained(vocab_dir, model_max_length=77)
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    text_encoder = clip_text_encoder(hidden_size=32, intermediate_size=64)
+    pipeline = assemble_pipeline(vae, text_encoder, clip_tokenizer(), unet, sd_v1_scheduler())
     pipeline.save_pretrained(folder)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,35 +78,15 @@ def build_unet():
 
 
 def build_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from digin_cli.models.builtin import clip_text_encoder
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    return clip_text_encoder(hidden_size=64, intermediate_size=128)
 
 
 def build_scheduler():
-    from diffusers import DDIMScheduler
+    from digin_cli.models.builtin import sd_v1_scheduler
 
-    # Stable Diffusion v1's noise schedule and DDIM settings.
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return sd_v1_scheduler()
 
 
 def train_vae(images: torch.Tensor, steps: int, batch: int, seed: int, log) -> tuple[torch.nn.Module, float]:
@@ -192,10 +171,7 @@ def train_denoiser(
 def train(
     out: Path, n_images: int, vae_steps: int, vae_batch: int, unet_steps: int, batch: int, seed: int, log=print
 ) -> dict:
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
-    from digin_cli.models.builtin import clip_tokenizer_files
+    from digin_cli.models.builtin import assemble_pipeline, clip_tokenizer
 
     started = time.perf_counter()
     images, captions = render_dataset(n_images, seed)
@@ -208,24 +184,13 @@ def train(
         latents = torch.cat([vae.encode(c).latent_dist.mean for c in images.split(256)]) * scaling
     log(f"vae psnr {vae_psnr:.1f} dB, scaling {scaling:.3f}")
 
-    with tempfile.TemporaryDirectory() as vocab:
-        clip_tokenizer_files(Path(vocab))
-        tokenizer = CLIPTokenizer.from_pretrained(vocab, model_max_length=77)
+    tokenizer = clip_tokenizer()
     tokenize = lambda texts: tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids  # noqa: E731
     token_ids = tokenize(captions)  # (n, 77)
     empty_ids = tokenize([""])[0]
     unet, text_encoder = train_denoiser(latents, token_ids, empty_ids, unet_steps, batch, seed + 1, log)
 
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = assemble_pipeline(vae, text_encoder, tokenizer, unet, build_scheduler())
     pipeline.to(torch.float16).save_pretrained(out)
     info = {
         "seed": seed,
