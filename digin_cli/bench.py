@@ -13,6 +13,7 @@ object does not wear "its" colour.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ class BenchConfig:
     ddim_steps: int = 20
     batch_size: int = 4
     device: str = "auto"
+    uvce_seeds: int = 2  # scenes per shape for the uvce row (each needs its own inversion)
 
 
 def _planted_colours() -> dict[str, str]:
@@ -177,9 +179,190 @@ def neuron_row(config: BenchConfig, progress: Progress | None = None) -> dict[st
     }
 
 
+UVCE_RIM_PX = 4  # the object mask is dilated by this much before "background" is judged
+
+
+def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Row "uvce": counterfactuals between shapes on rendered scenes, explaining shapes:oracle.
+
+    Each scene's shape is turned into the next shape (circle -> square -> triangle -> star
+    -> circle). Judged by ground truth: flip rate (the oracle's top class is the target),
+    PSNR outside the rendered object mask (dilated by UVCE_RIM_PX: the new shape may be a
+    little larger), and the share of counterfactuals where an independently trained
+    classifier (shapes:oracle-2, never optimized against) also sees the target shape.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from digin_cli.counterfactuals import RealImageOptions, UvceJob, run_uvce
+    from digin_cli.io import load_image, save_png
+    from digin_cli.models import load_classifier
+    from digin_cli.world.scenes import caption, render, sample_scene
+
+    oracle = load_classifier("shapes:oracle")
+    second = load_classifier("shapes:oracle-2")
+    runs = flipped = agreed = 0
+    background_psnrs, items = [], []
+    for shape in config.shapes:
+        target = SHAPES[(SHAPES.index(shape) + 1) % len(SHAPES)]
+        for seed in range(config.uvce_seeds):
+            scene = sample_scene(np.random.default_rng(7_000 + 100 * SHAPES.index(shape) + seed), shape=shape)
+            image, mask = render(scene)
+            folder = config.out / "uvce" / f"{shape}_{seed}"
+            path = folder / "scene.png"
+            save_png(torch.from_numpy(image).permute(2, 0, 1).float() / 255, path)
+            job = UvceJob(
+                classifier="shapes:oracle",
+                inputs=path,
+                targets=[target],
+                out=folder,
+                source_class=shape,
+                real=RealImageOptions(caption=caption(scene)),
+                runtime=RuntimeOptions(model="shapes", device=config.device),
+                sampler=SamplerConfig(num_steps=config.ddim_steps),
+                optim=OptimConfig(steps=config.steps),
+            )
+            result = run_uvce(job, progress)
+            record_name = result["items"][0]["json"]
+            record = json.loads((folder / record_name).read_text())
+            counterfactual = load_image(folder / record["files"]["counterfactual"], image.shape[0])[None]
+            with torch.no_grad():
+                top_oracle = int(oracle(counterfactual).argmax(dim=1))
+                top_second = int(second(counterfactual).argmax(dim=1))
+            target_index = SHAPES.index(target)
+            rim = F.max_pool2d(torch.from_numpy(mask).float()[None, None], 2 * UVCE_RIM_PX + 1, stride=1, padding=UVCE_RIM_PX)
+            background = 1 - rim[0]  # (1, H, W)
+            original = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+            mse = float(((counterfactual[0] - original).square() * background).sum() / (3 * background.sum()))
+            background_psnr = 100.0 if mse == 0 else 10 * float(np.log10(1.0 / mse))
+            runs += 1
+            flipped += top_oracle == target_index
+            agreed += top_oracle == target_index and top_second == target_index
+            background_psnrs.append(background_psnr)
+            items.append({
+                "scene": scene.to_dict(), "target": target, "oracle": SHAPES[top_oracle], "oracle_2": SHAPES[top_second],
+                "background_psnr_db": round(background_psnr, 2), "inversion_psnr_db": record["inversion"]["psnr_null_text_db"],
+                "p_target": record["counterfactual"]["p_target"], "json": str(folder / record_name),
+            })  # fmt: skip
+    median_psnr = float(np.median(background_psnrs))
+    return {
+        "row": "uvce: shapes:oracle, each shape -> the next shape",
+        "headline": {
+            "runs": str(runs),
+            "flip rate (oracle's top class = target)": f"{flipped / runs:.0%}",
+            "oracle-2 agrees (real change)": f"{agreed / runs:.0%}",
+            "background PSNR (median)": f"{median_psnr:.1f} dB",
+        },
+        "criterion": f"flip: argmax of shapes:oracle is the target; agree: shapes:oracle-2 too; background: outside the rendered object mask dilated by {UVCE_RIM_PX} px",
+        "flip_rate": flipped / runs,
+        "agreement_rate": agreed / runs,
+        "median_background_psnr_db": round(median_psnr, 2),
+        "runs": runs,
+        "items": items,
+    }
+
+
+def _scene_file(folder: Path, scene) -> tuple[Path, "np.ndarray", "np.ndarray"]:
+    import torch
+
+    from digin_cli.io import save_png
+    from digin_cli.world.scenes import render
+
+    image, mask = render(scene)
+    path = folder / "scene.png"
+    save_png(torch.from_numpy(image).permute(2, 0, 1).float() / 255, path)
+    return path, image, mask
+
+
+def _masked_psnr_np(a: "np.ndarray", b: "np.ndarray", region: "np.ndarray") -> float:
+    import numpy as np
+
+    diff = (a.astype(np.float64) - b.astype(np.float64)) / 255
+    mse = float((diff[region] ** 2).mean())
+    return 100.0 if mse == 0 else 10 * float(np.log10(1.0 / mse))
+
+
+def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Row "neuron-cf": the documented grass neuron of shapes:background-biased on rendered scenes.
+
+    - maximize on scenes off its background: is the background judged as that background
+      afterwards (renderer colour statistics, outside the ground-truth object mask), and
+      how well is the object kept (PSNR inside the mask)?
+    - minimize on scenes of the class planted on that background: is the neuron flagged
+      as a harmful spurious feature (p(class) drops with the object kept)?
+    - control: the circle neuron, minimized on circles, must not be flagged.
+    """
+    import numpy as np
+
+    from digin_cli.counterfactuals import NeuronCfJob, RealImageOptions, run_neuron_cf
+    from digin_cli.models.builtin import shapes_classifier_meta
+    from digin_cli.world.scenes import caption, sample_scene
+
+    meta = shapes_classifier_meta("background-biased")
+    documented = meta["background_neuron"]
+    index, background = documented["index"], documented["background"]
+    planted_shape = next(shape for shape, bg in meta["planted"].items() if bg == background)
+    control = meta["control_neuron"]
+
+    def run(neuron: int, scene, mode: str, folder: Path) -> tuple[dict[str, Any], "np.ndarray", "np.ndarray"]:
+        path, image, mask = _scene_file(folder, scene)
+        job = NeuronCfJob(
+            classifier="shapes:background-biased", inputs=path, out=folder, neuron=neuron, class_name=scene.shape,
+            direction_mode=mode, real=RealImageOptions(caption=caption(scene)),
+            runtime=RuntimeOptions(model="shapes", device=config.device),
+            sampler=SamplerConfig(num_steps=config.ddim_steps), optim=OptimConfig(steps=config.steps),
+        )  # fmt: skip
+        result = run_neuron_cf(job, progress)
+        return json.loads((folder / result["items"][0]["json"]).read_text()), image, mask
+
+    others = [b for b in BACKGROUNDS if b != background]
+    turned, object_psnrs, gains, flagged, control_flagged = 0, [], [], 0, 0
+    n = config.uvce_seeds
+    for seed in range(n):
+        rng = np.random.default_rng(9_000 + seed)
+        off = sample_scene(rng, shape=planted_shape, background=others[seed % len(others)])
+        record, image, mask = run(index, off, "max", config.out / "neuron-cf" / f"max_{seed}")
+        maximized = read_rgb(config.out / "neuron-cf" / f"max_{seed}" / record["files"]["maximized"])
+        turned += judge_colours(maximized, mask=mask).background == background
+        object_psnrs.append(_masked_psnr_np(maximized, image, mask))
+        gains.append((record["original"]["activation"], record["maximized"]["activation"]))
+        on = sample_scene(rng, shape=planted_shape, background=background)
+        record, _, _ = run(index, on, "min", config.out / "neuron-cf" / f"min_{seed}")
+        flagged += record["verdict"]["flagged"]
+        circle = sample_scene(rng, shape=control["shape"])
+        record, _, _ = run(control["index"], circle, "min", config.out / "neuron-cf" / f"control_{seed}")
+        control_flagged += record["verdict"]["flagged"]
+    before = sum(g[0] for g in gains) / n
+    after = sum(g[1] for g in gains) / n
+    return {
+        "row": f"neuron-cf: shapes:background-biased neuron {index} ({background}) on {planted_shape}s; control neuron {control['index']}",
+        "headline": {
+            "runs": f"{n} max + {n} min + {n} control",
+            f"max: background turned to {background}": f"{turned / n:.0%} (activation {before:.2f} -> {after:.2f})",
+            "max: object kept (PSNR inside the object mask, median)": f"{float(np.median(object_psnrs)):.1f} dB",
+            f"min: flagged as spurious for {planted_shape}": f"{flagged / n:.0%}",
+            f"control neuron {control['index']} flagged": f"{control_flagged / n:.0%}",
+        },
+        "criterion": "turned: renderer colour statistics outside the ground-truth object mask; flagged: digin's verdict (p(class) drop >= 0.3 with object PSNR >= 20 dB)",
+        "neuron": index,
+        "background": background,
+        "share_background_turned": turned / n,
+        "median_object_psnr_db": round(float(np.median(object_psnrs)), 2),
+        "flagged_rate": flagged / n,
+        "control_flagged_rate": control_flagged / n,
+        "runs": 3 * n,
+    }
+
+
 def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     started = time.perf_counter()
-    rows = [disagreement_row(config, progress), neuron_row(config, progress)]
+    rows = [
+        disagreement_row(config, progress),
+        neuron_row(config, progress),
+        uvce_row(config, progress),
+        neuron_cf_row(config, progress),
+    ]
     result = {
         "benchmark": "shapes world, judged by ground truth",
         "config": {
@@ -188,6 +371,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
             "steps": config.steps,
             "ddim_steps": config.ddim_steps,
             "batch_size": config.batch_size,
+            "uvce_seeds": config.uvce_seeds,
         },
         "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),

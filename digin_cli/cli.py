@@ -333,6 +333,188 @@ def neuron(
 
 
 @app.command()
+def uvce(
+    inputs: Annotated[Path, typer.Argument(help="An image file, or a folder of images.", show_default=False)],
+    classifier: Annotated[str, typer.Option("--classifier", help="Classifier to explain (spec, see README).")],
+    target: Annotated[
+        list[str] | None, typer.Option("--target", "-t", help="Target class (name or index); repeat for several.")
+    ] = None,
+    source_class: Annotated[
+        str | None, typer.Option("--source-class", help="Class of the image(s) (default: the classifier's prediction).")
+    ] = None,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="For a folder: rows file,class[,target] (overrides --source-class).")
+    ] = None,
+    caption: Annotated[
+        str | None, typer.Option(help="Caption for inversion; must name the source class (default 'an image of a <class>').")
+    ] = None,
+    mask: Annotated[Path | None, typer.Option("--mask", help="Your own object mask (white = object).")] = None,
+    sam_checkpoint: Annotated[
+        Path | None, typer.Option("--sam-checkpoint", help="SAM-HQ weights to refine the attention mask.")
+    ] = None,
+    sam_model_type: Annotated[
+        str | None, typer.Option(help="SAM-HQ architecture (default: read from the file name).")
+    ] = None,
+    p2p_fraction: Annotated[
+        float, typer.Option("--p2p-fraction", help="Share of DDIM steps with injected cross-attention.")
+    ] = 0.3,
+    w_latent: Annotated[float, typer.Option("--w-latent", help="Weight of the latent background distance.")] = 25.0,
+    w_pixel: Annotated[float, typer.Option("--w-pixel", help="Weight of the pixel background distance.")] = 250.0,
+    model: ModelOpt = "CompVis/stable-diffusion-v1-4",
+    seed: Annotated[int, typer.Option(help="Seeds the cutout randomness.")] = 0,
+    ddim_steps: DdimStepsOpt = 20,
+    guidance: GuidanceOpt = 3.0,
+    steps: StepsOpt = 20,
+    lr_latent: LrLatentOpt = 1e-3,
+    lr_prompt: LrPromptOpt = 1e-2,
+    lr_null: LrNullOpt = 1e-2,
+    optimize_latent: OptLatentOpt = True,
+    optimize_prompt: OptPromptOpt = True,
+    optimize_null: OptNullOpt = True,
+    loss_steps: LossStepsOpt = 3,
+    cutouts: CutoutsOpt = 16,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    out: OutOpt = Path("digin-out/uvce"),
+    quiet: QuietOpt = False,
+) -> None:
+    """Visual counterfactuals of real images: what must change for the classifier to say TARGET (paper section 5)."""
+    from digin_cli.counterfactuals import RealImageOptions, UvceJob, run_uvce
+    from digin_cli.runs import RuntimeOptions
+
+    sampler, optim = _sampler_and_optim(ddim_steps, guidance, steps, lr_latent, lr_prompt, lr_null,
+                                        optimize_latent, optimize_prompt, optimize_null, loss_steps, cutouts,
+                                        seed)  # fmt: skip
+    job = UvceJob(
+        classifier=classifier,
+        inputs=inputs,
+        targets=list(target or []),
+        out=out,
+        source_class=source_class,
+        csv_file=csv_file,
+        weight_latent=w_latent,
+        weight_pixel=w_pixel,
+        real=RealImageOptions(caption=caption, mask_file=mask, sam_checkpoint=sam_checkpoint,
+                              sam_model_type=sam_model_type, p2p_fraction=p2p_fraction),
+        runtime=RuntimeOptions(model=model, device=device, dtype=dtype),
+        sampler=sampler,
+        optim=optim,
+    )  # fmt: skip
+    progress = None if quiet else RichProgress(stderr)
+    try:
+        result = run_job(run_uvce, job, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if not quiet:
+        table = Table(title="uvce: p(target) before -> after, background kept")
+        for column in ("file", "target", "p(target) before", "p(target) after", "flipped", "background PSNR", "status"):
+            table.add_column(column)
+        for item in result["items"]:
+            if item.get("status") != "ok":
+                table.add_row(Path(item["file"]).name, item.get("target", ""), "", "", "", "", item["status"])
+                continue
+            table.add_row(Path(item["file"]).name, item["target"], f"{item['p_target_before']:.3f}",
+                          f"{item['p_target_after']:.3f}", "yes" if item["flipped"] else "no",
+                          f"{item['background_psnr_db']:.1f} dB", "ok")  # fmt: skip
+        stdout.print(table)
+    done = sum(1 for item in result["items"] if item.get("status") == "ok")
+    stdout.print(f"Wrote {done} counterfactual(s) and {Path(result['out']) / 'summary.jsonl'}", highlight=False)
+
+
+@app.command("neuron-cf")
+def neuron_cf(
+    inputs: Annotated[Path, typer.Argument(help="An image file, or a folder of images.", show_default=False)],
+    classifier: Annotated[str, typer.Option("--classifier", help="Classifier whose neuron is tested.")],
+    neuron_index: Annotated[int | None, typer.Option("--neuron", "-u", help="Neuron index in the feature map.")] = None,
+    direction: Annotated[
+        Path | None, typer.Option("--direction", help="A .npy/.pt vector in feature space instead of one neuron.")
+    ] = None,
+    layer: Annotated[
+        str | None, typer.Option(help="Named module to read (default: the input of the last linear layer).")
+    ] = None,
+    class_name: Annotated[
+        str | None,
+        typer.Option("--class", "-c", help="Class the neuron may be spurious for (default: the image's predicted class)."),
+    ] = None,
+    direction_mode: Annotated[str, typer.Option("--direction-mode", help="max, min or both.")] = "both",
+    from_other_class: Annotated[
+        bool, typer.Option("--from-other-class", help="Images of other classes: does maximizing the neuron trigger --class?")
+    ] = False,
+    source_class: Annotated[
+        str | None, typer.Option("--source-class", help="With --from-other-class: what the images show (default: predicted).")
+    ] = None,
+    csv_file: Annotated[Path | None, typer.Option("--csv", help="For a folder: rows file,class.")] = None,
+    caption: Annotated[str | None, typer.Option(help="Caption for inversion; must name the image's class.")] = None,
+    mask: Annotated[Path | None, typer.Option("--mask", help="Your own object mask (white = object).")] = None,
+    sam_checkpoint: Annotated[
+        Path | None, typer.Option("--sam-checkpoint", help="SAM-HQ weights to refine the attention mask.")
+    ] = None,
+    sam_model_type: Annotated[str | None, typer.Option(help="SAM-HQ architecture (default: from the file name).")] = None,
+    drop_threshold: Annotated[
+        float, typer.Option(help="Flag as spurious when minimizing drops p(class) by at least this much.")
+    ] = 0.3,
+    object_psnr: Annotated[
+        float, typer.Option("--object-psnr", help="...and the object region stays at least this close (dB).")
+    ] = 20.0,
+    w_latent: Annotated[float, typer.Option("--w-latent", help="Weight of the latent object distance.")] = 25.0,
+    w_pixel: Annotated[float, typer.Option("--w-pixel", help="Weight of the pixel object distance.")] = 250.0,
+    model: ModelOpt = "CompVis/stable-diffusion-v1-4",
+    seed: Annotated[int, typer.Option(help="Seeds the cutout randomness.")] = 0,
+    ddim_steps: DdimStepsOpt = 20,
+    guidance: GuidanceOpt = 3.0,
+    steps: StepsOpt = 20,
+    lr_latent: LrLatentOpt = 1e-3,
+    lr_prompt: LrPromptOpt = 1e-2,
+    lr_null: LrNullOpt = 1e-2,
+    optimize_latent: OptLatentOpt = True,
+    optimize_prompt: OptPromptOpt = True,
+    optimize_null: OptNullOpt = True,
+    loss_steps: LossStepsOpt = 3,
+    cutouts: CutoutsOpt = 16,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    out: OutOpt = Path("digin-out/neuron-cf"),
+    quiet: QuietOpt = False,
+) -> None:
+    """Neuron counterfactuals of real images: keep the object, raise or lower a neuron, flag spurious ones (paper section 6)."""
+    from digin_cli.counterfactuals import NeuronCfJob, RealImageOptions, run_neuron_cf
+    from digin_cli.runs import RuntimeOptions
+
+    sampler, optim = _sampler_and_optim(ddim_steps, guidance, steps, lr_latent, lr_prompt, lr_null,
+                                        optimize_latent, optimize_prompt, optimize_null, loss_steps, cutouts,
+                                        seed)  # fmt: skip
+    job = NeuronCfJob(
+        classifier=classifier, inputs=inputs, out=out, neuron=neuron_index, direction_file=direction, layer=layer,
+        class_name=class_name, source_class=source_class, csv_file=csv_file, direction_mode=direction_mode,
+        from_other_class=from_other_class, drop_threshold=drop_threshold, object_psnr_min=object_psnr,
+        weight_latent=w_latent, weight_pixel=w_pixel,
+        real=RealImageOptions(caption=caption, mask_file=mask, sam_checkpoint=sam_checkpoint, sam_model_type=sam_model_type),
+        runtime=RuntimeOptions(model=model, device=device, dtype=dtype), sampler=sampler, optim=optim,
+    )  # fmt: skip
+    progress = None if quiet else RichProgress(stderr)
+    try:
+        result = run_job(run_neuron_cf, job, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if not quiet:
+        table = Table(title="neuron-cf: activation and p(class), original -> max / min")
+        for column in ("file", "class", "activation", "p(class)", "verdict"):
+            table.add_column(column)
+        for item in result["items"]:
+            if item.get("status") != "ok":
+                table.add_row(Path(item["file"]).name, "", "", "", item["status"])
+                continue
+            acts = " / ".join(f"{item[k]:.2f}" for k in ("activation_before", "activation_max", "activation_min") if k in item)
+            probs = " / ".join(f"{item[k]:.2f}" for k in ("p_class_before", "p_class_max", "p_class_min") if k in item)
+            verdict = item.get("verdict") or ("triggers the class" if item.get("triggers_class") else "does not trigger the class" if "triggers_class" in item else "")
+            table.add_row(Path(item["file"]).name, item["class"], acts, probs, verdict)
+        stdout.print(table)
+    stdout.print(f"Flagged as spurious on {result['flagged']} of {result['judged']} image(s); wrote {Path(result['out']) / 'summary.jsonl'}", highlight=False)
+
+
+@app.command()
 def neurons(
     classifier: Annotated[str, typer.Option("--classifier", help="Classifier to inspect.")],
     class_name: Annotated[str, typer.Option("--class", "-c", help="Class whose logit is attributed.")],
@@ -386,6 +568,7 @@ def bench(
     steps: StepsOpt = 20,
     ddim_steps: DdimStepsOpt = 20,
     batch_size: BatchOpt = 4,
+    uvce_seeds: Annotated[int, typer.Option(help="Scenes per shape for the uvce row.")] = 2,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
@@ -397,10 +580,10 @@ def bench(
     unknown = [s for s in chosen if s not in SHAPES]
     if unknown:
         fail(f"unknown shape(s) {', '.join(unknown)}; the shapes world has {', '.join(SHAPES)}")
-    if seeds < 1:
-        fail("--seeds must be at least 1")
+    if seeds < 1 or uvce_seeds < 1:
+        fail("--seeds and --uvce-seeds must be at least 1")
     config = BenchConfig(out=out, shapes=chosen, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps,
-                         batch_size=batch_size, device=device)  # fmt: skip
+                         batch_size=batch_size, uvce_seeds=uvce_seeds, device=device)  # fmt: skip
     progress = None if quiet else RichProgress(stderr)
     try:
         result = run_job(run_bench, config, progress)

@@ -157,6 +157,9 @@ class GuidedDDIM:
         self.device = torch.device(device)
         # bf16/fp16 autocast of the UNet only: z_T, embeddings, optimizer and VAE stay fp32.
         self.unet_dtype = unet_dtype
+        # Told the step index at the start of every DDIM step (prompt-to-prompt attention
+        # control, see attention.py); None when nothing needs to know.
+        self.step_observer = None
         for module in (components.unet, components.vae, components.text_encoder):
             module.to(self.device).eval().requires_grad_(False)
 
@@ -187,6 +190,13 @@ class GuidedDDIM:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.unet_dtype)
 
+    def predict_noise(self, latents: torch.Tensor, timestep: int, embeddings: torch.Tensor) -> torch.Tensor:
+        """The UNet's output for (N, C, h, w) latents and (N, L, D) embeddings, in fp32."""
+        model_input = self.components.scheduler.scale_model_input(latents, timestep)
+        t = torch.tensor(timestep, device=latents.device)
+        with self._unet_autocast():
+            return self.components.unet(model_input, t, encoder_hidden_states=embeddings).sample.float()
+
     def denoise_step(
         self,
         latents: torch.Tensor,
@@ -194,19 +204,19 @@ class GuidedDDIM:
         prompt_emb: torch.Tensor,
         null_emb: torch.Tensor,
         guidance_scale: float,
+        step_index: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One guided DDIM step z_t -> (z_{t-1}, x0-prediction), both (B, C, h, w).
 
         The conditional and unconditional predictions come from one batched UNet call.
         """
+        if self.step_observer is not None:
+            # Inside the (checkpointed) step, so a recomputation in backward sees the right index.
+            self.step_observer.begin_step(step_index)
         scheduler = self.components.scheduler
-        model_input = torch.cat([latents, latents])  # (2B, C, h, w): [uncond; cond]
-        model_input = scheduler.scale_model_input(model_input, timestep)
         embeddings = torch.cat([null_emb, prompt_emb])  # (2B, L, D)
-        t = torch.tensor(timestep, device=latents.device)
-        with self._unet_autocast():
-            noise_pred = self.components.unet(model_input, t, encoder_hidden_states=embeddings).sample
-        noise_uncond, noise_cond = noise_pred.float().chunk(2)  # (B, C, h, w) each
+        noise_pred = self.predict_noise(torch.cat([latents, latents]), timestep, embeddings)  # [uncond; cond]
+        noise_uncond, noise_cond = noise_pred.chunk(2)  # (B, C, h, w) each
         guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
         # DDIMScheduler.step is plain tensor code, hence differentiable; it honours
         # the scheduler's prediction_type (epsilon, v_prediction, sample).
@@ -235,10 +245,10 @@ class GuidedDDIM:
         for i, t in enumerate(timesteps):
             if use_checkpoint:
                 latents, x0 = checkpoint(
-                    self.denoise_step, latents, t, prompt_embs[i], null_embs[i], guidance_scale, use_reentrant=False
+                    self.denoise_step, latents, t, prompt_embs[i], null_embs[i], guidance_scale, i, use_reentrant=False
                 )
             else:
-                latents, x0 = self.denoise_step(latents, t, prompt_embs[i], null_embs[i], guidance_scale)
+                latents, x0 = self.denoise_step(latents, t, prompt_embs[i], null_embs[i], guidance_scale, i)
             if i >= len(timesteps) - keep_last:
                 kept.append(x0)
         return latents, kept

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 import textwrap
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 SHEET_MIN_SIDE = 256  # small images are upscaled (nearest) so labels and pixels stay readable
 
@@ -99,3 +100,93 @@ def read_rgb(path: Path) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB."""
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+
+
+class ImageReadError(ValueError):
+    """A file that is not an image Pillow can read, or an empty one."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image as 8-bit RGB: EXIF orientation applied, alpha composited on white,
+    palette and greyscale expanded, 16- and 32-bit greyscale scaled to 8 bits."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray((array / peak * 255).clip(0, 255).round().astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if array.max() <= 1.0 else 1.0
+        image = Image.fromarray((array * scale).clip(0, 255).round().astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """A photograph as the model sees it: (3, size, size) in [0, 1].
+
+    The short side is resized to `size` (bicubic, antialiased) and the centre cropped.
+    Raises ImageReadError naming the file when it is empty or not a readable image."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path} is empty")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = to_rgb(opened)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"{path} is not an image Pillow can read ({type(error).__name__}: {error})") from None
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    cropped = resized.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(cropped).copy()).permute(2, 0, 1).float() / 255
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files in a folder (not recursive), sorted by name; hidden files skipped."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_mask(path: Path, size: int) -> torch.Tensor:
+    """A user's mask file (white = the class object) as (1, 1, size, size) in [0, 1], cropped like the image."""
+    path = Path(path)
+    try:
+        with Image.open(path) as opened:
+            grey = ImageOps.exif_transpose(opened).convert("L")
+    except (OSError, ValueError) as error:
+        raise ImageReadError(f"mask {path} is not an image Pillow can read ({type(error).__name__})") from None
+    width, height = grey.size
+    scale = size / min(width, height)
+    resized = grey.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BILINEAR)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    cropped = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
+    return torch.from_numpy(cropped.copy())[None, None]
+
+
+def save_tensors(tensors: dict[str, Any], path: Path) -> None:
+    """A dict of tensors and plain values, written atomically (the inversion cache)."""
+    _atomic_write(path, lambda handle: torch.save(tensors, handle))
+
+
+def load_tensors(path: Path) -> dict[str, Any] | None:
+    """What save_tensors wrote, or None when the file is missing or unreadable (then recompute)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+        return None
+
+
+def write_jsonl(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """A run summary, one JSON object a line, rewritten atomically (safe to resume)."""
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))

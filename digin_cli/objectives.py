@@ -143,3 +143,80 @@ class NeuronObjective:
             loss=-sign * value,
             metrics={"activation": value, "top_class": top_class.float(), "top_p": top_p},
         )
+
+
+@dataclass
+class RegionDistance:
+    """How far a sample strays from a real image in a region: the distance term of UVCE and
+    neuron counterfactuals (paper eq. 5).
+
+    d = w_latent * mean(R_lat * (z0 - E(x))^2) + w_pixel * mean(R_px * (D(z0) - x)^2), where
+    R is the region that must stay: the background (1 - mask) for a visual counterfactual,
+    the object (mask) for a neuron counterfactual.
+    """
+
+    image: torch.Tensor  # (1, 3, H, W) the original, in [0, 1]
+    image_latents: torch.Tensor  # (1, C, h, w) E(x), scaled like the sampler's latents
+    keep_pixels: torch.Tensor  # (1, 1, H, W) in [0, 1]: 1 where the image must stay
+    keep_latents: torch.Tensor  # (1, 1, h, w) the same on the latent grid
+    weight_latent: float = 25.0  # reference w_VAE
+    weight_pixel: float = 250.0  # reference w_PX
+
+    def __call__(self, images: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W), latents (B, C, h, w) -> (latent term, pixel term), each (B,)."""
+        latent = (self.keep_latents * (latents - self.image_latents).square()).mean(dim=(1, 2, 3))
+        pixel = (self.keep_pixels * (images - self.image).square()).mean(dim=(1, 2, 3))
+        return self.weight_latent * latent, self.weight_pixel * pixel
+
+
+@dataclass
+class Counterfactual:
+    """Universal visual counterfactual: -log p(target) + the background distance (paper sec. 5)."""
+
+    classifier: Classifier
+    target_index: int
+    source_index: int
+    distance: RegionDistance
+
+    def __call__(self, inputs: ObjectiveInput) -> ObjectiveOutput:
+        batch, num_views = inputs.views.shape[:2]
+        logits = self.classifier(inputs.views.flatten(0, 1)).float()  # (B*V, C)
+        log_probs = logits.log_softmax(dim=-1).view(batch, num_views, -1)  # (B, V, C)
+        probs = log_probs.exp().mean(dim=1)  # (B, C)
+        d_latent, d_pixel = self.distance(inputs.images, inputs.latents)
+        loss = -log_probs[..., self.target_index].mean(dim=1) + d_latent + d_pixel
+        return ObjectiveOutput(
+            loss=loss,
+            metrics={
+                "p_target": probs[:, self.target_index],
+                "p_source": probs[:, self.source_index],
+                "distance_latent": d_latent,
+                "distance_pixel": d_pixel,
+            },
+        )
+
+
+@dataclass
+class NeuronCounterfactual:
+    """Neuron counterfactual (paper sec. 6): the neuron objective plus the distance that keeps
+    the class object (the region is the mask itself, not its inverse), so only the rest of
+    the image may change. Also reports the confidence in the class the neuron is suspected
+    to be spurious for."""
+
+    neuron: NeuronObjective
+    class_index: int
+    distance: RegionDistance
+
+    def __call__(self, inputs: ObjectiveInput) -> ObjectiveOutput:
+        value, probs = self.neuron.activation(inputs.views)  # (B,), (B, C)
+        d_latent, d_pixel = self.distance(inputs.images, inputs.latents)
+        sign = 1.0 if self.neuron.maximize else -1.0
+        return ObjectiveOutput(
+            loss=-sign * value + d_latent + d_pixel,
+            metrics={
+                "activation": value,
+                "p_class": probs[:, self.class_index],
+                "distance_latent": d_latent,
+                "distance_pixel": d_pixel,
+            },
+        )

@@ -86,14 +86,16 @@ def test_generation_draws_the_prompted_shape_and_colour():
 def test_bench_smoke_run(tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "--out", str(out), "--shapes", "circle", "--seeds", "1", "--steps", "1",
-            "--ddim-steps", "4", "--batch-size", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+            "--ddim-steps", "4", "--batch-size", "1", "--uvce-seeds", "1", "--device", "cpu", "--quiet"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "bench.json").read_text())
-    disagree, neuron = record["rows"]
+    disagree, neuron, uvce = record["rows"]
     assert disagree["runs"] == 1 and set(disagree["per_shape"]) == {"circle"}
     assert 0.0 <= disagree["success_rate"] <= 1.0
     assert neuron["maximize"]["runs"] == 1 and neuron["minimize"]["runs"] == 1
+    assert uvce["runs"] == 1 and uvce["items"][0]["target"] == "square"
+    assert 0.0 <= uvce["agreement_rate"] <= uvce["flip_rate"] <= 1.0
     assert "revealed shortcut" in result.output
 
 

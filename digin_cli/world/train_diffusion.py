@@ -26,23 +26,26 @@ import torch.nn.functional as F
 from digin_cli.world.scenes import IMAGE_SIZE, caption, render, sample_scene
 
 LATENT_SIZE = 16  # 64 px / VAE factor 4
+LATENT_CHANNELS = 4
+OBJECT_WEIGHT = 4.0  # extra reconstruction weight on the object and its rim: the shape is what must survive
 CAPTION_DROPOUT = 0.1  # share of empty captions: the unconditional branch of classifier-free guidance
 
 
-def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """n balanced scenes: images (n, 3, 64, 64) in [-1, 1] and their captions."""
+def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """n balanced scenes: images (n, 3, 64, 64) in [-1, 1], object masks (n, 1, 64, 64) and captions."""
     rng = np.random.default_rng(seed)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    masks = np.empty((n, 1, IMAGE_SIZE, IMAGE_SIZE), bool)
     captions = []
     for i in range(n):
         scene = sample_scene(rng)
-        images[i] = render(scene)[0]
+        images[i], masks[i, 0] = render(scene)
         captions.append(caption(scene))
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, 64, 64)
-    return tensor, captions
+    return tensor, torch.from_numpy(masks), captions
 
 
-def build_vae():
+def build_vae(latent_channels: int = LATENT_CHANNELS):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -52,7 +55,7 @@ def build_vae():
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(16, 32, 64),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=16,
         sample_size=IMAGE_SIZE,
     )
@@ -89,23 +92,48 @@ def build_scheduler():
     return sd_v1_scheduler()
 
 
-def train_vae(images: torch.Tensor, steps: int, batch: int, seed: int, log) -> tuple[torch.nn.Module, float]:
-    """L1 + MSE reconstruction + a small KL term. Returns the VAE and the latent scaling factor.
+def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Horizontal and vertical finite differences of (B, C, H, W) images."""
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
-    L1 keeps the shapes' edges sharp (MSE alone blurs them into blobs, and the star's
-    points were lost after 700 steps at batch 16)."""
+
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted L1 + MSE on pixels plus L1 on image gradients.
+
+    recon, target: (B, 3, H, W); weight: (B, 1, H, W). The gradient term rewards sharp
+    edges and corners, which plain pixel losses trade for a blur (a blurred square reads
+    as a circle to the oracle)."""
+    error = recon - target
+    pixel = (weight * (error.abs() + error.square())).mean()
+    gx_r, gy_r = image_gradients(recon)
+    gx_t, gy_t = image_gradients(target)
+    edges = (weight[..., :, 1:] * (gx_r - gx_t).abs()).mean() + (weight[..., 1:, :] * (gy_r - gy_t).abs()).mean()
+    return pixel + edges
+
+
+def train_vae(
+    images: torch.Tensor, masks: torch.Tensor, steps: int, batch: int, seed: int, log, lr: float = 2e-3
+) -> tuple[torch.nn.Module, float]:
+    """Train the AutoencoderKL. Returns the VAE and the latent scaling factor.
+
+    images: (n, 3, 64, 64) in [-1, 1]; masks: (n, 1, 64, 64) object masks from the renderer.
+    Pixels on the object and within 2 px of it weigh 1 + OBJECT_WEIGHT: the textured
+    background is most of the image and otherwise takes most of the small model's
+    capacity, while the shape is what the classifiers and the benchmark judge."""
     torch.manual_seed(seed)
     vae = build_vae()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     for step in range(steps):
         index = torch.randint(len(images), (batch,), generator=generator)
         x = images[index]  # (batch, 3, 64, 64)
+        rim = F.max_pool2d(masks[index].float(), kernel_size=5, stride=1, padding=2)  # (batch, 1, 64, 64)
+        weight = 1 + OBJECT_WEIGHT * rim
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=None)).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        loss = reconstruction_loss(recon, x, weight) + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -127,14 +155,21 @@ def train_denoiser(
     batch: int,
     seed: int,
     log,
+    lr: float = 1e-3,
+    min_snr_gamma: float = 5.0,
 ):
-    """Jointly train text encoder + UNet on epsilon prediction; returns EMA copies of both."""
+    """Jointly train text encoder + UNet on epsilon prediction; returns EMA copies of both.
+
+    The loss is Min-SNR-weighted (Hang et al. 2023, gamma 5): epsilon-prediction MSE
+    weighs the nearly clean timesteps far above the noisy ones, where the layout and
+    the shape of the object are decided; clamping the signal-to-noise ratio moves the
+    small CPU budget toward those."""
     torch.manual_seed(seed)
     unet, text_encoder = build_unet(), build_text_encoder()
     noise_scheduler = build_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
-    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=0.03)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.03)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_decay = 0.998
     generator = torch.Generator().manual_seed(seed)
@@ -152,7 +187,9 @@ def train_denoiser(
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         text = text_encoder(ids)[0]  # (batch, 77, 64)
         pred = unet(zt, t, encoder_hidden_states=text).sample
-        loss = F.mse_loss(pred, noise)
+        snr = a.flatten() / (1 - a.flatten())  # (batch,)
+        weight = snr.clamp(max=min_snr_gamma) / snr
+        loss = (weight * (pred - noise).square().mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -174,9 +211,9 @@ def train(
     from digin_cli.models.builtin import assemble_pipeline, clip_tokenizer
 
     started = time.perf_counter()
-    images, captions = render_dataset(n_images, seed)
+    images, masks, captions = render_dataset(n_images, seed)
     log(f"rendered {n_images} scenes ({time.perf_counter() - started:.0f}s)")
-    vae, scaling = train_vae(images, vae_steps, vae_batch, seed, log)
+    vae, scaling = train_vae(images, masks, vae_steps, vae_batch, seed, log)
     vae.register_to_config(scaling_factor=scaling)
     with torch.no_grad():
         recon = vae.decode(vae.encode(images[:512]).latent_dist.mean).sample
@@ -211,9 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights" / "diffusion")
     parser.add_argument("--images", type=int, default=20000)
-    parser.add_argument("--vae-steps", type=int, default=2500)
+    parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--unet-steps", type=int, default=4500)
+    parser.add_argument("--unet-steps", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

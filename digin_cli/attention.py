@@ -1,0 +1,232 @@
+"""Cross-attention control for real images: recording, prompt-to-prompt injection, token alignment.
+
+While the inverted image is reconstructed with its caption, `AttentionControl`
+records the conditional cross-attention maps of every UNet cross-attention layer.
+While the counterfactual is sampled with the edited caption, it injects those maps
+(re-indexed from the source caption's tokens to the target caption's tokens) for
+the first steps, so the layout of the original survives the change of prompt
+(Hertz et al., "Prompt-to-Prompt", replacement edit).
+
+It works through diffusers' attention processors. `attach` installs the recording
+processors only for the duration of a `with` block and restores the UNet's own
+(fast, fused) processors afterwards, also when nothing is recorded or injected.
+
+The engine tells the control which DDIM step it is in (`begin_step`) from inside
+each step, so the step index stays right when gradient checkpointing recomputes a
+step during the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+
+@dataclass
+class TokenSpan:
+    """Where a word sits in a tokenized caption: token positions [start, stop)."""
+
+    start: int
+    stop: int
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+def find_word_tokens(tokenizer, caption: str, word: str) -> TokenSpan | None:
+    """Token positions of `word` (one or several words, any number of BPE pieces) in `caption`.
+
+    Positions count the start-of-text token, as in the text encoder's output. The whole
+    word is matched, so a multi-token class name is aligned as a unit."""
+    caption_ids = tokenizer(caption, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    word_ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not word_ids:
+        return None
+    n = len(word_ids)
+    for start in range(len(caption_ids) - n + 1):
+        if caption_ids[start : start + n] == word_ids:
+            return TokenSpan(start, start + n)
+    return None
+
+
+def token_mapping(source: TokenSpan, target: TokenSpan, length: int) -> torch.Tensor:
+    """Matrix M (length, length) with target_probs = source_probs @ M.T, for a word swap.
+
+    Tokens before the swapped word keep their position; tokens after it shift by the
+    difference in length; every target piece of the new word receives an equal share
+    of the attention that the source word's pieces had together (so the total attention
+    mass on the word is kept, whatever the two words' piece counts)."""
+    mapping = torch.zeros(length, length)
+    shift = target.length - source.length
+    for j in range(length):
+        if j < target.start:
+            mapping[j, j] = 1.0
+        elif j < target.stop:
+            mapping[j, source.start : source.stop] = 1.0 / target.length
+        else:
+            mapping[j, min(max(j - shift, source.stop), length - 1)] = 1.0
+    return mapping
+
+
+class AttentionControl:
+    """Records or injects conditional cross-attention maps, step by step.
+
+    mode "off": probabilities pass through; "record": conditional cross-attention maps
+    of steps < `store_steps` are kept for injection, and class-token maps of steps
+    < `map_steps` are accumulated for the foreground mask; "inject": for steps
+    < `inject_steps`, the conditional cross-attention maps are replaced by the recorded
+    ones, re-indexed by `mapping`.
+
+    The UNet is called on [unconditional; conditional] halves (see GuidedDDIM.denoise_step);
+    only the conditional half is recorded or replaced.
+    """
+
+    def __init__(self) -> None:
+        self.mode = "off"
+        self.step = 0
+        self.store_steps = 0
+        self.map_steps = 0
+        self.inject_steps = 0
+        self.map_tokens: TokenSpan | None = None
+        self.mapping: torch.Tensor | None = None  # (L, L)
+        self.stored: dict[tuple[int, str], torch.Tensor] = {}  # (step, layer) -> (heads, Q, L), batch item 0
+        self.map_sum: torch.Tensor | None = None  # (B, side, side)
+        self.map_count = 0
+        self.map_side = 0
+
+    # -- set up by the caller --------------------------------------------------
+
+    def record(self, store_steps: int, map_steps: int, map_tokens: TokenSpan | None, map_side: int) -> None:
+        self.mode, self.store_steps, self.map_steps = "record", store_steps, map_steps
+        self.map_tokens, self.map_side = map_tokens, map_side
+        self.stored, self.map_sum, self.map_count = {}, None, 0
+
+    def inject(self, inject_steps: int, mapping: torch.Tensor | None) -> None:
+        self.mode, self.inject_steps, self.mapping = "inject", inject_steps, mapping
+
+    def off(self) -> None:
+        self.mode = "off"
+
+    @property
+    def active(self) -> bool:
+        if self.mode == "record":
+            return self.step < max(self.store_steps, self.map_steps)
+        if self.mode == "inject":
+            return self.step < self.inject_steps
+        return False
+
+    def begin_step(self, step: int) -> None:
+        """Called by the engine at the start of each DDIM step (and of its recomputation)."""
+        self.step = step
+
+    def attention_map(self) -> torch.Tensor | None:
+        """Mean class-token cross-attention map over layers, heads, pieces and steps: (B, side, side)."""
+        if self.map_sum is None or self.map_count == 0:
+            return None
+        return self.map_sum / self.map_count
+
+    # -- called by the processors ----------------------------------------------
+
+    def __call__(self, probs: torch.Tensor, layer: str, heads: int) -> torch.Tensor:
+        """probs: (2B * heads, Q, L) cross-attention probabilities, [uncond; cond] halves."""
+        half = probs.shape[0] // 2
+        cond = probs[half:]  # (B * heads, Q, L)
+        if self.mode == "record":
+            if self.step < self.store_steps:
+                self.stored[(self.step, layer)] = cond[:heads].detach()
+            if self.step < self.map_steps and self.map_tokens is not None:
+                self._accumulate_map(cond.detach(), heads)
+            return probs
+        if self.mode == "inject" and self.step < self.inject_steps:
+            source = self.stored.get((self.step, layer))
+            if source is None:
+                return probs
+            source = source.to(probs)
+            if self.mapping is not None:
+                source = source @ self.mapping.to(probs).T  # (heads, Q, L): re-index tokens
+            batch = half // heads
+            replaced = source.repeat(batch, 1, 1)  # (B * heads, Q, L)
+            return torch.cat([probs[:half], replaced])
+        return probs
+
+    def _accumulate_map(self, cond: torch.Tensor, heads: int) -> None:
+        batch = cond.shape[0] // heads
+        queries = cond.shape[1]
+        side = int(round(queries**0.5))
+        span = self.map_tokens
+        maps = cond[..., span.start : span.stop].mean(-1)  # (B * heads, Q)
+        maps = maps.view(batch, heads, side, side).mean(1, keepdim=True)  # (B, 1, side, side)
+        maps = F.interpolate(maps, size=(self.map_side, self.map_side), mode="bilinear", align_corners=False)
+        maps = maps[:, 0]  # (B, map_side, map_side)
+        self.map_sum = maps if self.map_sum is None else self.map_sum + maps
+        self.map_count += 1
+
+
+class ControlledAttnProcessor:
+    """diffusers' plain attention computation with the probabilities exposed to an AttentionControl.
+
+    Cross-attention layers go through the control while it is active; everything else
+    (self-attention, inactive steps) takes the fused scaled-dot-product path."""
+
+    def __init__(self, control: AttentionControl, layer: str, fallback) -> None:
+        self.control = control
+        self.layer = layer
+        self.fallback = fallback
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None or not self.control.active:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # (B * heads, L, d)
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))  # (B * heads, L, d)
+        query = attn.head_to_batch_dim(query)  # (B * heads, Q, d)
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (B * heads, Q, L)
+        probs = self.control(probs, self.layer, attn.heads)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))  # (B, Q, heads * d)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextmanager
+def attach(unet, control: AttentionControl) -> Iterator[AttentionControl]:
+    """Install controlled processors on every attention layer; restore the originals on exit."""
+    original = dict(unet.attn_processors)
+    unet.set_attn_processor(
+        {name: ControlledAttnProcessor(control, name, processor) for name, processor in original.items()}
+    )
+    try:
+        yield control
+    finally:
+        unet.set_attn_processor(original)
+        control.off()

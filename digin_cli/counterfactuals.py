@@ -1,0 +1,761 @@
+"""Jobs on real images: visual counterfactuals (`digin uvce`).
+
+Per image: load and crop it (io), invert it with null-text inversion (cached on disk,
+keyed by image content, model, caption, steps and guidance), reconstruct it while
+recording cross-attention, build the foreground mask, then for every target class
+start from the prompt-to-prompt edit and optimize with the engine. Items are written
+atomically and a finished item is skipped when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from digin_cli.attention import AttentionControl, attach, find_word_tokens, token_mapping
+from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig
+from digin_cli.errors import DiginError
+from digin_cli.inversion import Inversion, InversionConfig, null_text_inversion, psnr
+from digin_cli.io import (
+    ImageReadError,
+    cache_dir,
+    labelled_sheet,
+    list_images,
+    load_image,
+    load_mask,
+    load_tensors,
+    save_png,
+    save_tensors,
+    write_json,
+    write_jsonl,
+)
+from digin_cli.masks import Mask, attention_mask, sam_mask, to_latent_grid
+from digin_cli.models import Classifier, load_classifier, load_diffusion, resolve_class
+from digin_cli.objectives import Counterfactual, RegionDistance
+from digin_cli.runs import NoProgress, Progress, RuntimeOptions, check_common, resolve_device, resolve_dtype, slug, versions
+
+INVERSION_FORMAT = 1  # bump when the cached content changes
+
+
+@dataclass
+class RealImageOptions:
+    """How a real image becomes a starting point: caption, inversion, mask, prompt-to-prompt."""
+
+    caption: str | None = None  # default "an image of a <source class>"
+    caption_template: str = "an image of a {}"
+    mask_file: Path | None = None  # the user's own mask (white = class object)
+    sam_checkpoint: Path | None = None  # SAM-HQ weights; none = the attention map is the mask
+    sam_model_type: str | None = None
+    p2p_fraction: float = 0.3  # share of the DDIM steps whose cross-attention is injected
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+
+
+@dataclass
+class PreparedImage:
+    """A real image ready to be edited."""
+
+    name: str
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    caption: str
+    source_index: int
+    inversion: Inversion
+    cache_hit: bool
+    reconstruction: torch.Tensor  # (1, 3, H, W)
+    reconstruction_psnr: float
+    mask: Mask
+    control: AttentionControl  # holds the recorded cross-attention of the reconstruction
+
+
+def inversion_key(image: torch.Tensor, model: str, caption: str, sampler: SamplerConfig, config: InversionConfig) -> str:
+    """Cache key: image content, model, caption, steps, guidance and the inversion settings."""
+    digest = hashlib.sha256()
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    digest.update(pixels.tobytes())
+    digest.update(repr((INVERSION_FORMAT, model, caption, sampler.num_steps, sampler.guidance_scale, asdict(config))).encode())
+    return digest.hexdigest()[:32]
+
+
+def invert_cached(
+    engine: GuidedDDIM, image: torch.Tensor, caption: str, sampler: SamplerConfig, config: InversionConfig
+) -> tuple[Inversion, bool]:
+    """Null-text inversion of (1, 3, H, W), from the cache when the same inversion was done before."""
+    key = inversion_key(image, engine.components.source, caption, sampler, config)
+    path = cache_dir() / "inversions" / f"{key}.pt"
+    cached = load_tensors(path)
+    if cached is not None:
+        return Inversion(**cached), True
+    prompt_emb = engine.encode_text([caption])
+    null_emb = engine.encode_text([""])
+    inversion = null_text_inversion(engine, image, prompt_emb, null_emb, sampler, config)
+    save_tensors(asdict(inversion), path)
+    return inversion, False
+
+
+def prepare_image(
+    engine: GuidedDDIM,
+    path: Path,
+    classifier: Classifier,
+    source: str | None,
+    options: RealImageOptions,
+    sampler: SamplerConfig,
+    sam_predictor=None,
+) -> PreparedImage:
+    """Load, invert (cached), reconstruct while recording attention, and mask one image."""
+    components = engine.components
+    size = components.resolution
+    image = load_image(path, size)[None]  # (1, 3, H, W)
+    if source is None:
+        with torch.no_grad():
+            source_index = int(classifier(image.to(engine.device)).argmax(dim=1))
+    else:
+        source_index = resolve_class(classifier, source)
+    source_name = classifier.class_names[source_index]
+    caption = options.caption or options.caption_template.format(source_name)
+    span = find_word_tokens(components.tokenizer, caption, source_name)
+    if span is None:
+        raise DiginError(
+            f"the caption '{caption}' does not contain the source class name '{source_name}'; "
+            "prompt-to-prompt swaps that word for the target's, so put it in --caption"
+        )
+    inversion, hit = invert_cached(engine, image, caption, sampler, options.inversion)
+
+    T = sampler.num_steps
+    control = AttentionControl()
+    control.record(
+        store_steps=math.ceil(options.p2p_fraction * T),
+        map_steps=max(1, T // 2),  # the reference averages the first half of the steps
+        map_tokens=span,
+        map_side=components.latent_shape[-1],
+    )
+    engine.step_observer = control
+    try:
+        with attach(components.unet, control):
+            with torch.no_grad():
+                reconstruction = engine.sample(
+                    inversion.z_T, engine.encode_text([caption]), inversion.null_embs.to(engine.device), sampler
+                ).cpu()
+    finally:
+        engine.step_observer = None
+    latent_side = components.latent_shape[-1]
+    if options.mask_file is not None:
+        pixels = load_mask(options.mask_file, size)
+        source_name_mask = "file"
+    else:
+        attention = control.attention_map()  # (1, s, s)
+        if attention is None:
+            raise DiginError(f"{components.source} has no cross-attention layers to build a mask from; give --mask FILE")
+        attention = attention.cpu()
+        if sam_predictor is not None:
+            array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            pixels, source_name_mask = sam_mask(sam_predictor, array, attention), "sam-hq"
+        else:
+            pixels, source_name_mask = attention_mask(attention, size), "attention"
+    mask = Mask(pixels=pixels, latents=to_latent_grid(pixels, latent_side), source=source_name_mask)
+    return PreparedImage(
+        name=Path(path).stem,
+        image=image,
+        caption=caption,
+        source_index=source_index,
+        inversion=inversion,
+        cache_hit=hit,
+        reconstruction=reconstruction,
+        reconstruction_psnr=psnr(reconstruction, image),
+        mask=mask,
+        control=control,
+    )
+
+
+def swap_class(caption: str, source_name: str, target_name: str) -> str:
+    """The caption with the source class words replaced by the target class words (first occurrence)."""
+    lower = caption.lower()
+    at = lower.find(source_name.lower())
+    if at < 0:
+        return caption
+    return caption[:at] + target_name + caption[at + len(source_name) :]
+
+
+def heat_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| averaged over channels, as a black-red-yellow-white map: (3, H, W) -> (3, H, W)."""
+    diff = (a - b).abs().mean(dim=0)  # (H, W)
+    x = diff / diff.max().clamp_min(1e-6)
+    return torch.stack([(3 * x).clamp(0, 1), (3 * x - 1).clamp(0, 1), (3 * x - 2).clamp(0, 1)])
+
+
+def mask_overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) image with the (1, H, W) mask tinted red."""
+    red = torch.tensor([1.0, 0.1, 0.1]).view(3, 1, 1)
+    alpha = 0.55 * mask
+    return image * (1 - alpha) + red * alpha
+
+
+# -- uvce -----------------------------------------------------------------------------
+
+
+@dataclass
+class UvceJob:
+    classifier: str
+    inputs: Path  # an image file or a folder of images
+    targets: list[str]
+    out: Path
+    source_class: str | None = None  # default: the classifier's prediction (or the CSV's)
+    csv_file: Path | None = None  # file,class[,target] rows for a folder
+    weight_latent: float = 25.0
+    weight_pixel: float = 250.0
+    real: RealImageOptions = field(default_factory=RealImageOptions)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class WorkItem:
+    path: Path
+    source: str | None
+    targets: list[str]
+
+
+def read_csv(path: Path, folder: Path, default_targets: list[str], need_target: bool = True) -> list[WorkItem]:
+    """Rows `file,class[,target]`; a header row starting with 'file' is skipped."""
+    if not path.is_file():
+        raise DiginError(f"--csv {path} does not exist; give a file with rows file,class[,target]")
+    items = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for number, row in enumerate(csv.reader(handle), start=1):
+            row = [cell.strip() for cell in row]
+            if not row or not row[0] or row[0].startswith("#") or (number == 1 and row[0].lower() == "file"):
+                continue
+            if len(row) < 2 or not row[1]:
+                raise DiginError(f"--csv {path} line {number}: expected file,class[,target], got {','.join(row)}")
+            targets = [row[2]] if len(row) > 2 and row[2] else default_targets
+            if need_target and not targets:
+                raise DiginError(f"--csv {path} line {number}: no target; add a third column or give --target")
+            items.append(WorkItem(folder / row[0], row[1], targets))
+    return items
+
+
+def work_items(
+    inputs: Path, csv_file: Path | None, source_class: str | None, targets: list[str], need_target: bool = True
+) -> list[WorkItem]:
+    """The images of a run: one file, a folder, or a folder with a CSV of classes."""
+    if not inputs.exists():
+        raise DiginError(f"{inputs} does not exist; give an image file or a folder of images")
+    if inputs.is_dir():
+        if csv_file is not None:
+            return read_csv(csv_file, inputs, targets, need_target)
+        images = list_images(inputs)
+        if not images:
+            raise DiginError(f"no image files in {inputs}; supported: png, jpg, webp, bmp, tif, gif")
+        return [WorkItem(p, source_class, targets) for p in images]
+    return [WorkItem(inputs, source_class, targets)]
+
+
+def _check_uvce(job: UvceJob) -> None:
+    check_common(job.out, job.sampler, job.optim, 1)
+    if not job.targets and job.csv_file is None:
+        raise DiginError("give at least one --target class")
+    if not 0.0 <= job.real.p2p_fraction <= 1.0:
+        raise DiginError(f"--p2p-fraction must be between 0 and 1, got {job.real.p2p_fraction}")
+    if job.weight_latent < 0 or job.weight_pixel < 0:
+        raise DiginError("--w-latent and --w-pixel must be 0 or more")
+    if job.real.mask_file is not None and not job.real.mask_file.is_file():
+        raise DiginError(f"--mask {job.real.mask_file} does not exist")
+    if job.real.mask_file is not None and job.real.sam_checkpoint is not None:
+        raise DiginError("give either --mask or --sam-checkpoint, not both")
+
+
+@dataclass
+class Session:
+    """What every real-image run loads once: the classifier, the engine, SAM-HQ if asked for."""
+
+    classifier: Classifier
+    engine: GuidedDDIM
+    sam_predictor: Any
+    optim: OptimConfig  # with view_size set to the classifier's input size
+
+
+def open_session(
+    classifier_spec: str, runtime: RuntimeOptions, real: RealImageOptions, optim: OptimConfig, check=None
+) -> Session:
+    """Load everything once; `check(classifier)` validates class names before the heavy loads."""
+    device = resolve_device(runtime.device)
+    unet_dtype = resolve_dtype(runtime.dtype, device)
+    classifier = load_classifier(classifier_spec, device)
+    if check is not None:
+        check(classifier)
+    engine = GuidedDDIM(load_diffusion(runtime.model), device=device, unet_dtype=unet_dtype)
+    sam_predictor = None
+    if real.sam_checkpoint is not None:
+        from digin_cli.models.segmenter import load_sam_hq
+
+        sam_predictor = load_sam_hq(real.sam_checkpoint, real.sam_model_type, device)
+    if optim.view_size is None:
+        optim = OptimConfig(**{**asdict(optim), "view_size": max(classifier.input_size)})
+    return Session(classifier, engine, sam_predictor, optim)
+
+
+def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
+    """Visual counterfactuals of real images for a classifier (paper section 5)."""
+    progress = progress or NoProgress()
+    started = time.perf_counter()
+    _check_uvce(job)
+    items = work_items(job.inputs, job.csv_file, job.source_class, job.targets)
+
+    def resolve_targets(classifier: Classifier) -> None:
+        # Class names as the classifier spells them: a misspelt target fails before any heavy
+        # work, and file names do not depend on how the user wrote the class.
+        for item in items:
+            item.targets = [classifier.class_names[resolve_class(classifier, t)] for t in item.targets]
+
+    session = open_session(job.classifier, job.runtime, job.real, job.optim, check=resolve_targets)
+    engine, classifier, optim = session.engine, session.classifier, session.optim
+    components = engine.components
+
+    config = {
+        "classifier": job.classifier,
+        "model": job.runtime.model,
+        "dtype": job.runtime.dtype,
+        "inputs": str(job.inputs),
+        "targets": job.targets,
+        "weight_latent": job.weight_latent,
+        "weight_pixel": job.weight_pixel,
+        "real": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job.real).items()},
+        "resolution": components.resolution,
+        "sampler": asdict(job.sampler),
+        "optim": asdict(optim),
+    }
+
+    def handle(item: WorkItem, pending: list[str], stem: str) -> list[dict[str, Any]]:
+        prepared = prepare_image(engine, item.path, classifier, item.source, job.real, job.sampler, session.sam_predictor)
+        return [_counterfactual(engine, classifier, prepared, t, job, optim, config, progress, stem) for t in pending]
+
+    summary = run_items(items, job.out, lambda item: {t: f"{slug(item.path.stem)}_{slug(t)}.json" for t in item.targets}, handle)
+    return {"command": "uvce", "out": str(job.out), "items": summary, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def run_items(items: list[WorkItem], out: Path, outputs, handle) -> list[dict[str, Any]]:
+    """The resumable loop of a real-image run.
+
+    outputs(item) -> {label: json file name}: an item's label is finished when its JSON
+    exists (JSONs are written last, atomically), and is then skipped. handle(item,
+    pending labels, stem) does the work and returns one summary entry per label. A bad
+    file is recorded and the run goes on; summary.jsonl is rewritten after every item.
+    Raises DiginError at the end when any item failed."""
+    summary: list[dict[str, Any]] = []
+    failures: list[str] = []
+    out.mkdir(parents=True, exist_ok=True)
+    for item in items:
+        names = outputs(item)
+        pending = [label for label, name in names.items() if not (out / name).is_file()]
+        for label, name in names.items():
+            if label not in pending:
+                summary.append({"file": str(item.path), "label": label, "json": name, "status": "done earlier"})
+        if pending:
+            try:
+                for entry in handle(item, pending, slug(item.path.stem)):
+                    summary.append({"file": str(item.path), **entry})
+            except (ImageReadError, DiginError) as error:
+                failures.append(f"{item.path.name}: {error}")
+                summary.append({"file": str(item.path), "status": "failed", "error": str(error)})
+        write_jsonl(summary, out / "summary.jsonl")
+    write_jsonl(summary, out / "summary.jsonl")
+    if failures:
+        if len(items) == 1:
+            raise DiginError(failures[0])
+        raise DiginError(
+            f"{len(failures)} of {len(items)} images failed ({failures[0]}); the others are in {out}, "
+            "see summary.jsonl; rerun the same command to retry only the missing ones"
+        )
+    return summary
+
+
+def _counterfactual(
+    engine: GuidedDDIM,
+    classifier: Classifier,
+    prepared: PreparedImage,
+    target: str,
+    job: UvceJob,
+    optim: OptimConfig,
+    config: dict[str, Any],
+    progress: Progress,
+    stem: str,
+) -> dict[str, Any]:
+    """One counterfactual: prompt-to-prompt start, optimized toward `target`; writes its files."""
+    started = time.perf_counter()
+    components = engine.components
+    target_index = resolve_class(classifier, target)
+    target_name = classifier.class_names[target_index]
+    source_name = classifier.class_names[prepared.source_index]
+    target_caption = swap_class(prepared.caption, source_name, target_name)
+    length = components.tokenizer.model_max_length
+    source_span = find_word_tokens(components.tokenizer, prepared.caption, source_name)
+    target_span = find_word_tokens(components.tokenizer, target_caption, target_name)
+    mapping = token_mapping(source_span, target_span, length) if target_span is not None else None
+
+    image = prepared.image.to(engine.device)
+    distance = RegionDistance(
+        image=image,
+        image_latents=prepared.inversion.image_latents.to(engine.device),
+        keep_pixels=(1 - prepared.mask.pixels).to(engine.device),  # the background stays
+        keep_latents=(1 - prepared.mask.latents).to(engine.device),
+        weight_latent=job.weight_latent,
+        weight_pixel=job.weight_pixel,
+    )
+    objective = Counterfactual(classifier, target_index, prepared.source_index, distance)
+    control = prepared.control
+    control.inject(math.ceil(job.real.p2p_fraction * job.sampler.num_steps), mapping)
+    engine.step_observer = control
+    progress.start(f"{prepared.name} -> {target_name}", optim.steps)
+    try:
+        with attach(components.unet, control):
+            result = engine.optimize(
+                objective,
+                prepared.inversion.z_T,
+                engine.encode_text([target_caption]),
+                prepared.inversion.null_embs,
+                job.sampler,
+                optim,
+                on_step=progress.step,
+            )
+    finally:
+        engine.step_observer = None
+        progress.finish()
+
+    with torch.no_grad():
+        original = Counterfactual(classifier, target_index, prepared.source_index, distance)(
+            _plain_input(engine, image)
+        ).metrics
+        original = {k: float(v[0]) for k, v in original.items()}
+    start, best = result.initial(0), result.best(0)
+    counterfactual = result.best_images[0]
+    base = f"{stem}_{slug(target_name)}"
+    files = {
+        "original": f"{base}_original.png",
+        "reconstruction": f"{base}_reconstruction.png",
+        "p2p_start": f"{base}_p2p.png",
+        "counterfactual": f"{base}_counterfactual.png",
+        "mask": f"{base}_mask.png",
+        "difference": f"{base}_difference.png",
+        "sheet": f"{base}_sheet.png",
+    }
+    out = job.out
+    save_png(prepared.image[0], out / files["original"])
+    save_png(prepared.reconstruction[0], out / files["reconstruction"])
+    save_png(result.initial_images[0], out / files["p2p_start"])
+    save_png(counterfactual, out / files["counterfactual"])
+    save_png(mask_overlay(prepared.image[0], prepared.mask.pixels[0]), out / files["mask"])
+    save_png(heat_map(counterfactual, prepared.image[0]), out / files["difference"])
+
+    def lines(title: str, metrics: dict[str, float]) -> list[str]:
+        return [title, f"p({source_name}) {metrics['p_source']:.3f}", f"p({target_name}) {metrics['p_target']:.3f}"]
+
+    sheet = labelled_sheet(
+        [
+            (prepared.image[0], lines("original", original)),
+            (result.initial_images[0], lines("p2p start", start)),
+            (counterfactual, lines(f"counterfactual (step {result.best_steps[0]})", best)),
+            (mask_overlay(prepared.image[0], prepared.mask.pixels[0]), [f"mask ({prepared.mask.source})"]),
+            (heat_map(counterfactual, prepared.image[0]), ["difference"]),
+        ],
+        title=f"{prepared.name}: {source_name} -> {target_name}  ({job.classifier})",
+    )
+    save_png(sheet, out / files["sheet"])
+    rounded = lambda metrics: {k: round(v, 6) for k, v in metrics.items()}  # noqa: E731
+    background = 1 - prepared.mask.pixels[0]
+    record = {
+        "command": "uvce",
+        "versions": versions(),
+        "config": config,
+        "file": str(prepared.name),
+        "caption": prepared.caption,
+        "target_caption": target_caption,
+        "source_class": source_name,
+        "source_index": prepared.source_index,
+        "target_class": target_name,
+        "target_index": target_index,
+        "mask_source": prepared.mask.source,
+        "inversion": {
+            "cache_hit": prepared.cache_hit,
+            "psnr_ddim_db": round(prepared.inversion.psnr_ddim, 3),
+            "psnr_null_text_db": round(prepared.inversion.psnr_null_text, 3),
+            "seconds": round(prepared.inversion.seconds, 3),
+        },
+        "reconstruction_psnr_db": round(prepared.reconstruction_psnr, 3),
+        "background_psnr_db": round(_masked_psnr(counterfactual, prepared.image[0], background), 3),
+        "original": rounded(original),
+        "p2p_start": rounded(start),
+        "counterfactual": rounded(best),
+        "best_step": result.best_steps[0],
+        "flipped": bool(best["p_target"] > best["p_source"]),
+        "history": [
+            {"step": step, **{name: round(values[0], 6) for name, values in entry.items()}}
+            for step, entry in enumerate(result.history)
+        ],
+        "files": files,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(record, out / f"{base}.json")  # last: its presence marks the item as finished
+    return {
+        "label": target,
+        "target": target_name,
+        "json": f"{base}.json",
+        "status": "ok",
+        "p_target_before": round(original["p_target"], 6),
+        "p_target_after": round(best["p_target"], 6),
+        "p_source_after": round(best["p_source"], 6),
+        "flipped": record["flipped"],
+        "background_psnr_db": record["background_psnr_db"],
+        "seconds": record["seconds"],
+    }
+
+
+def _plain_input(engine: GuidedDDIM, image: torch.Tensor):
+    from digin_cli.inversion import encode_image
+    from digin_cli.objectives import ObjectiveInput
+
+    return ObjectiveInput(image, encode_image(engine, image), image.unsqueeze(1))
+
+
+def _masked_psnr(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> float:
+    """PSNR over the pixels `weight` (1, H, W) selects (soft weights allowed), images (3, H, W) in [0, 1]."""
+    total = weight.sum() * a.shape[0]
+    if total <= 0:
+        return float("nan")
+    mse = float(((a - b).square() * weight).sum() / total)
+    return 100.0 if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+# -- neuron-cf ------------------------------------------------------------------------
+
+
+@dataclass
+class NeuronCfJob:
+    classifier: str
+    inputs: Path  # an image file or a folder of images
+    out: Path
+    neuron: int | None = None
+    direction_file: Path | None = None
+    layer: str | None = None
+    class_name: str | None = None  # the class the neuron is suspected to be spurious for; default: predicted
+    source_class: str | None = None  # with from_other_class: what the images show (default: predicted)
+    csv_file: Path | None = None  # file,class rows for a folder
+    direction_mode: str = "both"  # max | min | both
+    from_other_class: bool = False  # start from other classes' images and see whether the neuron triggers the class
+    drop_threshold: float = 0.3  # flag when minimizing drops p(class) by at least this much...
+    object_psnr_min: float = 20.0  # ...while the object region stays at least this close (dB)
+    weight_latent: float = 25.0
+    weight_pixel: float = 250.0
+    real: RealImageOptions = field(default_factory=RealImageOptions)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def spurious_verdict(
+    p_original: float, p_minimized: float, object_psnr_db: float, drop_threshold: float, object_psnr_min: float
+) -> dict[str, Any]:
+    """Is the neuron a likely harmful spurious feature for the class on this image?
+
+    Yes when minimizing it (with the object kept) drops the class confidence by at least
+    `drop_threshold` and the object region really stayed (PSNR >= `object_psnr_min`)."""
+    drop = p_original - p_minimized
+    kept = object_psnr_db >= object_psnr_min
+    flagged = drop >= drop_threshold and kept
+    if flagged:
+        text = f"likely harmful spurious feature: p(class) {p_original:.2f} -> {p_minimized:.2f} with the object kept ({object_psnr_db:.1f} dB)"
+    elif not kept:
+        text = f"inconclusive: the object changed too (PSNR {object_psnr_db:.1f} dB < {object_psnr_min:.0f})"
+    else:
+        text = f"not flagged: p(class) {p_original:.2f} -> {p_minimized:.2f} (drop {drop:.2f} < {drop_threshold:.2f})"
+    return {
+        "flagged": flagged,
+        "confidence_drop": round(drop, 6),
+        "object_kept": kept,
+        "object_psnr_db": round(object_psnr_db, 3),
+        "drop_threshold": drop_threshold,
+        "object_psnr_min": object_psnr_min,
+        "text": text,
+    }
+
+
+def _check_neuron_cf(job: NeuronCfJob) -> list[str]:
+    check_common(job.out, job.sampler, job.optim, 1)
+    if (job.neuron is None) == (job.direction_file is None):
+        raise DiginError("give exactly one of --neuron N and --direction FILE")
+    if job.direction_mode not in ("max", "min", "both"):
+        raise DiginError(f"--direction-mode must be max, min or both, got '{job.direction_mode}'")
+    if job.from_other_class:
+        if job.class_name is None:
+            raise DiginError("--from-other-class needs --class: the class the neuron might trigger")
+        if job.direction_mode == "min":
+            raise DiginError("--from-other-class maximizes the neuron; drop --direction-mode min")
+        return ["max"]
+    if job.real.mask_file is not None and not job.real.mask_file.is_file():
+        raise DiginError(f"--mask {job.real.mask_file} does not exist")
+    return ["max", "min"] if job.direction_mode == "both" else [job.direction_mode]
+
+
+def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[str, Any]:
+    """Neuron counterfactuals of real images: keep the object, change what the neuron sees (paper section 6)."""
+    from digin_cli.objectives import FeatureMap, NeuronCounterfactual, NeuronObjective
+    from digin_cli.runs import load_direction
+
+    progress = progress or NoProgress()
+    started = time.perf_counter()
+    modes = _check_neuron_cf(job)
+    items = work_items(job.inputs, job.csv_file, job.source_class if job.from_other_class else job.class_name, [], need_target=False)
+    fixed_class: list[int | None] = [None]
+
+    def check(classifier: Classifier) -> None:
+        if job.class_name is not None:
+            fixed_class[0] = resolve_class(classifier, job.class_name)
+
+    session = open_session(job.classifier, job.runtime, job.real, job.optim, check=check)
+    engine, classifier, optim = session.engine, session.classifier, session.optim
+    feature_map = FeatureMap(classifier, job.layer)
+    width = feature_map.width()
+    direction = None
+    if job.neuron is not None and not 0 <= job.neuron < width:
+        where = f"layer '{job.layer}'" if job.layer else "the last layer's input"
+        raise DiginError(f"neuron {job.neuron} is out of range: {where} of {classifier.spec} has {width} neurons (0-{width - 1})")
+    if job.direction_file is not None:
+        direction = load_direction(job.direction_file, width).to(engine.device)
+    label = f"n{job.neuron}" if direction is None else slug(job.direction_file.stem)
+    config = {
+        "classifier": job.classifier,
+        "model": job.runtime.model,
+        "inputs": str(job.inputs),
+        "layer": job.layer,
+        "neuron": job.neuron,
+        "direction_file": str(job.direction_file) if job.direction_file else None,
+        "modes": modes,
+        "from_other_class": job.from_other_class,
+        "weight_latent": job.weight_latent,
+        "weight_pixel": job.weight_pixel,
+        "real": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job.real).items()},
+        "resolution": engine.components.resolution,
+        "sampler": asdict(job.sampler),
+        "optim": asdict(optim),
+    }
+
+    def handle(item: WorkItem, pending: list[str], stem: str) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        prepared = prepare_image(engine, item.path, classifier, item.source, job.real, job.sampler, session.sam_predictor)
+        # The class judged: the image's own (from --class, the CSV or the prediction), or with
+        # --from-other-class the class the neuron might trigger.
+        class_index = fixed_class[0] if job.from_other_class else prepared.source_index
+        class_name = classifier.class_names[class_index]
+        image = prepared.image.to(engine.device)
+        distance = RegionDistance(
+            image=image,
+            image_latents=prepared.inversion.image_latents.to(engine.device),
+            keep_pixels=prepared.mask.pixels.to(engine.device),  # the object stays, the rest may change
+            keep_latents=prepared.mask.latents.to(engine.device),
+            weight_latent=job.weight_latent,
+            weight_pixel=job.weight_pixel,
+        )
+        prompt_emb = engine.encode_text([prepared.caption])
+        results, measured = {}, {}
+        with torch.no_grad():
+            original = NeuronCounterfactual(NeuronObjective(feature_map, job.neuron, direction), class_index, distance)(
+                _plain_input(engine, image)
+            ).metrics
+        original = {k: float(v[0]) for k, v in original.items()}
+        for mode in modes:
+            objective = NeuronCounterfactual(
+                NeuronObjective(feature_map, job.neuron, direction, maximize=mode == "max"), class_index, distance
+            )
+            progress.start(f"{prepared.name}: {mode} {label}", optim.steps)
+            try:
+                results[mode] = engine.optimize(
+                    objective, prepared.inversion.z_T, prompt_emb, prepared.inversion.null_embs, job.sampler, optim,
+                    on_step=progress.step,
+                )  # fmt: skip
+            finally:
+                progress.finish()
+            measured[mode] = {
+                **{k: round(v, 6) for k, v in results[mode].best(0).items()},
+                "start": {k: round(v, 6) for k, v in results[mode].initial(0).items()},
+                "best_step": results[mode].best_steps[0],
+                "object_psnr_db": round(_masked_psnr(results[mode].best_images[0], prepared.image[0], prepared.mask.pixels[0]), 3),
+                "background_psnr_db": round(_masked_psnr(results[mode].best_images[0], prepared.image[0], 1 - prepared.mask.pixels[0]), 3),
+            }
+        verdict = None
+        if "min" in measured and not job.from_other_class:
+            verdict = spurious_verdict(original["p_class"], measured["min"]["p_class"], measured["min"]["object_psnr_db"],
+                                       job.drop_threshold, job.object_psnr_min)  # fmt: skip
+        triggers = None
+        if job.from_other_class:
+            after = measured["max"]["p_class"]
+            triggers = {"triggers_class": bool(after >= 0.5 > original["p_class"]), "p_class_before": round(original["p_class"], 6),
+                        "p_class_after": after}  # fmt: skip
+
+        base = f"{stem}_{label}"
+        files = {"original": f"{base}_original.png", "mask": f"{base}_mask.png", "sheet": f"{base}_sheet.png"}
+        save_png(prepared.image[0], job.out / files["original"])
+        save_png(mask_overlay(prepared.image[0], prepared.mask.pixels[0]), job.out / files["mask"])
+        panels = [(prepared.image[0], ["original", f"act {original['activation']:.3f}", f"p({class_name}) {original['p_class']:.3f}"])]
+        for mode in modes:
+            name = "maximized" if mode == "max" else "minimized"
+            files[name] = f"{base}_{name}.png"
+            save_png(results[mode].best_images[0], job.out / files[name])
+            m = measured[mode]
+            panels.append((results[mode].best_images[0], [name, f"act {m['activation']:.3f}", f"p({class_name}) {m['p_class']:.3f}"]))
+        panels.append((mask_overlay(prepared.image[0], prepared.mask.pixels[0]), [f"mask ({prepared.mask.source})", "kept"]))
+        title = f"{prepared.name}: {label} of {job.classifier}, class '{class_name}'"
+        if verdict is not None:
+            title += f" - {verdict['text']}"
+        save_png(labelled_sheet(panels, title=title), job.out / files["sheet"])
+        record = {
+            "command": "neuron-cf",
+            "versions": versions(),
+            "config": config,
+            "file": str(item.path),
+            "caption": prepared.caption,
+            "class_name": class_name,
+            "class_index": class_index,
+            "mask_source": prepared.mask.source,
+            "inversion": {
+                "cache_hit": prepared.cache_hit,
+                "psnr_ddim_db": round(prepared.inversion.psnr_ddim, 3),
+                "psnr_null_text_db": round(prepared.inversion.psnr_null_text, 3),
+            },
+            "reconstruction_psnr_db": round(prepared.reconstruction_psnr, 3),
+            "original": {k: round(v, 6) for k, v in original.items()},
+            **{("maximized" if mode == "max" else "minimized"): measured[mode] for mode in modes},
+            "verdict": verdict,
+            "from_other_class": triggers,
+            "files": files,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        write_json(record, job.out / f"{base}.json")  # last: marks the item finished
+        entry = {"label": label, "json": f"{base}.json", "status": "ok", "class": class_name,
+                 "activation_before": round(original["activation"], 6), "p_class_before": round(original["p_class"], 6)}  # fmt: skip
+        for mode in modes:
+            entry[f"activation_{mode}"] = measured[mode]["activation"]
+            entry[f"p_class_{mode}"] = measured[mode]["p_class"]
+        if verdict is not None:
+            entry["flagged"] = verdict["flagged"]
+            entry["verdict"] = verdict["text"]
+        if triggers is not None:
+            entry["triggers_class"] = triggers["triggers_class"]
+        return [entry]
+
+    summary = run_items(items, job.out, lambda item: {label: f"{slug(item.path.stem)}_{label}.json"}, handle)
+    flagged = [e for e in summary if e.get("flagged")]
+    judged = [e for e in summary if "flagged" in e]
+    return {
+        "command": "neuron-cf",
+        "out": str(job.out),
+        "items": summary,
+        "flagged": len(flagged),
+        "judged": len(judged),
+        "seconds": round(time.perf_counter() - started, 3),
+    }

@@ -1,0 +1,103 @@
+"""`digin neuron-cf`: neuron counterfactuals on real images and the spurious-feature verdict."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from digin_cli.cli import app
+from digin_cli.counterfactuals import spurious_verdict
+
+runner = CliRunner()
+FAST = ["--ddim-steps", "4", "--steps", "2", "--loss-steps", "2", "--cutouts", "2", "--device", "cpu", "--quiet"]
+
+
+def scene(path, seed=0, shape="triangle", background="grass"):
+    from digin_cli.world.scenes import render, sample_scene
+
+    array, _ = render(sample_scene(np.random.default_rng(seed), shape=shape, background=background))
+    Image.fromarray(array).save(path)
+    return path
+
+
+def neuron_cf(*extra, out):
+    return ["neuron-cf", *extra, "--model", "tiny", "--classifier", "tiny:f", "--out", str(out), *FAST]
+
+
+def test_verdict_flags_a_sharp_drop_with_the_object_kept():
+    flagged = spurious_verdict(0.9, 0.2, object_psnr_db=28.0, drop_threshold=0.3, object_psnr_min=20.0)
+    assert flagged["flagged"] and flagged["confidence_drop"] == 0.7 and "spurious" in flagged["text"]
+    small = spurious_verdict(0.9, 0.75, object_psnr_db=28.0, drop_threshold=0.3, object_psnr_min=20.0)
+    assert not small["flagged"] and "not flagged" in small["text"]
+    object_changed = spurious_verdict(0.9, 0.1, object_psnr_db=12.0, drop_threshold=0.3, object_psnr_min=20.0)
+    assert not object_changed["flagged"] and not object_changed["object_kept"] and "inconclusive" in object_changed["text"]
+    rise = spurious_verdict(0.4, 0.6, object_psnr_db=30.0, drop_threshold=0.3, object_psnr_min=20.0)
+    assert not rise["flagged"] and rise["confidence_drop"] < 0
+
+
+def test_neuron_cf_cli_writes_both_directions(tmp_path):
+    out = tmp_path / "out"
+    image = scene(tmp_path / "tri.png")
+    result = runner.invoke(app, neuron_cf(str(image), "--neuron", "3", "--class", "triangle", out=out))
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "tri_n3.json").read_text())
+    assert record["command"] == "neuron-cf" and record["class_name"] == "triangle"
+    for mode in ("maximized", "minimized"):
+        assert {"activation", "p_class", "object_psnr_db", "background_psnr_db", "best_step"} <= set(record[mode])
+        assert record[mode]["activation"] == record[mode]["activation"]  # not NaN
+    assert record["maximized"]["activation"] >= record["maximized"]["start"]["activation"] - 1e-6
+    assert record["minimized"]["activation"] <= record["minimized"]["start"]["activation"] + 1e-6
+    assert record["verdict"] is not None and isinstance(record["verdict"]["flagged"], bool)
+    assert record["verdict"]["confidence_drop"] == round(record["original"]["p_class"] - record["minimized"]["p_class"], 6)
+    for name in record["files"].values():
+        with Image.open(out / name) as png:
+            assert png.mode == "RGB"
+    assert set(record["files"]) == {"original", "mask", "sheet", "maximized", "minimized"}
+
+
+def test_neuron_cf_from_other_class_only_maximizes(tmp_path):
+    out = tmp_path / "out"
+    image = scene(tmp_path / "circle.png", shape="circle", background="sand")
+    args = neuron_cf(str(image), "--neuron", "3", "--class", "triangle", "--from-other-class", "--source-class", "circle", out=out)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "circle_n3.json").read_text())
+    assert "maximized" in record and "minimized" not in record and record["verdict"] is None
+    assert record["caption"] == "an image of a circle" and record["class_name"] == "triangle"
+    assert isinstance(record["from_other_class"]["triggers_class"], bool)
+
+
+def test_neuron_cf_resumes_a_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    scene(folder / "a.png", seed=1)
+    scene(folder / "b.png", seed=2)
+    out = tmp_path / "out"
+    args = neuron_cf(str(folder), "--neuron", "3", "--class", "triangle", "--direction-mode", "min", out=out)
+    assert runner.invoke(app, args).exit_code == 0
+    (out / "b_n3.json").unlink()  # b was interrupted before its record was written
+    a_mtime = os.stat(out / "a_n3_minimized.png").st_mtime_ns
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert os.stat(out / "a_n3_minimized.png").st_mtime_ns == a_mtime
+    assert (out / "b_n3.json").is_file()
+    lines = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert [line["status"] for line in lines] == ["done earlier", "ok"]
+
+
+def test_neuron_cf_bad_input_is_one_line(tmp_path):
+    image = scene(tmp_path / "tri.png")
+    cases = [
+        (neuron_cf(str(image), out=tmp_path / "o1"), "exactly one of --neuron"),
+        (neuron_cf(str(image), "--neuron", "999", out=tmp_path / "o2"), "out of range"),
+        (neuron_cf(str(image), "--neuron", "1", "--direction-mode", "up", out=tmp_path / "o3"), "--direction-mode"),
+        (neuron_cf(str(image), "--neuron", "1", "--from-other-class", out=tmp_path / "o4"), "needs --class"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.output.count("Error:") == 1 and expected in result.output and "Traceback" not in result.output
