@@ -58,19 +58,20 @@ def find_word_tokens(tokenizer, caption: str, word: str) -> TokenSpan | None:
 def token_mapping(source: TokenSpan, target: TokenSpan, length: int) -> torch.Tensor:
     """Matrix M (length, length) with target_probs = source_probs @ M.T, for a word swap.
 
-    Tokens before the swapped word keep their position; tokens after it shift by the
-    difference in length; every target piece of the new word receives an equal share
-    of the attention that the source word's pieces had together (so the total attention
-    mass on the word is kept, whatever the two words' piece counts)."""
+    Every source token hands its attention to exactly one place, so each row of
+    attention keeps its total mass: tokens before the word keep their position; tokens
+    after it move by the difference in length (at the end of the sequence, the
+    overflow goes to the last position); the source word's attention, all pieces
+    together, is shared equally by the pieces of the target word."""
     mapping = torch.zeros(length, length)
     shift = target.length - source.length
-    for j in range(length):
-        if j < target.start:
-            mapping[j, j] = 1.0
-        elif j < target.stop:
-            mapping[j, source.start : source.stop] = 1.0 / target.length
+    for s in range(length):
+        if s < source.start:
+            mapping[s, s] = 1.0
+        elif s < source.stop:
+            mapping[target.start : target.stop, s] = 1.0 / target.length
         else:
-            mapping[j, min(max(j - shift, source.stop), length - 1)] = 1.0
+            mapping[min(max(s + shift, target.stop), length - 1), s] = 1.0
     return mapping
 
 
@@ -96,8 +97,8 @@ class AttentionControl:
         self.map_tokens: TokenSpan | None = None
         self.mapping: torch.Tensor | None = None  # (L, L)
         self.stored: dict[tuple[int, str], torch.Tensor] = {}  # (step, layer) -> (heads, Q, L), batch item 0
-        self.map_sum: torch.Tensor | None = None  # (B, side, side)
-        self.map_count = 0
+        self.map_sums: dict[int, torch.Tensor] = {}  # attention side -> summed (B, side, side)
+        self.map_counts: dict[int, int] = {}
         self.map_side = 0
 
     # -- set up by the caller --------------------------------------------------
@@ -105,7 +106,7 @@ class AttentionControl:
     def record(self, store_steps: int, map_steps: int, map_tokens: TokenSpan | None, map_side: int) -> None:
         self.mode, self.store_steps, self.map_steps = "record", store_steps, map_steps
         self.map_tokens, self.map_side = map_tokens, map_side
-        self.stored, self.map_sum, self.map_count = {}, None, 0
+        self.stored, self.map_sums, self.map_counts = {}, {}, {}
 
     def inject(self, inject_steps: int, mapping: torch.Tensor | None) -> None:
         self.mode, self.inject_steps, self.mapping = "inject", inject_steps, mapping
@@ -126,10 +127,26 @@ class AttentionControl:
         self.step = step
 
     def attention_map(self) -> torch.Tensor | None:
-        """Mean class-token cross-attention map over layers, heads, pieces and steps: (B, side, side)."""
-        if self.map_sum is None or self.map_count == 0:
+        """Mean class-token cross-attention map over layers, heads, pieces and steps: (B, side, side)
+        at `map_side`.
+
+        The reference uses the 16x16 maps of a 64x64 latent (a quarter of the latent side):
+        coarse enough to be smooth, fine enough to follow the object. Those maps are used
+        when the UNet has cross-attention at that resolution, else all maps averaged."""
+        if not self.map_sums:
             return None
-        return self.map_sum / self.map_count
+        preferred = self.map_side // 4
+        sides = [preferred] if preferred in self.map_sums else sorted(self.map_sums)
+        maps = [
+            F.interpolate(
+                (self.map_sums[side] / self.map_counts[side])[:, None],
+                size=(self.map_side, self.map_side),
+                mode="bilinear",
+                align_corners=False,
+            )[:, 0]
+            for side in sides
+        ]
+        return torch.stack(maps).mean(0)
 
     # -- called by the processors ----------------------------------------------
 
@@ -161,11 +178,9 @@ class AttentionControl:
         side = int(round(queries**0.5))
         span = self.map_tokens
         maps = cond[..., span.start : span.stop].mean(-1)  # (B * heads, Q)
-        maps = maps.view(batch, heads, side, side).mean(1, keepdim=True)  # (B, 1, side, side)
-        maps = F.interpolate(maps, size=(self.map_side, self.map_side), mode="bilinear", align_corners=False)
-        maps = maps[:, 0]  # (B, map_side, map_side)
-        self.map_sum = maps if self.map_sum is None else self.map_sum + maps
-        self.map_count += 1
+        maps = maps.view(batch, heads, side, side).mean(1)  # (B, side, side)
+        self.map_sums[side] = self.map_sums[side] + maps if side in self.map_sums else maps
+        self.map_counts[side] = self.map_counts.get(side, 0) + 1
 
 
 class ControlledAttnProcessor:

@@ -211,7 +211,7 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
             image, mask = render(scene)
             folder = config.out / "uvce" / f"{shape}_{seed}"
             path = folder / "scene.png"
-            save_png(torch.from_numpy(image).permute(2, 0, 1).float() / 255, path)
+            save_png(torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255, path)
             job = UvceJob(
                 classifier="shapes:oracle",
                 inputs=path,
@@ -233,7 +233,7 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
             target_index = SHAPES.index(target)
             rim = F.max_pool2d(torch.from_numpy(mask).float()[None, None], 2 * UVCE_RIM_PX + 1, stride=1, padding=UVCE_RIM_PX)
             background = 1 - rim[0]  # (1, H, W)
-            original = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+            original = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
             mse = float(((counterfactual[0] - original).square() * background).sum() / (3 * background.sum()))
             background_psnr = 100.0 if mse == 0 else 10 * float(np.log10(1.0 / mse))
             runs += 1
@@ -271,7 +271,7 @@ def _scene_file(folder: Path, scene) -> tuple[Path, "np.ndarray", "np.ndarray"]:
 
     image, mask = render(scene)
     path = folder / "scene.png"
-    save_png(torch.from_numpy(image).permute(2, 0, 1).float() / 255, path)
+    save_png(torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255, path)
     return path, image, mask
 
 

@@ -13,7 +13,7 @@ import csv
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 from digin_cli.attention import AttentionControl, attach, find_word_tokens, token_mapping
 from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig
 from digin_cli.errors import DiginError
-from digin_cli.inversion import Inversion, InversionConfig, null_text_inversion, psnr
+from digin_cli.inversion import Inversion, InversionConfig, null_text_inversion, psnr, resolved_lr
 from digin_cli.io import (
     ImageReadError,
     cache_dir,
@@ -42,7 +42,7 @@ from digin_cli.models import Classifier, load_classifier, load_diffusion, resolv
 from digin_cli.objectives import Counterfactual, RegionDistance
 from digin_cli.runs import NoProgress, Progress, RuntimeOptions, check_common, resolve_device, resolve_dtype, slug, versions
 
-INVERSION_FORMAT = 1  # bump when the cached content changes
+INVERSION_FORMAT = 2  # bump when the cached content changes
 
 
 @dataclass
@@ -87,6 +87,7 @@ def invert_cached(
     engine: GuidedDDIM, image: torch.Tensor, caption: str, sampler: SamplerConfig, config: InversionConfig
 ) -> tuple[Inversion, bool]:
     """Null-text inversion of (1, 3, H, W), from the cache when the same inversion was done before."""
+    config = replace(config, lr=resolved_lr(engine, config))  # the key holds the lr actually used
     key = inversion_key(image, engine.components.source, caption, sampler, config)
     path = cache_dir() / "inversions" / f"{key}.pt"
     cached = load_tensors(path)
@@ -485,6 +486,8 @@ def _counterfactual(
             "cache_hit": prepared.cache_hit,
             "psnr_ddim_db": round(prepared.inversion.psnr_ddim, 3),
             "psnr_null_text_db": round(prepared.inversion.psnr_null_text, 3),
+            "latent_mse_ddim": round(prepared.inversion.latent_mse_ddim, 6),
+            "latent_mse_null_text": round(prepared.inversion.latent_mse_null_text, 6),
             "seconds": round(prepared.inversion.seconds, 3),
         },
         "reconstruction_psnr_db": round(prepared.reconstruction_psnr, 3),

@@ -35,6 +35,9 @@ class DiffusionComponents:
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler
     source: str = ""  # where they were loaded from, for the run record
+    # Model-specific defaults shipped with a model folder in digin.json (e.g. the
+    # null-text inversion learning rate of the small built-in models).
+    settings: dict = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -143,7 +143,7 @@ def load_image(path: Path, size: int) -> torch.Tensor:
             opened.load()
             image = to_rgb(opened)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"{path} is not an image Pillow can read ({type(error).__name__}: {error})") from None
+        raise ImageReadError(f"{path} is not an image Pillow can read ({type(error).__name__})") from None
     width, height = image.size
     scale = size / min(width, height)
     resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)

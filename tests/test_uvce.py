@@ -157,10 +157,14 @@ def test_null_text_inversion_beats_ddim_inversion(model, tmp_path):
     sampler = SamplerConfig(num_steps=10, guidance_scale=3.0)
     result = null_text_inversion(
         engine, image, engine.encode_text(["a photograph of a red square on sand"]), engine.encode_text([""]),
-        sampler, InversionConfig(inner_steps=5),
+        sampler, InversionConfig(inner_steps=5),  # lr: the model's digin.json default
     )  # fmt: skip
     assert result.null_embs.shape[0] == 10
-    assert result.psnr_null_text > result.psnr_ddim + 1.0, (result.psnr_ddim, result.psnr_null_text)
+    # The sampler's own target: z_0 back at E(x). The random tiny VAE cannot reconstruct
+    # pixels at all, so the pixel PSNR is compared on the trained shapes model only.
+    assert result.latent_mse_null_text < 0.75 * result.latent_mse_ddim, (result.latent_mse_ddim, result.latent_mse_null_text)
+    if model == "shapes":
+        assert result.psnr_null_text > result.psnr_ddim + 1.0, (result.psnr_ddim, result.psnr_null_text)
     # The stored inversion reproduces its PSNR when sampled again.
     again = engine.sample(result.z_T, engine.encode_text(["a photograph of a red square on sand"]), result.null_embs, sampler)
     assert abs(psnr(again, image) - result.psnr_null_text) < 0.01

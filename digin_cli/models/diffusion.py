@@ -8,6 +8,7 @@ through the same loaders.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,9 @@ DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
 # name -> function that makes sure the built-in model exists on disk and returns its folder
 BUILTIN_DIFFUSION_MODELS: dict[str, Callable[[], Path]] = {}
+
+# Optional file in a model folder with digin's defaults for that model (e.g. {"inversion_lr": 0.1}).
+SETTINGS_FILE = "digin.json"
 
 # The sub-models a Stable-Diffusion-style repo must have.
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -81,9 +85,16 @@ def load_diffusion(model: str) -> DiffusionComponents:
         ) from error
     if not hasattr(unet.config, "cross_attention_dim") or unet.config.cross_attention_dim is None:
         raise DiginError(f"'{model}' has no text-conditioned UNet; digin needs a Stable-Diffusion-style model.")
+    settings = {}
+    if local.is_dir() and (local / SETTINGS_FILE).is_file():
+        try:
+            settings = json.loads((local / SETTINGS_FILE).read_text())
+        except (OSError, ValueError) as error:
+            raise DiginError(f"{local / SETTINGS_FILE} is not valid JSON ({error}); fix or delete it") from None
     return DiffusionComponents(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, source=model
-    )
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, source=model,
+        settings=settings,
+    )  # fmt: skip
 
 
 def _builtin_names() -> str:

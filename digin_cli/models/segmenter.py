@@ -69,7 +69,12 @@ def load_sam_hq(checkpoint: Path, model_type: str | None = None, device: torch.d
         raise DiginError(f"could not read SAM-HQ checkpoint {checkpoint} ({type(error).__name__}); is it a .pth state dict?") from None
     if not isinstance(state, dict):
         raise DiginError(f"{checkpoint} is not a SAM-HQ state dict")
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError:  # shapes differ: another architecture's weights
+        raise DiginError(
+            f"{checkpoint.name} does not fit SAM-HQ {kind} (weight shapes differ); check --sam-model-type or the file"
+        ) from None
     if result.unexpected_keys or len(result.missing_keys) > 0.05 * len(model.state_dict()):
         raise DiginError(
             f"{checkpoint.name} does not fit SAM-HQ {kind} ({len(result.missing_keys)} missing, "

@@ -208,7 +208,7 @@ def train_denoiser(
 def train(
     out: Path, n_images: int, vae_steps: int, vae_batch: int, unet_steps: int, batch: int, seed: int, log=print
 ) -> dict:
-    from digin_cli.models.builtin import assemble_pipeline, clip_tokenizer
+    from digin_cli.models.builtin import assemble_pipeline, clip_tokenizer, write_model_settings
 
     started = time.perf_counter()
     images, masks, captions = render_dataset(n_images, seed)
@@ -229,6 +229,7 @@ def train(
 
     pipeline = assemble_pipeline(vae, text_encoder, tokenizer, unet, build_scheduler())
     pipeline.to(torch.float16).save_pretrained(out)
+    write_model_settings(out)
     info = {
         "seed": seed,
         "n_images": n_images,
