@@ -348,6 +348,9 @@ def uvce(
     caption: Annotated[
         str | None, typer.Option(help="Caption for inversion; must name the source class (default 'an image of a <class>').")
     ] = None,
+    captioner: Annotated[
+        str | None, typer.Option(help="transformers image-to-text model that extends the default caption (off).")
+    ] = None,
     mask: Annotated[Path | None, typer.Option("--mask", help="Your own object mask (white = object).")] = None,
     sam_checkpoint: Annotated[
         Path | None, typer.Option("--sam-checkpoint", help="SAM-HQ weights to refine the attention mask.")
@@ -394,7 +397,7 @@ def uvce(
         csv_file=csv_file,
         weight_latent=w_latent,
         weight_pixel=w_pixel,
-        real=RealImageOptions(caption=caption, mask_file=mask, sam_checkpoint=sam_checkpoint,
+        real=RealImageOptions(caption=caption, captioner=captioner, mask_file=mask, sam_checkpoint=sam_checkpoint,
                               sam_model_type=sam_model_type, p2p_fraction=p2p_fraction),
         runtime=RuntimeOptions(model=model, device=device, dtype=dtype),
         sampler=sampler,
@@ -446,6 +449,9 @@ def neuron_cf(
     ] = None,
     csv_file: Annotated[Path | None, typer.Option("--csv", help="For a folder: rows file,class.")] = None,
     caption: Annotated[str | None, typer.Option(help="Caption for inversion; must name the image's class.")] = None,
+    captioner: Annotated[
+        str | None, typer.Option(help="transformers image-to-text model that extends the default caption (off).")
+    ] = None,
     mask: Annotated[Path | None, typer.Option("--mask", help="Your own object mask (white = object).")] = None,
     sam_checkpoint: Annotated[
         Path | None, typer.Option("--sam-checkpoint", help="SAM-HQ weights to refine the attention mask.")
@@ -489,7 +495,8 @@ def neuron_cf(
         class_name=class_name, source_class=source_class, csv_file=csv_file, direction_mode=direction_mode,
         from_other_class=from_other_class, drop_threshold=drop_threshold, object_psnr_min=object_psnr,
         weight_latent=w_latent, weight_pixel=w_pixel,
-        real=RealImageOptions(caption=caption, mask_file=mask, sam_checkpoint=sam_checkpoint, sam_model_type=sam_model_type),
+        real=RealImageOptions(caption=caption, captioner=captioner, mask_file=mask, sam_checkpoint=sam_checkpoint,
+                              sam_model_type=sam_model_type),
         runtime=RuntimeOptions(model=model, device=device, dtype=dtype), sampler=sampler, optim=optim,
     )  # fmt: skip
     progress = None if quiet else RichProgress(stderr)

@@ -51,6 +51,7 @@ class RealImageOptions:
 
     caption: str | None = None  # default "an image of a <source class>"
     caption_template: str = "an image of a {}"
+    captioner: str | None = None  # transformers image-to-text model that extends the default caption
     mask_file: Path | None = None  # the user's own mask (white = class object)
     sam_checkpoint: Path | None = None  # SAM-HQ weights; none = the attention map is the mask
     sam_model_type: str | None = None
@@ -108,6 +109,7 @@ def prepare_image(
     options: RealImageOptions,
     sampler: SamplerConfig,
     sam_predictor=None,
+    captioner=None,
 ) -> PreparedImage:
     """Load, invert (cached), reconstruct while recording attention, and mask one image."""
     components = engine.components
@@ -120,6 +122,8 @@ def prepare_image(
         source_index = resolve_class(classifier, source)
     source_name = classifier.class_names[source_index]
     caption = options.caption or options.caption_template.format(source_name)
+    if captioner is not None and options.caption is None:
+        caption = captioner.extend(image[0], caption)
     span = find_word_tokens(components.tokenizer, caption, source_name)
     if span is None:
         raise DiginError(
@@ -280,6 +284,7 @@ class Session:
     engine: GuidedDDIM
     sam_predictor: Any
     optim: OptimConfig  # with view_size set to the classifier's input size
+    captioner: Any = None
 
 
 def open_session(
@@ -297,9 +302,14 @@ def open_session(
         from digin_cli.models.segmenter import load_sam_hq
 
         sam_predictor = load_sam_hq(real.sam_checkpoint, real.sam_model_type, device)
+    captioner = None
+    if real.captioner is not None:
+        from digin_cli.models.captioner import load_captioner
+
+        captioner = load_captioner(real.captioner, device)
     if optim.view_size is None:
         optim = OptimConfig(**{**asdict(optim), "view_size": max(classifier.input_size)})
-    return Session(classifier, engine, sam_predictor, optim)
+    return Session(classifier, engine, sam_predictor, optim, captioner)
 
 
 def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
@@ -334,7 +344,8 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
     }
 
     def handle(item: WorkItem, pending: list[str], stem: str) -> list[dict[str, Any]]:
-        prepared = prepare_image(engine, item.path, classifier, item.source, job.real, job.sampler, session.sam_predictor)
+        prepared = prepare_image(engine, item.path, classifier, item.source, job.real, job.sampler, session.sam_predictor,
+                                 session.captioner)
         return [_counterfactual(engine, classifier, prepared, t, job, optim, config, progress, stem) for t in pending]
 
     summary = run_items(items, job.out, lambda item: {t: f"{slug(item.path.stem)}_{slug(t)}.json" for t in item.targets}, handle)
@@ -650,7 +661,8 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
 
     def handle(item: WorkItem, pending: list[str], stem: str) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
-        prepared = prepare_image(engine, item.path, classifier, item.source, job.real, job.sampler, session.sam_predictor)
+        prepared = prepare_image(engine, item.path, classifier, item.source, job.real, job.sampler, session.sam_predictor,
+                                 session.captioner)
         # The class judged: the image's own (from --class, the CSV or the prediction), or with
         # --from-other-class the class the neuron might trigger.
         class_index = fixed_class[0] if job.from_other_class else prepared.source_index

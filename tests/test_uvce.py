@@ -325,3 +325,43 @@ def test_sam_hq_loader_and_predictor_on_a_local_checkpoint(tmp_path):
     with pytest.raises(DiginError, match="cannot tell the SAM-HQ architecture"):
         (tmp_path / "weights.pth").write_bytes(b"x")
         load_sam_hq(tmp_path / "weights.pth")
+
+
+def tiny_blip_folder(folder):
+    """A randomly initialised BLIP captioner with a 14-word vocabulary, saved like a hub model."""
+    from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "an", "image", "of", "a", "square", "on", "grass", "red", "."]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    # transformers 5 ignores vocab_file= in the constructor: load the folder instead.
+    tokenizer = BertTokenizerFast.from_pretrained(folder, model_max_length=32)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    config = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, encoder_hidden_size=32, bos_token_id=2, sep_token_id=3, pad_token_id=0),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_captioner_extends_the_default_caption(tiny_components, tiny_classifiers, tmp_path):
+    from digin_cli.errors import DiginError
+    from digin_cli.models.captioner import load_captioner
+
+    captioner = load_captioner(str(tiny_blip_folder(tmp_path / "blip")))
+    engine = GuidedDDIM(tiny_components)
+    options = RealImageOptions(inversion=InversionConfig(inner_steps=1))
+    prepared = prepare_image(engine, scene_image(tmp_path / "s.png"), tiny_classifiers[0], "square", options,
+                             SamplerConfig(num_steps=3), captioner=captioner)  # fmt: skip
+    assert prepared.caption.startswith("an image of a square")  # the class words stay for prompt-to-prompt
+    assert "." not in prepared.caption
+    assert len(prepared.caption) > len("an image of a square"), "the model's continuation was added"
+    words = captioner.processor.tokenizer("an image of a square").input_ids
+    assert captioner.processor.tokenizer.unk_token_id not in words, "the tokenizer kept its vocabulary"
+    assert captioner.extend(torch.zeros(3, 64, 64), "an image of a square").startswith("an image of a square")
+    with pytest.raises(DiginError, match="could not load the captioner"):
+        load_captioner(str(tmp_path / "missing"))
