@@ -234,14 +234,20 @@ class ControlledAttnProcessor:
 
 
 @contextmanager
-def attach(unet, control: AttentionControl) -> Iterator[AttentionControl]:
-    """Install controlled processors on every attention layer; restore the originals on exit."""
+def attach(engine, control: AttentionControl) -> Iterator[AttentionControl]:
+    """Install controlled processors on every attention layer of the engine's UNet and make the
+    control the engine's step observer; restore both on exit.
+
+    engine: a GuidedDDIM (anything with `.components.unet` and `.step_observer`)."""
+    unet = engine.components.unet
     original = dict(unet.attn_processors)
     unet.set_attn_processor(
         {name: ControlledAttnProcessor(control, name, processor) for name, processor in original.items()}
     )
+    engine.step_observer = control
     try:
         yield control
     finally:
+        engine.step_observer = None
         unet.set_attn_processor(original)
         control.off()

@@ -196,9 +196,10 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
     import torch.nn.functional as F
 
     from digin_cli.counterfactuals import RealImageOptions, UvceJob, run_uvce
-    from digin_cli.io import load_image, save_png
+    from digin_cli.inversion import masked_psnr
+    from digin_cli.io import load_image
     from digin_cli.models import load_classifier
-    from digin_cli.world.scenes import caption, render, sample_scene
+    from digin_cli.world.scenes import caption, sample_scene
 
     oracle = load_classifier("shapes:oracle")
     second = load_classifier("shapes:oracle-2")
@@ -208,10 +209,8 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
         target = SHAPES[(SHAPES.index(shape) + 1) % len(SHAPES)]
         for seed in range(config.uvce_seeds):
             scene = sample_scene(np.random.default_rng(7_000 + 100 * SHAPES.index(shape) + seed), shape=shape)
-            image, mask = render(scene)
             folder = config.out / "uvce" / f"{shape}_{seed}"
-            path = folder / "scene.png"
-            save_png(torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255, path)
+            path, image, mask = _scene_file(folder, scene)
             job = UvceJob(
                 classifier="shapes:oracle",
                 inputs=path,
@@ -232,10 +231,7 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
                 top_second = int(second(counterfactual).argmax(dim=1))
             target_index = SHAPES.index(target)
             rim = F.max_pool2d(torch.from_numpy(mask).float()[None, None], 2 * UVCE_RIM_PX + 1, stride=1, padding=UVCE_RIM_PX)
-            background = 1 - rim[0]  # (1, H, W)
-            original = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
-            mse = float(((counterfactual[0] - original).square() * background).sum() / (3 * background.sum()))
-            background_psnr = 100.0 if mse == 0 else 10 * float(np.log10(1.0 / mse))
+            background_psnr = masked_psnr(counterfactual[0], _as_tensor(image), 1 - rim[0])  # rim[0]: (1, H, W)
             runs += 1
             flipped += top_oracle == target_index
             agreed += top_oracle == target_index and top_second == target_index
@@ -263,24 +259,22 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
     }
 
 
-def _scene_file(folder: Path, scene) -> tuple[Path, "np.ndarray", "np.ndarray"]:
+def _as_tensor(image: "np.ndarray"):
+    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]."""
     import torch
 
+    return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
+
+
+def _scene_file(folder: Path, scene) -> tuple[Path, "np.ndarray", "np.ndarray"]:
+    """Render a scene into folder/scene.png; returns the path, the image (H, W, 3) and the object mask (H, W)."""
     from digin_cli.io import save_png
     from digin_cli.world.scenes import render
 
     image, mask = render(scene)
     path = folder / "scene.png"
-    save_png(torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255, path)
+    save_png(_as_tensor(image), path)
     return path, image, mask
-
-
-def _masked_psnr_np(a: "np.ndarray", b: "np.ndarray", region: "np.ndarray") -> float:
-    import numpy as np
-
-    diff = (a.astype(np.float64) - b.astype(np.float64)) / 255
-    mse = float((diff[region] ** 2).mean())
-    return 100.0 if mse == 0 else 10 * float(np.log10(1.0 / mse))
 
 
 def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -295,7 +289,10 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
     """
     import numpy as np
 
+    import torch
+
     from digin_cli.counterfactuals import NeuronCfJob, RealImageOptions, run_neuron_cf
+    from digin_cli.inversion import masked_psnr
     from digin_cli.models.builtin import shapes_classifier_meta
     from digin_cli.world.scenes import caption, sample_scene
 
@@ -325,7 +322,7 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
         record, image, mask = run(index, off, "max", config.out / "neuron-cf" / f"max_{seed}")
         maximized = read_rgb(config.out / "neuron-cf" / f"max_{seed}" / record["files"]["maximized"])
         turned += judge_colours(maximized, mask=mask).background == background
-        object_psnrs.append(_masked_psnr_np(maximized, image, mask))
+        object_psnrs.append(masked_psnr(_as_tensor(maximized), _as_tensor(image), torch.from_numpy(mask).float()[None]))
         gains.append((record["original"]["activation"], record["maximized"]["activation"]))
         on = sample_scene(rng, shape=planted_shape, background=background)
         record, _, _ = run(index, on, "min", config.out / "neuron-cf" / f"min_{seed}")

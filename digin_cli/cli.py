@@ -150,6 +150,15 @@ LossStepsOpt = Annotated[int, typer.Option("--loss-steps", help="Put the loss on
 CutoutsOpt = Annotated[int, typer.Option("--cutouts", help="Augmented classifier views per image.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images optimized together in one batch.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")]
+# Options of the real-image commands (uvce, neuron-cf).
+InputsArg = Annotated[Path, typer.Argument(help="An image file, or a folder of images.", show_default=False)]
+CaptionerOpt = Annotated[
+    str | None, typer.Option(help="transformers image-to-text model that extends the default caption (off).")
+]
+MaskOpt = Annotated[Path | None, typer.Option("--mask", help="Your own object mask (white = object).")]
+SamCheckpointOpt = Annotated[Path | None, typer.Option("--sam-checkpoint", help="SAM-HQ weights to refine the attention mask.")]
+SamTypeOpt = Annotated[str | None, typer.Option(help="SAM-HQ architecture (default: read from the file name).")]
+CutoutSeedOpt = Annotated[int, typer.Option(help="Seeds the cutout randomness.")]
 
 
 def _sampler_and_optim(ddim_steps, guidance, steps, lr_latent, lr_prompt, lr_null, opt_latent, opt_prompt,
@@ -334,7 +343,7 @@ def neuron(
 
 @app.command()
 def uvce(
-    inputs: Annotated[Path, typer.Argument(help="An image file, or a folder of images.", show_default=False)],
+    inputs: InputsArg,
     classifier: Annotated[str, typer.Option("--classifier", help="Classifier to explain (spec, see README).")],
     target: Annotated[
         list[str] | None, typer.Option("--target", "-t", help="Target class (name or index); repeat for several.")
@@ -348,23 +357,17 @@ def uvce(
     caption: Annotated[
         str | None, typer.Option(help="Caption for inversion; must name the source class (default 'an image of a <class>').")
     ] = None,
-    captioner: Annotated[
-        str | None, typer.Option(help="transformers image-to-text model that extends the default caption (off).")
-    ] = None,
-    mask: Annotated[Path | None, typer.Option("--mask", help="Your own object mask (white = object).")] = None,
-    sam_checkpoint: Annotated[
-        Path | None, typer.Option("--sam-checkpoint", help="SAM-HQ weights to refine the attention mask.")
-    ] = None,
-    sam_model_type: Annotated[
-        str | None, typer.Option(help="SAM-HQ architecture (default: read from the file name).")
-    ] = None,
+    captioner: CaptionerOpt = None,
+    mask: MaskOpt = None,
+    sam_checkpoint: SamCheckpointOpt = None,
+    sam_model_type: SamTypeOpt = None,
     p2p_fraction: Annotated[
         float, typer.Option("--p2p-fraction", help="Share of DDIM steps with injected cross-attention.")
     ] = 0.3,
     w_latent: Annotated[float, typer.Option("--w-latent", help="Weight of the latent background distance.")] = 25.0,
     w_pixel: Annotated[float, typer.Option("--w-pixel", help="Weight of the pixel background distance.")] = 250.0,
     model: ModelOpt = "CompVis/stable-diffusion-v1-4",
-    seed: Annotated[int, typer.Option(help="Seeds the cutout randomness.")] = 0,
+    seed: CutoutSeedOpt = 0,
     ddim_steps: DdimStepsOpt = 20,
     guidance: GuidanceOpt = 3.0,
     steps: StepsOpt = 20,
@@ -427,7 +430,7 @@ def uvce(
 
 @app.command("neuron-cf")
 def neuron_cf(
-    inputs: Annotated[Path, typer.Argument(help="An image file, or a folder of images.", show_default=False)],
+    inputs: InputsArg,
     classifier: Annotated[str, typer.Option("--classifier", help="Classifier whose neuron is tested.")],
     neuron_index: Annotated[int | None, typer.Option("--neuron", "-u", help="Neuron index in the feature map.")] = None,
     direction: Annotated[
@@ -449,14 +452,10 @@ def neuron_cf(
     ] = None,
     csv_file: Annotated[Path | None, typer.Option("--csv", help="For a folder: rows file,class.")] = None,
     caption: Annotated[str | None, typer.Option(help="Caption for inversion; must name the image's class.")] = None,
-    captioner: Annotated[
-        str | None, typer.Option(help="transformers image-to-text model that extends the default caption (off).")
-    ] = None,
-    mask: Annotated[Path | None, typer.Option("--mask", help="Your own object mask (white = object).")] = None,
-    sam_checkpoint: Annotated[
-        Path | None, typer.Option("--sam-checkpoint", help="SAM-HQ weights to refine the attention mask.")
-    ] = None,
-    sam_model_type: Annotated[str | None, typer.Option(help="SAM-HQ architecture (default: from the file name).")] = None,
+    captioner: CaptionerOpt = None,
+    mask: MaskOpt = None,
+    sam_checkpoint: SamCheckpointOpt = None,
+    sam_model_type: SamTypeOpt = None,
     drop_threshold: Annotated[
         float, typer.Option(help="Flag as spurious when minimizing drops p(class) by at least this much.")
     ] = 0.3,
@@ -466,7 +465,7 @@ def neuron_cf(
     w_latent: Annotated[float, typer.Option("--w-latent", help="Weight of the latent object distance.")] = 25.0,
     w_pixel: Annotated[float, typer.Option("--w-pixel", help="Weight of the pixel object distance.")] = 250.0,
     model: ModelOpt = "CompVis/stable-diffusion-v1-4",
-    seed: Annotated[int, typer.Option(help="Seeds the cutout randomness.")] = 0,
+    seed: CutoutSeedOpt = 0,
     ddim_steps: DdimStepsOpt = 20,
     guidance: GuidanceOpt = 3.0,
     steps: StepsOpt = 20,

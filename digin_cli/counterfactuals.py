@@ -23,7 +23,15 @@ import torch
 from digin_cli.attention import AttentionControl, attach, find_word_tokens, token_mapping
 from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig
 from digin_cli.errors import DiginError
-from digin_cli.inversion import Inversion, InversionConfig, null_text_inversion, psnr, resolved_lr
+from digin_cli.inversion import (
+    Inversion,
+    InversionConfig,
+    encode_image,
+    masked_psnr,
+    null_text_inversion,
+    psnr,
+    resolved_lr,
+)
 from digin_cli.io import (
     ImageReadError,
     cache_dir,
@@ -39,7 +47,7 @@ from digin_cli.io import (
 )
 from digin_cli.masks import Mask, attention_mask, sam_mask, to_latent_grid
 from digin_cli.models import Classifier, load_classifier, load_diffusion, resolve_class
-from digin_cli.objectives import Counterfactual, RegionDistance
+from digin_cli.objectives import Counterfactual, ObjectiveInput, RegionDistance
 from digin_cli.runs import NoProgress, Progress, RuntimeOptions, check_common, resolve_device, resolve_dtype, slug, versions
 
 INVERSION_FORMAT = 2  # bump when the cached content changes
@@ -140,15 +148,10 @@ def prepare_image(
         map_tokens=span,
         map_side=components.latent_shape[-1],
     )
-    engine.step_observer = control
-    try:
-        with attach(components.unet, control):
-            with torch.no_grad():
-                reconstruction = engine.sample(
-                    inversion.z_T, engine.encode_text([caption]), inversion.null_embs.to(engine.device), sampler
-                ).cpu()
-    finally:
-        engine.step_observer = None
+    with attach(engine, control), torch.no_grad():
+        reconstruction = engine.sample(
+            inversion.z_T, engine.encode_text([caption]), inversion.null_embs.to(engine.device), sampler
+        ).cpu()
     latent_side = components.latent_shape[-1]
     if options.mask_file is not None:
         pixels = load_mask(options.mask_file, size)
@@ -377,7 +380,6 @@ def run_items(items: list[WorkItem], out: Path, outputs, handle) -> list[dict[st
                 failures.append(f"{item.path.name}: {error}")
                 summary.append({"file": str(item.path), "status": "failed", "error": str(error)})
         write_jsonl(summary, out / "summary.jsonl")
-    write_jsonl(summary, out / "summary.jsonl")
     if failures:
         if len(items) == 1:
             raise DiginError(failures[0])
@@ -423,10 +425,9 @@ def _counterfactual(
     objective = Counterfactual(classifier, target_index, prepared.source_index, distance)
     control = prepared.control
     control.inject(math.ceil(job.real.p2p_fraction * job.sampler.num_steps), mapping)
-    engine.step_observer = control
     progress.start(f"{prepared.name} -> {target_name}", optim.steps)
     try:
-        with attach(components.unet, control):
+        with attach(engine, control):
             result = engine.optimize(
                 objective,
                 prepared.inversion.z_T,
@@ -437,7 +438,6 @@ def _counterfactual(
                 on_step=progress.step,
             )
     finally:
-        engine.step_observer = None
         progress.finish()
 
     with torch.no_grad():
@@ -462,8 +462,10 @@ def _counterfactual(
     save_png(prepared.reconstruction[0], out / files["reconstruction"])
     save_png(result.initial_images[0], out / files["p2p_start"])
     save_png(counterfactual, out / files["counterfactual"])
-    save_png(mask_overlay(prepared.image[0], prepared.mask.pixels[0]), out / files["mask"])
-    save_png(heat_map(counterfactual, prepared.image[0]), out / files["difference"])
+    overlay = mask_overlay(prepared.image[0], prepared.mask.pixels[0])
+    difference = heat_map(counterfactual, prepared.image[0])
+    save_png(overlay, out / files["mask"])
+    save_png(difference, out / files["difference"])
 
     def lines(title: str, metrics: dict[str, float]) -> list[str]:
         return [title, f"p({source_name}) {metrics['p_source']:.3f}", f"p({target_name}) {metrics['p_target']:.3f}"]
@@ -473,8 +475,8 @@ def _counterfactual(
             (prepared.image[0], lines("original", original)),
             (result.initial_images[0], lines("p2p start", start)),
             (counterfactual, lines(f"counterfactual (step {result.best_steps[0]})", best)),
-            (mask_overlay(prepared.image[0], prepared.mask.pixels[0]), [f"mask ({prepared.mask.source})"]),
-            (heat_map(counterfactual, prepared.image[0]), ["difference"]),
+            (overlay, [f"mask ({prepared.mask.source})"]),
+            (difference, ["difference"]),
         ],
         title=f"{prepared.name}: {source_name} -> {target_name}  ({job.classifier})",
     )
@@ -502,7 +504,7 @@ def _counterfactual(
             "seconds": round(prepared.inversion.seconds, 3),
         },
         "reconstruction_psnr_db": round(prepared.reconstruction_psnr, 3),
-        "background_psnr_db": round(_masked_psnr(counterfactual, prepared.image[0], background), 3),
+        "background_psnr_db": round(masked_psnr(counterfactual, prepared.image[0], background), 3),
         "original": rounded(original),
         "p2p_start": rounded(start),
         "counterfactual": rounded(best),
@@ -530,20 +532,9 @@ def _counterfactual(
     }
 
 
-def _plain_input(engine: GuidedDDIM, image: torch.Tensor):
-    from digin_cli.inversion import encode_image
-    from digin_cli.objectives import ObjectiveInput
-
+def _plain_input(engine: GuidedDDIM, image: torch.Tensor) -> ObjectiveInput:
+    """The original image as an objective sees a reported iterate: one plain view."""
     return ObjectiveInput(image, encode_image(engine, image), image.unsqueeze(1))
-
-
-def _masked_psnr(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> float:
-    """PSNR over the pixels `weight` (1, H, W) selects (soft weights allowed), images (3, H, W) in [0, 1]."""
-    total = weight.sum() * a.shape[0]
-    if total <= 0:
-        return float("nan")
-    mse = float(((a - b).square() * weight).sum() / total)
-    return 100.0 if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 # -- neuron-cf ------------------------------------------------------------------------
@@ -619,28 +610,23 @@ def _check_neuron_cf(job: NeuronCfJob) -> list[str]:
 def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[str, Any]:
     """Neuron counterfactuals of real images: keep the object, change what the neuron sees (paper section 6)."""
     from digin_cli.objectives import FeatureMap, NeuronCounterfactual, NeuronObjective
-    from digin_cli.runs import load_direction
+    from digin_cli.runs import neuron_target
 
     progress = progress or NoProgress()
     started = time.perf_counter()
     modes = _check_neuron_cf(job)
     items = work_items(job.inputs, job.csv_file, job.source_class if job.from_other_class else job.class_name, [], need_target=False)
-    fixed_class: list[int | None] = [None]
+    fixed_class: int | None = None  # --class, resolved before the heavy loads
 
     def check(classifier: Classifier) -> None:
+        nonlocal fixed_class
         if job.class_name is not None:
-            fixed_class[0] = resolve_class(classifier, job.class_name)
+            fixed_class = resolve_class(classifier, job.class_name)
 
     session = open_session(job.classifier, job.runtime, job.real, job.optim, check=check)
     engine, classifier, optim = session.engine, session.classifier, session.optim
     feature_map = FeatureMap(classifier, job.layer)
-    width = feature_map.width()
-    direction = None
-    if job.neuron is not None and not 0 <= job.neuron < width:
-        where = f"layer '{job.layer}'" if job.layer else "the last layer's input"
-        raise DiginError(f"neuron {job.neuron} is out of range: {where} of {classifier.spec} has {width} neurons (0-{width - 1})")
-    if job.direction_file is not None:
-        direction = load_direction(job.direction_file, width).to(engine.device)
+    direction = neuron_target(feature_map, feature_map.width(), job.neuron, job.direction_file, engine.device)
     label = f"n{job.neuron}" if direction is None else slug(job.direction_file.stem)
     config = {
         "classifier": job.classifier,
@@ -665,7 +651,7 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
                                  session.captioner)
         # The class judged: the image's own (from --class, the CSV or the prediction), or with
         # --from-other-class the class the neuron might trigger.
-        class_index = fixed_class[0] if job.from_other_class else prepared.source_index
+        class_index = fixed_class if job.from_other_class else prepared.source_index
         class_name = classifier.class_names[class_index]
         image = prepared.image.to(engine.device)
         distance = RegionDistance(
@@ -699,8 +685,8 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
                 **{k: round(v, 6) for k, v in results[mode].best(0).items()},
                 "start": {k: round(v, 6) for k, v in results[mode].initial(0).items()},
                 "best_step": results[mode].best_steps[0],
-                "object_psnr_db": round(_masked_psnr(results[mode].best_images[0], prepared.image[0], prepared.mask.pixels[0]), 3),
-                "background_psnr_db": round(_masked_psnr(results[mode].best_images[0], prepared.image[0], 1 - prepared.mask.pixels[0]), 3),
+                "object_psnr_db": round(masked_psnr(results[mode].best_images[0], prepared.image[0], prepared.mask.pixels[0]), 3),
+                "background_psnr_db": round(masked_psnr(results[mode].best_images[0], prepared.image[0], 1 - prepared.mask.pixels[0]), 3),
             }
         verdict = None
         if "min" in measured and not job.from_other_class:
@@ -715,7 +701,8 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
         base = f"{stem}_{label}"
         files = {"original": f"{base}_original.png", "mask": f"{base}_mask.png", "sheet": f"{base}_sheet.png"}
         save_png(prepared.image[0], job.out / files["original"])
-        save_png(mask_overlay(prepared.image[0], prepared.mask.pixels[0]), job.out / files["mask"])
+        overlay = mask_overlay(prepared.image[0], prepared.mask.pixels[0])
+        save_png(overlay, job.out / files["mask"])
         panels = [(prepared.image[0], ["original", f"act {original['activation']:.3f}", f"p({class_name}) {original['p_class']:.3f}"])]
         for mode in modes:
             name = "maximized" if mode == "max" else "minimized"
@@ -723,7 +710,7 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
             save_png(results[mode].best_images[0], job.out / files[name])
             m = measured[mode]
             panels.append((results[mode].best_images[0], [name, f"act {m['activation']:.3f}", f"p({class_name}) {m['p_class']:.3f}"]))
-        panels.append((mask_overlay(prepared.image[0], prepared.mask.pixels[0]), [f"mask ({prepared.mask.source})", "kept"]))
+        panels.append((overlay, [f"mask ({prepared.mask.source})", "kept"]))
         title = f"{prepared.name}: {label} of {job.classifier}, class '{class_name}'"
         if verdict is not None:
             title += f" - {verdict['text']}"

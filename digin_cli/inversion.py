@@ -52,6 +52,15 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 100.0 if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+def masked_psnr(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> float:
+    """PSNR in dB over the pixels `weight` (1, H, W) selects (soft weights allowed); images (3, H, W) in [0, 1]."""
+    total = weight.sum() * a.shape[0]
+    if total <= 0:
+        return float("nan")
+    mse = float(((a.float() - b.float()).square() * weight).sum() / total)
+    return 100.0 if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
 @torch.no_grad()
 def encode_image(engine: GuidedDDIM, image: torch.Tensor) -> torch.Tensor:
     """(1, 3, H, W) in [0, 1] -> latents (1, C, h, w) (posterior mean, times the VAE scaling)."""

@@ -130,6 +130,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def fit_square(image: Image.Image, size: int, resample) -> Image.Image:
+    """Resize the short side to `size` and crop the centre square (images and their masks alike)."""
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), resample)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
 def load_image(path: Path, size: int) -> torch.Tensor:
     """A photograph as the model sees it: (3, size, size) in [0, 1].
 
@@ -144,11 +153,7 @@ def load_image(path: Path, size: int) -> torch.Tensor:
             image = to_rgb(opened)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"{path} is not an image Pillow can read ({type(error).__name__})") from None
-    width, height = image.size
-    scale = size / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    cropped = resized.crop((left, top, left + size, top + size))
+    cropped = fit_square(image, size, Image.BICUBIC)
     return torch.from_numpy(np.asarray(cropped).copy()).permute(2, 0, 1).float() / 255
 
 
@@ -165,11 +170,7 @@ def load_mask(path: Path, size: int) -> torch.Tensor:
             grey = ImageOps.exif_transpose(opened).convert("L")
     except (OSError, ValueError) as error:
         raise ImageReadError(f"mask {path} is not an image Pillow can read ({type(error).__name__})") from None
-    width, height = grey.size
-    scale = size / min(width, height)
-    resized = grey.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BILINEAR)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    cropped = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
+    cropped = np.asarray(fit_square(grey, size, Image.BILINEAR), dtype=np.float32) / 255
     return torch.from_numpy(cropped.copy())[None, None]
 
 

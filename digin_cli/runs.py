@@ -364,6 +364,21 @@ def load_direction(path: Path, width: int) -> torch.Tensor:
     return vector.squeeze().float()
 
 
+def neuron_target(
+    feature_map, width: int, neuron: int | None, direction_file: Path | None, device
+) -> torch.Tensor | None:
+    """Check a neuron index against the feature map's width, or load the direction file.
+
+    Returns the direction (D,) on `device`, or None for a single neuron."""
+    if neuron is not None and not 0 <= neuron < width:
+        where = f"layer '{feature_map.layer}'" if feature_map.layer else "the last layer's input"
+        spec = feature_map.classifier.spec
+        raise DiginError(f"neuron {neuron} is out of range: {where} of {spec} has {width} neurons (0-{width - 1})")
+    if direction_file is None:
+        return None
+    return load_direction(direction_file, width).to(device)
+
+
 def propose_prompts(classifier: Classifier, neuron_weights: torch.Tensor, template: str, count: int) -> list[str]:
     """The classes whose last-layer weight on the neuron (or direction) is largest, as prompts.
 
@@ -413,12 +428,7 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
     classifier = load_classifier(job.classifier, device)
     feature_map = FeatureMap(classifier, job.layer)
     width = feature_map.width()
-    direction = None
-    if job.neuron is not None and not 0 <= job.neuron < width:
-        where = f"layer '{job.layer}'" if job.layer else "the last layer's input"
-        raise DiginError(f"neuron {job.neuron} is out of range: {where} of {classifier.spec} has {width} neurons (0-{width - 1})")
-    if job.direction_file is not None:
-        direction = load_direction(job.direction_file, width).to(device)
+    direction = neuron_target(feature_map, width, job.neuron, job.direction_file, device)
     objective = NeuronObjective(feature_map, neuron=job.neuron, direction=direction, maximize=job.maximize)
 
     prompts = list(job.prompts)

@@ -125,22 +125,19 @@ def test_injection_changes_the_start_and_restores_processors(tiny_components):
     null = engine.encode_text([""])
     control = AttentionControl()
     control.record(store_steps=2, map_steps=2, map_tokens=TokenSpan(5, 6), map_side=16)
-    engine.step_observer = control
-    with attach(unet, control):
+    with attach(engine, control):
         engine.sample(z_T, source_emb, null, sampler)
     assert len(control.stored) > 0 and control.attention_map().shape == (1, 16, 16)
     plain = engine.sample(z_T, target_emb, null, sampler)
     control.inject(2, token_mapping(TokenSpan(5, 6), TokenSpan(5, 6), 77))
-    with attach(unet, control):
+    with attach(engine, control):
         injected = engine.sample(z_T, target_emb, null, sampler)
-    engine.step_observer = None
+    assert engine.step_observer is None
     assert {name: type(p) for name, p in unet.attn_processors.items()} == before, "processors restored"
     assert (injected - plain).abs().max() > 1e-3, "injected attention changes the start image"
     control.inject(0, None)  # nothing injected: identical to plain sampling
-    engine.step_observer = control
-    with attach(unet, control):
+    with attach(engine, control):
         untouched = engine.sample(z_T, target_emb, null, sampler)
-    engine.step_observer = None
     assert torch.allclose(untouched, plain, atol=1e-5)
 
 
