@@ -141,8 +141,14 @@ DdimStepsOpt = Annotated[int, typer.Option("--ddim-steps", help="DDIM sampling s
 GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Optimization (Adam) steps.")]
 LrLatentOpt = Annotated[float, typer.Option("--lr-latent", help="Learning rate of z_T.")]
-LrPromptOpt = Annotated[float, typer.Option("--lr-prompt", help="Learning rate of the per-step prompt deltas.")]
-LrNullOpt = Annotated[float, typer.Option("--lr-null", help="Learning rate of the per-step null-text deltas.")]
+LrPromptOpt = Annotated[
+    float | None,
+    typer.Option("--lr-prompt", help="Learning rate of the per-step prompt deltas [default: the model's, else 0.01]."),
+]
+LrNullOpt = Annotated[
+    float | None,
+    typer.Option("--lr-null", help="Learning rate of the per-step null-text deltas [default: the model's, else 0.01]."),
+]
 OptLatentOpt = Annotated[bool, typer.Option("--optimize-latent/--freeze-latent", help="Optimize z_T.")]
 OptPromptOpt = Annotated[bool, typer.Option("--optimize-prompt/--freeze-prompt", help="Optimize prompt deltas.")]
 OptNullOpt = Annotated[bool, typer.Option("--optimize-null/--freeze-null", help="Optimize null-text deltas.")]
@@ -200,8 +206,8 @@ def disagree(
     guidance: GuidanceOpt = 3.0,
     steps: StepsOpt = 20,
     lr_latent: LrLatentOpt = 1e-3,
-    lr_prompt: LrPromptOpt = 1e-2,
-    lr_null: LrNullOpt = 1e-2,
+    lr_prompt: LrPromptOpt = None,
+    lr_null: LrNullOpt = None,
     optimize_latent: OptLatentOpt = True,
     optimize_prompt: OptPromptOpt = True,
     optimize_null: OptNullOpt = True,
@@ -279,8 +285,8 @@ def neuron(
     guidance: GuidanceOpt = 3.0,
     steps: StepsOpt = 20,
     lr_latent: LrLatentOpt = 1e-3,
-    lr_prompt: LrPromptOpt = 1e-2,
-    lr_null: LrNullOpt = 1e-2,
+    lr_prompt: LrPromptOpt = None,
+    lr_null: LrNullOpt = None,
     optimize_latent: OptLatentOpt = True,
     optimize_prompt: OptPromptOpt = True,
     optimize_null: OptNullOpt = True,
@@ -372,8 +378,8 @@ def uvce(
     guidance: GuidanceOpt = 3.0,
     steps: StepsOpt = 20,
     lr_latent: LrLatentOpt = 1e-3,
-    lr_prompt: LrPromptOpt = 1e-2,
-    lr_null: LrNullOpt = 1e-2,
+    lr_prompt: LrPromptOpt = None,
+    lr_null: LrNullOpt = None,
     optimize_latent: OptLatentOpt = True,
     optimize_prompt: OptPromptOpt = True,
     optimize_null: OptNullOpt = True,
@@ -459,9 +465,10 @@ def neuron_cf(
     drop_threshold: Annotated[
         float, typer.Option(help="Flag as spurious when minimizing drops p(class) by at least this much.")
     ] = 0.3,
-    object_psnr: Annotated[
-        float, typer.Option("--object-psnr", help="...and the object region stays at least this close (dB).")
-    ] = 20.0,
+    object_error_ratio: Annotated[
+        float,
+        typer.Option(help="...and the object's squared error stays within this factor of the reconstruction's."),
+    ] = 2.0,
     w_latent: Annotated[float, typer.Option("--w-latent", help="Weight of the latent object distance.")] = 25.0,
     w_pixel: Annotated[float, typer.Option("--w-pixel", help="Weight of the pixel object distance.")] = 250.0,
     model: ModelOpt = "CompVis/stable-diffusion-v1-4",
@@ -470,8 +477,8 @@ def neuron_cf(
     guidance: GuidanceOpt = 3.0,
     steps: StepsOpt = 20,
     lr_latent: LrLatentOpt = 1e-3,
-    lr_prompt: LrPromptOpt = 1e-2,
-    lr_null: LrNullOpt = 1e-2,
+    lr_prompt: LrPromptOpt = None,
+    lr_null: LrNullOpt = None,
     optimize_latent: OptLatentOpt = True,
     optimize_prompt: OptPromptOpt = True,
     optimize_null: OptNullOpt = True,
@@ -492,7 +499,7 @@ def neuron_cf(
     job = NeuronCfJob(
         classifier=classifier, inputs=inputs, out=out, neuron=neuron_index, direction_file=direction, layer=layer,
         class_name=class_name, source_class=source_class, csv_file=csv_file, direction_mode=direction_mode,
-        from_other_class=from_other_class, drop_threshold=drop_threshold, object_psnr_min=object_psnr,
+        from_other_class=from_other_class, drop_threshold=drop_threshold, object_error_ratio=object_error_ratio,
         weight_latent=w_latent, weight_pixel=w_pixel,
         real=RealImageOptions(caption=caption, captioner=captioner, mask_file=mask, sam_checkpoint=sam_checkpoint,
                               sam_model_type=sam_model_type),

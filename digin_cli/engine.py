@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -59,12 +59,17 @@ class SamplerConfig:
     guidance_scale: float = 3.0  # classifier-free guidance; reference 3.0
 
 
+REFERENCE_LR_EMBEDDING = 1e-2  # the reference's Adam lr for the prompt and null-text deltas (SD 1.x)
+
+
 @dataclass
 class OptimConfig:
     steps: int = 20  # Adam steps; reference 20
     lr_latent: float = 1e-3  # z_T; reference 1e-3
-    lr_prompt: float = 1e-2  # per-step prompt-embedding delta; reference 1e-2
-    lr_null: float = 1e-2  # per-step null-text delta; reference 1e-2
+    # Embedding-delta learning rates; None = the model's default from its digin.json
+    # ("prompt_lr" / "null_lr"), else the reference 1e-2. See OptimConfig.resolved.
+    lr_prompt: float | None = None
+    lr_null: float | None = None
     optimize_latent: bool = True
     optimize_prompt: bool = True
     optimize_null: bool = True
@@ -75,6 +80,21 @@ class OptimConfig:
     view_size: int | None = None  # cutout side in pixels; None = image resolution
     seed: int = 0  # seeds the cutout randomness, so runs repeat exactly
     gradient_checkpointing: bool = True  # per-UNet-call checkpointing: memory flat in num_steps
+
+    def resolved(self, components: DiffusionComponents, view_size: int | None = None) -> OptimConfig:
+        """A copy with every default made concrete, as it will run and be recorded.
+
+        Learning rates left as None take the model folder's defaults (digin.json), else the
+        reference 1e-2; the view size falls back to `view_size` (the classifier's input
+        size), else the image resolution.
+        """
+        settings = components.settings
+        return replace(
+            self,
+            lr_prompt=float(settings.get("prompt_lr", REFERENCE_LR_EMBEDDING)) if self.lr_prompt is None else self.lr_prompt,
+            lr_null=float(settings.get("null_lr", REFERENCE_LR_EMBEDDING)) if self.lr_null is None else self.lr_null,
+            view_size=self.view_size or view_size or components.resolution,
+        )
 
 
 @dataclass
@@ -302,6 +322,7 @@ class GuidedDDIM:
         keeps its own best iterate by the non-augmented loss.
         """
         started = time.perf_counter()
+        config = config.resolved(self.components)
         T = sampler.num_steps
         if not 1 <= config.loss_steps <= T:
             raise ValueError(f"loss_steps must be between 1 and the number of DDIM steps ({T})")
@@ -329,7 +350,7 @@ class GuidedDDIM:
         # Loss on the x0-predictions of the last K steps, weights k / (1 + ... + K).
         K = config.loss_steps
         weights = [k / (K * (K + 1) / 2) for k in range(1, K + 1)]
-        view_size = config.view_size or self.components.resolution
+        view_size = config.view_size
         generator = torch.Generator().manual_seed(config.seed)
 
         history: list[dict[str, list[float]]] = []

@@ -9,10 +9,13 @@ view per item.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from digin_cli.models.classifiers import Classifier
@@ -111,23 +114,64 @@ class FeatureMap:
         return self(probe)[0].shape[1]
 
 
+class _RedirectedReLU(torch.autograd.Function):
+    """ReLU in the forward pass. In the backward pass, an item that would get no gradient at
+    all through this layer (every unit that the loss reaches is off) gets the part of the
+    gradient that raises its negative inputs instead: the "redirected ReLU" of Olah et al.,
+    Feature Visualization (Distill, 2017). Without it, maximizing a neuron that is exactly
+    0 on the starting image (a spatial mean of ReLU outputs, all negative) never moves."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors  # (N, ...)
+        plain = grad * (x > 0)
+        # grad is d(loss)/d(output): a positive value would push an off unit further down.
+        redirected = torch.where((x <= 0) & (grad > 0), torch.zeros_like(grad), grad)
+        dead = plain.flatten(1).abs().amax(dim=1) == 0  # (N,) items with no plain gradient here
+        return torch.where(dead.view(-1, *[1] * (x.dim() - 1)), redirected, plain)
+
+
+@contextmanager
+def redirected_relus(model: nn.Module) -> Iterator[None]:
+    """Every nn.ReLU inside `model` uses _RedirectedReLU while the context is open. Forward
+    values are unchanged, so reported activations stay exact."""
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    for relu in relus:
+        relu.forward = _RedirectedReLU.apply  # instance attribute shadows nn.ReLU.forward
+    try:
+        yield
+    finally:
+        for relu in relus:
+            del relu.forward
+
+
 @dataclass
 class NeuronObjective:
     """Maximize (or minimize) one neuron, or the projection on a feature direction.
 
     loss = -sign * a, with a = phi(x)_n or <phi(x), direction>; sign = +1 maximizes.
-    Reports the activation, the classifier's top class and its confidence.
+    Reports the activation, the classifier's top class and its confidence. While
+    maximizing with gradients on, the classifier's ReLUs pass redirected gradients (see
+    _RedirectedReLU), so a neuron that starts at exactly 0 can still be raised.
     """
 
     feature_map: FeatureMap
     neuron: int | None = None
     direction: torch.Tensor | None = None  # (D,) in feature space
     maximize: bool = True
+    redirect_relu: bool = True
 
     def activation(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, V, 3, S, S) -> (activation (B,), probabilities (B, C)), both averaged over views."""
         batch, num_views = views.shape[:2]
-        features, logits = self.feature_map(views.flatten(0, 1))  # (B*V, D), (B*V, C)
+        redirect = self.redirect_relu and self.maximize and torch.is_grad_enabled()
+        with redirected_relus(self.feature_map.classifier) if redirect else nullcontext():
+            features, logits = self.feature_map(views.flatten(0, 1))  # (B*V, D), (B*V, C)
         if self.direction is not None:
             value = features @ self.direction.to(features)  # (B*V,)
         else:
@@ -154,7 +198,6 @@ class RegionDistance:
     R is the region that must stay: the background (1 - mask) for a visual counterfactual,
     the object (mask) for a neuron counterfactual.
     """
-
     image: torch.Tensor  # (1, 3, H, W) the original, in [0, 1]
     image_latents: torch.Tensor  # (1, C, h, w) E(x), scaled like the sampler's latents
     keep_pixels: torch.Tensor  # (1, 1, H, W) in [0, 1]: 1 where the image must stay

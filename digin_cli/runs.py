@@ -125,6 +125,9 @@ def check_common(out: Path, sampler: SamplerConfig, optim: OptimConfig, batch_si
         )
     if optim.num_cutouts < 1:
         raise DiginError("--cutouts must be at least 1")
+    for option, lr in (("--lr-latent", optim.lr_latent), ("--lr-prompt", optim.lr_prompt), ("--lr-null", optim.lr_null)):
+        if lr is not None and not lr > 0:
+            raise DiginError(f"{option} must be a positive learning rate, got {lr}")
     if batch_size < 1:
         raise DiginError("--batch-size must be at least 1")
 
@@ -175,9 +178,7 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     components = load_diffusion(job.runtime.model)
     engine = GuidedDDIM(components, device=device, unet_dtype=unet_dtype)
     objective = Disagreement(f, g, class_index)
-    optim = job.optim
-    if optim.view_size is None:
-        optim = OptimConfig(**{**asdict(optim), "view_size": max(max(f.input_size), max(g.input_size))})
+    optim = job.optim.resolved(components, max(max(f.input_size), max(g.input_size)))
 
     record = new_record(
         "disagree",
@@ -444,9 +445,7 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
         prompts = propose_prompts(classifier, weights, job.prompt_template, job.num_candidates)
     components = load_diffusion(job.runtime.model)
     engine = GuidedDDIM(components, device=device, unet_dtype=unet_dtype)
-    optim = job.optim
-    if optim.view_size is None:
-        optim = OptimConfig(**{**asdict(optim), "view_size": max(classifier.input_size)})
+    optim = job.optim.resolved(components, max(classifier.input_size))
 
     selection_seeds = [10_000 + i for i in range(job.select_samples)]  # apart from the run's own seeds
     if len(prompts) > 1:

@@ -130,3 +130,18 @@ def test_disagreement_improves_and_respects_switches(tiny_components, tiny_class
     nothing = OptimConfig(steps=3, optimize_latent=False, optimize_prompt=False, optimize_null=False)
     result = engine.optimize(objective, z_T, prompt, null, sampler, nothing)
     assert len(result.history) == 1 and result.best_steps == [0, 0]
+
+
+def test_optim_config_takes_the_model_folder_learning_rates(tiny_components):
+    import dataclasses
+
+    from digin_cli.models.builtin import SMALL_MODEL_SETTINGS
+
+    resolved = OptimConfig().resolved(tiny_components, view_size=32)
+    assert resolved.lr_prompt == SMALL_MODEL_SETTINGS["prompt_lr"] and resolved.lr_null == SMALL_MODEL_SETTINGS["null_lr"]
+    assert resolved.view_size == 32
+    explicit = OptimConfig(lr_prompt=0.3, view_size=48).resolved(tiny_components, view_size=32)
+    assert explicit.lr_prompt == 0.3 and explicit.view_size == 48
+    hub_like = dataclasses.replace(tiny_components, settings={})  # a model folder without digin.json
+    reference = OptimConfig().resolved(hub_like)
+    assert reference.lr_prompt == reference.lr_null == 1e-2 and reference.view_size == hub_like.resolution

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from digin_cli.cli import app
 from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig, initial_latents
-from digin_cli.objectives import FeatureMap, NeuronObjective
+from digin_cli.objectives import FeatureMap, NeuronObjective, redirected_relus
 from digin_cli.runs import select_prompt
 
 runner = CliRunner()
@@ -38,6 +38,38 @@ def test_neuron_objective_moves_the_activation(tiny_components, tiny_classifiers
     for item in range(2):
         start, end = result.history[0]["activation"][item], result.history[-1]["activation"][item]
         assert (end > start) if maximize else (end < start), (start, end)
+
+
+def test_redirected_relu_lets_a_dead_unit_climb():
+    # One unit that is off for this input: a plain ReLU passes no gradient to raise it.
+    layer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -1.0]]))
+        layer.bias.fill_(-3.0)
+    model = torch.nn.Sequential(layer, torch.nn.ReLU())
+    x = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad.abs().sum() == 0
+    x.grad = None
+    with redirected_relus(model):
+        out = model(x)
+        (-out).sum().backward()  # minimizing -activation: maximize it
+    assert out.item() == 0.0  # forward values are untouched
+    assert torch.allclose(x.grad, torch.tensor([[-1.0, 1.0]]))  # a descent step raises the pre-activation
+    assert type(model[1]).forward is torch.nn.ReLU.forward and "forward" not in vars(model[1])  # restored
+
+
+def test_neuron_objective_redirects_only_while_maximizing_with_gradients(tiny_classifiers):
+    f, _ = tiny_classifiers
+    feature_map = FeatureMap(f)
+    views = torch.rand(2, 2, 3, 64, 64)
+    plain, _ = NeuronObjective(feature_map, neuron=0, redirect_relu=False).activation(views)
+    with torch.no_grad():
+        redirected, _ = NeuronObjective(feature_map, neuron=0).activation(views)
+    assert torch.allclose(plain, redirected)
+    views.requires_grad_(True)
+    features = NeuronObjective(feature_map, neuron=0).activation(views)[0]
+    assert features.grad_fn is not None and all("forward" not in vars(m) for m in f.modules())
 
 
 def test_direction_objective_is_the_projection(tiny_classifiers):

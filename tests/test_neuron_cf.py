@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from digin_cli.cli import app
-from digin_cli.counterfactuals import spurious_verdict
+from digin_cli.counterfactuals import object_core, spurious_verdict
 
 runner = CliRunner()
 FAST = ["--ddim-steps", "4", "--steps", "2", "--loss-steps", "2", "--cutouts", "2", "--device", "cpu", "--quiet"]
@@ -29,14 +31,28 @@ def neuron_cf(*extra, out):
 
 
 def test_verdict_flags_a_sharp_drop_with_the_object_kept():
-    flagged = spurious_verdict(0.9, 0.2, object_psnr_db=28.0, drop_threshold=0.3, object_psnr_min=20.0)
+    def verdict(p0, p1, object_psnr):  # reconstruction 30 dB in the object core; 2x error = 27 dB
+        return spurious_verdict(p0, p1, object_psnr, reconstruction_psnr_db=30.0, drop_threshold=0.3, object_error_ratio=2.0)
+
+    flagged = verdict(0.9, 0.2, 28.0)
     assert flagged["flagged"] and flagged["confidence_drop"] == 0.7 and "spurious" in flagged["text"]
-    small = spurious_verdict(0.9, 0.75, object_psnr_db=28.0, drop_threshold=0.3, object_psnr_min=20.0)
-    assert not small["flagged"] and "not flagged" in small["text"]
-    object_changed = spurious_verdict(0.9, 0.1, object_psnr_db=12.0, drop_threshold=0.3, object_psnr_min=20.0)
+    small = verdict(0.9, 0.75, 28.0)
+    assert not small["flagged"] and small["object_kept"] and "not flagged" in small["text"]
+    object_changed = verdict(0.9, 0.1, 26.0)  # 10^0.4 = 2.5x the reconstruction's error
     assert not object_changed["flagged"] and not object_changed["object_kept"] and "inconclusive" in object_changed["text"]
-    rise = spurious_verdict(0.4, 0.6, object_psnr_db=30.0, drop_threshold=0.3, object_psnr_min=20.0)
+    at_the_limit = verdict(0.9, 0.1, 30.0 - 10 * math.log10(2.0))
+    assert at_the_limit["flagged"]
+    rise = verdict(0.4, 0.6, 30.0)
     assert not rise["flagged"] and rise["confidence_drop"] < 0
+
+
+def test_object_core_ignores_the_soft_rim():
+    mask = torch.zeros(1, 8, 8)
+    mask[0, 2:6, 2:6] = 1.0
+    mask[0, 1, 2:6] = 0.6  # blurred rim
+    core = object_core(mask)
+    assert core.sum() == 16 and core[0, 1].sum() == 0
+    assert object_core(torch.full((1, 4, 4), 0.6)).sum() == 16  # no full-strength pixel: the >= 0.5 part
 
 
 def test_neuron_cf_cli_writes_both_directions(tmp_path):
@@ -96,6 +112,10 @@ def test_neuron_cf_bad_input_is_one_line(tmp_path):
         (neuron_cf(str(image), "--neuron", "999", out=tmp_path / "o2"), "out of range"),
         (neuron_cf(str(image), "--neuron", "1", "--direction-mode", "up", out=tmp_path / "o3"), "--direction-mode"),
         (neuron_cf(str(image), "--neuron", "1", "--from-other-class", out=tmp_path / "o4"), "needs --class"),
+        (neuron_cf(str(image), "--neuron", "1", "--object-error-ratio", "0.5", out=tmp_path / "o5"), "--object-error-ratio"),
+        (neuron_cf(str(image), "--neuron", "1", "--mask", str(image), "--sam-checkpoint", str(image), out=tmp_path / "o6"),
+         "either --mask or --sam-checkpoint"),
+        (neuron_cf(str(image), "--neuron", "1", "--lr-prompt", "-1", out=tmp_path / "o7"), "--lr-prompt must be a positive"),
     ]
     for args, expected in cases:
         result = runner.invoke(app, args)
