@@ -582,10 +582,28 @@ def bench(
     ddim_steps: DdimStepsOpt = 20,
     batch_size: BatchOpt = 4,
     uvce_seeds: Annotated[int, typer.Option(help="Scenes per shape for the uvce row.")] = 2,
+    neuron_seeds: Annotated[int, typer.Option(help="Seeds per starting prompt for the neuron row.")] = 2,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
+    perf: Annotated[
+        bool, typer.Option("--perf", help="Run the performance benchmark instead (step cost, memory, batching).")
+    ] = False,
+    perf_resolution: Annotated[
+        int | None, typer.Option(help="--perf: image side of the SD-sized pipeline [default: 512 on CUDA, else 128].")
+    ] = None,
+    perf_steps: Annotated[
+        int | None, typer.Option(help="--perf: DDIM steps T [default: 20; 5 for the SD-sized pipeline on CPU].")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="--perf: timed repeats per figure (after one warm-up).")] = 3,
+    pipelines: Annotated[
+        str, typer.Option(help="--perf: comma-separated pipelines: shapes, sd1-random, or a model folder / hub id.")
+    ] = "shapes,sd1-random",
 ) -> None:
-    """Quality benchmark on the built-in shapes world, judged by ground truth (fixed seeds)."""
+    """Quality benchmark on the built-in shapes world, judged by ground truth (fixed seeds);
+    with --perf, the performance benchmark."""
+    if perf:
+        _perf(out, device, perf_resolution, perf_steps, repeats, pipelines, quiet)
+        return
     from digin_cli.bench import BenchConfig, run_bench
     from digin_cli.world.scenes import SHAPES
 
@@ -593,10 +611,10 @@ def bench(
     unknown = [s for s in chosen if s not in SHAPES]
     if unknown:
         fail(f"unknown shape(s) {', '.join(unknown)}; the shapes world has {', '.join(SHAPES)}")
-    if seeds < 1 or uvce_seeds < 1:
-        fail("--seeds and --uvce-seeds must be at least 1")
+    if seeds < 1 or uvce_seeds < 1 or neuron_seeds < 1:
+        fail("--seeds, --uvce-seeds and --neuron-seeds must be at least 1")
     config = BenchConfig(out=out, shapes=chosen, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps,
-                         batch_size=batch_size, uvce_seeds=uvce_seeds, device=device)  # fmt: skip
+                         batch_size=batch_size, uvce_seeds=uvce_seeds, neuron_seeds=neuron_seeds, device=device)  # fmt: skip
     progress = None if quiet else RichProgress(stderr)
     try:
         result = run_job(run_bench, config, progress)
@@ -609,6 +627,34 @@ def bench(
     for row in result["rows"]:
         for k, (figure, value) in enumerate(row["headline"].items()):
             table.add_row(row["row"] if k == 0 else "", figure, value)
+    stdout.print(table)
+    stdout.print(f"Wrote {result['json']} ({result['seconds']:.0f} s)", highlight=False)
+
+
+def _perf(out: Path, device: str, resolution: int | None, steps: int | None, repeats: int, pipelines: str, quiet: bool) -> None:
+    from digin_cli.perf import PerfConfig, run_perf
+    from digin_cli.runs import resolve_device
+
+    chosen = [p.strip() for p in pipelines.split(",") if p.strip()]
+    if not chosen:
+        fail("--pipelines is empty; give shapes, sd1-random or a model")
+    if repeats < 1:
+        fail("--repeats must be at least 1")
+    if resolution is not None and (resolution < 64 or resolution % 64):
+        fail(f"--perf-resolution must be a multiple of 64, got {resolution}")
+    if steps is not None and steps < 3:
+        fail("--perf-steps must be at least 3 (the loss reads the last 3 steps)")
+    config = PerfConfig(out=out, device=device, pipelines=chosen, sd_resolution=resolution, ddim_steps=steps, repeats=repeats)
+    log = (lambda message: None) if quiet else (lambda message: stderr.print(message, highlight=False))
+    result = run_job(lambda c, _progress: run_perf(c, resolve_device(c.device), log), config, None)
+    table = Table(title=f"digin bench --perf on {result['machine']['device']} ({result['machine']['cpu']})")
+    for column in ("pipeline", "px", "T", "forward s", "step s", "step/forward", "memory 4T/T", "images/s (batch)"):
+        table.add_column(column)
+    for row in result["rows"]:
+        throughput = ", ".join(f"{v['images_per_second']:.3g} ({b})" for b, v in row["throughput"].items())
+        table.add_row(row["pipeline"], str(row["resolution"]), str(row["ddim_steps"]), f"{row['forward_sample_seconds']:.3f}",
+                      f"{row['optimization_step_seconds']:.3f}", f"{row['step_over_forward']:.2f}",
+                      f"{row['memory']['ratio_above_loaded']:.2f}", throughput)  # fmt: skip
     stdout.print(table)
     stdout.print(f"Wrote {result['json']} ({result['seconds']:.0f} s)", highlight=False)
 

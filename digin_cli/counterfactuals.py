@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ from digin_cli.io import (
     load_image,
     load_mask,
     load_tensors,
+    merge_summary_parts,
     save_png,
     save_tensors,
     write_json,
@@ -354,18 +356,61 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
     return {"command": "uvce", "out": str(job.out), "items": summary, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def run_items(items: list[WorkItem], out: Path, outputs, handle) -> list[dict[str, Any]]:
-    """The resumable loop of a real-image run.
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a folder run: items index, index + count, index + 2 count, ...
+
+    `accelerate launch` (like torchrun) starts one process per GPU and tells each its RANK
+    and the WORLD_SIZE; a plain run is the only shard. Shards write into the same output
+    folder; summary.jsonl is merged from every shard's part (see merge_summary_parts)."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def from_environment(cls) -> Shard:
+        try:
+            count, index = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        except ValueError:
+            raise DiginError("RANK and WORLD_SIZE must be integers (they are set by accelerate launch / torchrun)") from None
+        if count < 1 or not 0 <= index < count:
+            raise DiginError(f"RANK {index} is not between 0 and WORLD_SIZE - 1 ({count - 1})")
+        return cls(index, count)
+
+    def take(self, items: list[WorkItem]) -> list[WorkItem]:
+        return items[self.index :: self.count]
+
+
+SUMMARY_PARTS = ".summary-parts"  # per-shard summaries of a multi-process run, merged into summary.jsonl
+
+
+def run_items(
+    items: list[WorkItem], out: Path, outputs, handle, shard: Shard | None = None
+) -> list[dict[str, Any]]:
+    """The resumable loop of a real-image run, over this process's shard of `items`.
 
     outputs(item) -> {label: json file name}: an item's label is finished when its JSON
     exists (JSONs are written last, atomically), and is then skipped. handle(item,
     pending labels, stem) does the work and returns one summary entry per label. A bad
-    file is recorded and the run goes on; summary.jsonl is rewritten after every item.
-    Raises DiginError at the end when any item failed."""
+    file is recorded and the run goes on; summary.jsonl is rewritten after every item
+    (with several shards: this shard's part, then the merge of all parts).
+    Raises DiginError at the end when any item of this shard failed."""
+    shard = shard or Shard.from_environment()
+    mine = shard.take(items)
+    position = {str(item.path): k for k, item in enumerate(items)}
     summary: list[dict[str, Any]] = []
     failures: list[str] = []
     out.mkdir(parents=True, exist_ok=True)
-    for item in items:
+
+    def write_summary() -> None:
+        if shard.count == 1:
+            write_jsonl(summary, out / "summary.jsonl")
+            return
+        parts = out / SUMMARY_PARTS
+        write_jsonl(summary, parts / f"{shard.index}-of-{shard.count}.jsonl")
+        merge_summary_parts(parts, out / "summary.jsonl", order=lambda entry: position.get(entry["file"], len(items)))
+
+    for item in mine:
         names = outputs(item)
         pending = [label for label, name in names.items() if not (out / name).is_file()]
         for label, name in names.items():
@@ -378,12 +423,14 @@ def run_items(items: list[WorkItem], out: Path, outputs, handle) -> list[dict[st
             except (ImageReadError, DiginError) as error:
                 failures.append(f"{item.path.name}: {error}")
                 summary.append({"file": str(item.path), "status": "failed", "error": str(error)})
-        write_jsonl(summary, out / "summary.jsonl")
+        write_summary()
+    if not mine:
+        write_summary()  # a shard with nothing to do still leaves its (empty) part
     if failures:
-        if len(items) == 1:
+        if len(mine) == 1:
             raise DiginError(failures[0])
         raise DiginError(
-            f"{len(failures)} of {len(items)} images failed ({failures[0]}); the others are in {out}, "
+            f"{len(failures)} of {len(mine)} images failed ({failures[0]}); the others are in {out}, "
             "see summary.jsonl; rerun the same command to retry only the missing ones"
         )
     return summary

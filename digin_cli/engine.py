@@ -80,6 +80,7 @@ class OptimConfig:
     view_size: int | None = None  # cutout side in pixels; None = image resolution
     seed: int = 0  # seeds the cutout randomness, so runs repeat exactly
     gradient_checkpointing: bool = True  # per-UNet-call checkpointing: memory flat in num_steps
+    checkpoint_decode: bool = True  # with gradient_checkpointing, also recompute the VAE decodes of the loss
 
     def resolved(self, components: DiffusionComponents, view_size: int | None = None) -> OptimConfig:
         """A copy with every default made concrete, as it will run and be recorded.
@@ -377,7 +378,7 @@ class GuidedDDIM:
                 if update:
                     loss = torch.zeros(batch, device=device)
                     for weight, x0 in zip(weights, x0_preds):
-                        images = self.decode(x0, use_checkpoint=config.gradient_checkpointing)
+                        images = self.decode(x0, use_checkpoint=config.gradient_checkpointing and config.checkpoint_decode)
                         views = make_cutouts(
                             images,
                             config.num_cutouts,

@@ -11,7 +11,7 @@ import os
 import pickle
 import tempfile
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +191,27 @@ def write_jsonl(records: Sequence[dict[str, Any]], path: Path) -> None:
     """A run summary, one JSON object a line, rewritten atomically (safe to resume)."""
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """What write_jsonl wrote; [] when the file does not exist yet."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def merge_summary_parts(parts: Path, summary: Path, order: Callable[[dict[str, Any]], Any]) -> None:
+    """Rewrite `summary` from every process's part file in the folder `parts`, sorted by `order`.
+
+    Several processes of one run (accelerate launch) call this after each of their items;
+    an exclusive lock on parts/lock makes the read-merge-write one step, so the last
+    writer always sees every part and the summary ends complete."""
+    import fcntl
+
+    parts.mkdir(parents=True, exist_ok=True)
+    with open(parts / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        entries = [entry for part in sorted(parts.glob("*.jsonl")) for entry in read_jsonl(part)]
+        write_jsonl(sorted(entries, key=order), summary)

@@ -7,6 +7,7 @@ prints nothing itself; the CLI owns the terminal.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import time
@@ -65,7 +66,8 @@ class NoProgress:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            # One process per GPU under accelerate launch / torchrun: each takes its own.
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

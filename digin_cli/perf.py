@@ -1,0 +1,317 @@
+"""Performance benchmark: what one optimization step costs, and what grows with what.
+
+Measured in one process, after a warm-up, as medians of repeats (ratios are taken
+within the run, so they mean the same on any machine):
+
+- the wall time of a plain forward sample (no gradients) and of one optimization step
+  (forward through the whole DDIM chain, loss on the last x0-predictions, backward with
+  recomputation, Adam update), and their ratio; the floor is about 3x (forward +
+  recomputation + input-gradient backward);
+- peak memory of one optimization step at T and at 4T DDIM steps, each in a fresh
+  process (RSS on CPU, torch.cuda.max_memory_allocated on CUDA), above the loaded models;
+- optimization throughput (images per second) at batch sizes 1, 2, 4;
+- the speed features, each against its absence: PyTorch's fused attention processors
+  (diffusers' default) vs the classic processor, checkpointing of the VAE decode inside
+  the loss, and bf16 autocast of the UNet.
+
+Pipelines: the built-in shapes model, and a randomly initialised pipeline with Stable
+Diffusion 1.x's architecture (UNet 860M parameters, SD VAE, 12-layer CLIP text encoder),
+built from configs with no download, at a reduced resolution on CPU.
+
+The objective is the mean of the cutout views: the chain, not a classifier, is
+measured (a classifier adds the same cost to every step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from digin_cli.engine import DiffusionComponents, GuidedDDIM, OptimConfig, SamplerConfig, initial_latents
+from digin_cli.io import write_json
+from digin_cli.objectives import ObjectiveInput, ObjectiveOutput
+
+SD1_RANDOM = "sd1-random"
+PIPELINES = ("shapes", SD1_RANDOM)
+
+
+@dataclass
+class PerfConfig:
+    out: Path
+    device: str = "auto"
+    pipelines: list[str] = field(default_factory=lambda: list(PIPELINES))
+    sd_resolution: int | None = None  # image side of the SD-sized pipeline; None: 512 on CUDA, 128 elsewhere
+    ddim_steps: int | None = None  # T; None: 20 on CUDA, on CPU 20 for shapes and 5 for the SD-sized pipeline
+    repeats: int = 3
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
+    memory_factor: int = 4  # memory is measured at T and at memory_factor * T steps
+    features: bool = True  # also measure the speed features against their absence
+
+
+def brightness(inputs: ObjectiveInput) -> ObjectiveOutput:
+    """A cheap differentiable objective: the mean of each item's views, (B,)."""
+    return ObjectiveOutput(loss=inputs.views.float().mean(dim=(1, 2, 3, 4)))
+
+
+def build_sd1_random(resolution: int, seed: int = 0) -> DiffusionComponents:
+    """Stable Diffusion 1.x's architecture with random weights, from configs (no download)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from digin_cli.models.builtin import clip_tokenizer, sd_v1_scheduler
+
+    if resolution % 64:
+        raise ValueError(f"the SD-sized pipeline needs a resolution divisible by 64, got {resolution}")
+    torch.manual_seed(seed)
+    # diffusers' defaults are SD 1.x's UNet (320/640/1280/1280, 2 layers a block); SD 1.x
+    # conditions on 768-wide CLIP ViT-L/14 text states with 8 attention heads.
+    unet = UNet2DConditionModel(sample_size=resolution // 8, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=resolution,
+        scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+                       bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    )  # fmt: skip
+    return DiffusionComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+                               scheduler=sd_v1_scheduler(), source=f"{SD1_RANDOM}@{resolution}")  # fmt: skip
+
+
+def load_components(name: str, resolution: int) -> DiffusionComponents:
+    if name == SD1_RANDOM:
+        return build_sd1_random(resolution)
+    from digin_cli.models import load_diffusion
+
+    return load_diffusion(name)
+
+
+def default_steps(name: str, device: torch.device) -> int:
+    # On a CPU an SD-sized UNet call takes seconds: 5 steps keep a repeat under a minute.
+    return 5 if name == SD1_RANDOM and device.type != "cuda" else 20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _inputs(engine: GuidedDDIM, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    z_T = initial_latents(engine.components, list(range(batch)))
+    prompt = engine.encode_text(["a photograph of a red circle on sand"] * batch)
+    null = engine.encode_text([""] * batch)
+    return z_T, prompt, null
+
+
+def time_forward(engine: GuidedDDIM, steps: int, batch: int, repeats: int) -> list[float]:
+    """Seconds of a plain forward sample (DDIM chain + VAE decode, no gradients), per repeat."""
+    z_T, prompt, null = _inputs(engine, batch)
+    sampler = SamplerConfig(num_steps=steps)
+    times = []
+    for _ in range(repeats + 1):  # the first is the warm-up
+        _sync(engine.device)
+        started = time.perf_counter()
+        engine.sample(z_T, prompt, null, sampler)
+        _sync(engine.device)
+        times.append(time.perf_counter() - started)
+    return times[1:]
+
+
+def time_optimization_step(
+    engine: GuidedDDIM, steps: int, batch: int, repeats: int, optim: OptimConfig | None = None
+) -> list[float]:
+    """Seconds of one full optimization step, `repeats` of them.
+
+    engine.optimize reports after every iterate; the time between the reports of two
+    consecutive iterates is one whole step as a user pays for it: Adam update, forward
+    through the chain with gradients, loss on the last x0-predictions, backward with
+    recomputation, and the plain decode the iterate is judged on. A one-step run warms up
+    first; then one run of `repeats` + 1 steps gives `repeats` intervals (the last
+    iterate is a forward pass only and is not counted)."""
+    z_T, prompt, null = _inputs(engine, batch)
+    sampler = SamplerConfig(num_steps=steps)
+    optim = replace(optim or OptimConfig(), loss_steps=min(3, steps))
+    engine.optimize(brightness, z_T, prompt, null, sampler, replace(optim, steps=1))  # warm-up
+    marks: list[float] = []
+
+    def mark(_report) -> None:
+        _sync(engine.device)
+        marks.append(time.perf_counter())
+
+    engine.optimize(brightness, z_T, prompt, null, sampler, replace(optim, steps=repeats + 1), on_step=mark)
+    return [later - earlier for earlier, later in zip(marks[:repeats], marks[1 : repeats + 1])]
+
+
+# -- memory, each measurement in a fresh process -------------------------------------------
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field_name + ":"))
+
+
+def memory_probe(name: str, resolution: int, steps: int, device_name: str, checkpoint_decode: bool) -> dict[str, Any]:
+    """Peak memory of one optimization step above the loaded models (runs in its own process)."""
+    device = torch.device(device_name)
+    engine = GuidedDDIM(load_components(name, resolution), device=device)
+    z_T, prompt, null = _inputs(engine, 1)
+    optim = OptimConfig(steps=1, loss_steps=min(3, steps), checkpoint_decode=checkpoint_decode)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset the peak-RSS mark: loading must not count
+        base = _status_kib("VmRSS") * 1024
+    engine.optimize(brightness, z_T, prompt, null, SamplerConfig(num_steps=steps), optim)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        measure = "torch.cuda.max_memory_allocated"
+    else:
+        peak = _status_kib("VmHWM") * 1024
+        measure = "process RSS (VmHWM)"
+    return {"steps": steps, "peak_bytes": peak, "above_loaded_bytes": max(peak - base, 1), "measure": measure}
+
+
+def measure_memory(name: str, resolution: int, steps: int, device: torch.device, checkpoint_decode: bool = True) -> dict:
+    command = [sys.executable, "-m", "digin_cli.perf", name, str(resolution), str(steps), str(device),
+               "1" if checkpoint_decode else "0"]  # fmt: skip
+    # A fixed mmap threshold makes glibc hand large freed blocks back at once, so the peak
+    # RSS follows the tensors that are alive rather than heap fragmentation.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 4)
+
+
+def pipeline_rows(name: str, config: PerfConfig, device: torch.device, log) -> dict[str, Any]:
+    resolution = config.sd_resolution or (512 if device.type == "cuda" else 128)
+    steps = config.ddim_steps or default_steps(name, device)
+    components = load_components(name, resolution)
+    engine = GuidedDDIM(components, device=device)
+    parameters = sum(p.numel() for p in components.unet.parameters())
+    log(f"{name}: {components.resolution} px, T = {steps}, UNet {parameters / 1e6:.1f}M parameters")
+
+    forward = time_forward(engine, steps, 1, config.repeats)
+    step = time_optimization_step(engine, steps, 1, config.repeats)
+    log(f"  forward sample {_median(forward):.3f} s, optimization step {_median(step):.3f} s")
+    throughput = {}
+    for batch in config.batch_sizes:
+        seconds = step if batch == 1 else time_optimization_step(engine, steps, batch, config.repeats)
+        throughput[str(batch)] = {"seconds_per_step": _median(seconds), "images_per_second": round(batch / statistics.median(seconds), 4)}
+        log(f"  batch {batch}: {throughput[str(batch)]['images_per_second']:.3f} images/s")
+    at_t = measure_memory(name, resolution, steps, device)
+    at_4t = measure_memory(name, resolution, config.memory_factor * steps, device)
+    log(f"  memory above the loaded models: {at_t['above_loaded_bytes'] / 2**20:.0f} MiB at T, "
+        f"{at_4t['above_loaded_bytes'] / 2**20:.0f} MiB at {config.memory_factor}T")  # fmt: skip
+    row: dict[str, Any] = {
+        "pipeline": name,
+        "resolution": components.resolution,
+        "unet_parameters": parameters,
+        "ddim_steps": steps,
+        "forward_sample_seconds": _median(forward),
+        "optimization_step_seconds": _median(step),
+        "step_over_forward": round(statistics.median(step) / statistics.median(forward), 3),
+        "repeats": {"forward": [round(t, 4) for t in forward], "optimization_step": [round(t, 4) for t in step]},
+        "memory": {
+            "at_T": at_t,
+            f"at_{config.memory_factor}T": at_4t,
+            "ratio_above_loaded": round(at_4t["above_loaded_bytes"] / at_t["above_loaded_bytes"], 3),
+            "ratio_peak": round(at_4t["peak_bytes"] / at_t["peak_bytes"], 3),
+        },
+        "throughput": throughput,
+    }
+    if config.features:
+        row["features"] = feature_rows(name, engine, resolution, steps, config, device, log)
+    return row
+
+
+def feature_rows(name, engine: GuidedDDIM, resolution, steps, config: PerfConfig, device, log) -> dict[str, Any]:
+    """Each speed feature against its absence, in the same process."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = engine.components.unet
+    fused = dict(unet.attn_processors)
+    fused_forward = time_forward(engine, steps, 1, config.repeats)
+    unet.set_attn_processor(AttnProcessor())
+    try:
+        classic_forward = time_forward(engine, steps, 1, config.repeats)
+        classic_step = time_optimization_step(engine, steps, 1, config.repeats)
+    finally:
+        unet.set_attn_processor(fused)
+    fused_step = time_optimization_step(engine, steps, 1, config.repeats)
+    attention = {
+        "processor": type(next(iter(fused.values()))).__name__,
+        "forward_speedup": round(statistics.median(classic_forward) / statistics.median(fused_forward), 3),
+        "step_speedup": round(statistics.median(classic_step) / statistics.median(fused_step), 3),
+    }
+    log(f"  fused attention: forward x{attention['forward_speedup']}, step x{attention['step_speedup']} faster than classic")
+
+    no_decode_checkpoint = measure_memory(name, resolution, steps, device, checkpoint_decode=False)
+    with_checkpoint = measure_memory(name, resolution, steps, device)
+    decode = {
+        "above_loaded_bytes_with": with_checkpoint["above_loaded_bytes"],
+        "above_loaded_bytes_without": no_decode_checkpoint["above_loaded_bytes"],
+        "memory_saved_share": round(1 - with_checkpoint["above_loaded_bytes"] / no_decode_checkpoint["above_loaded_bytes"], 3),
+    }
+    log(f"  VAE decode checkpointing saves {decode['memory_saved_share']:.0%} of the step's memory")
+
+    bf16_engine = GuidedDDIM(engine.components, device=device, unet_dtype=torch.bfloat16)
+    bf16_step = time_optimization_step(bf16_engine, steps, 1, config.repeats)
+    bf16 = {"step_speedup": round(statistics.median(fused_step) / statistics.median(bf16_step), 3)}
+    log(f"  bf16 autocast of the UNet: step x{bf16['step_speedup']} vs fp32")
+    return {"fused_attention": attention, "decode_checkpointing": decode, "bf16_autocast": bf16}
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    import platform
+
+    info = {"device": str(device), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "cores": os.cpu_count()}  # fmt: skip
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_perf(config: PerfConfig, device: torch.device, log=lambda message: None) -> dict[str, Any]:
+    started = time.perf_counter()
+    rows = [pipeline_rows(name, config, device, log) for name in config.pipelines]
+    result = {
+        "benchmark": "performance: optimization step vs forward sample, memory vs steps, batch throughput",
+        "machine": machine(device),
+        "targets": {"step_over_forward": 3.0, "memory_ratio_4T_over_T": 1.1},
+        "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(result, config.out / "perf.json")
+    result["json"] = str(config.out / "perf.json")
+    return result
+
+
+if __name__ == "__main__":  # the memory probe: python -m digin_cli.perf NAME RESOLUTION STEPS DEVICE DECODE_CKPT
+    name, resolution, steps, device_name, decode = sys.argv[1:6]
+    print(json.dumps(memory_probe(name, int(resolution), int(steps), device_name, decode == "1")))
