@@ -39,6 +39,7 @@ class BenchConfig:
     device: str = "auto"
     neuron_seeds: int = 2  # seeds per starting prompt for the neuron row (4 prompts, 2 modes)
     uvce_seeds: int = 2  # scenes per shape for the uvce row (each needs its own inversion)
+    neuron_cf_seeds: int = 3  # scenes per mode (max, min, control) for the neuron-cf row
 
 
 def _planted_colours() -> dict[str, str]:
@@ -330,7 +331,7 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
 
     others = [b for b in BACKGROUNDS if b != background]
     turned, object_psnrs, gains, flagged, control_flagged = 0, [], [], 0, 0
-    n = config.uvce_seeds
+    n = config.neuron_cf_seeds
     for seed in range(n):
         rng = np.random.default_rng(9_000 + seed)
         off = sample_scene(rng, shape=planted_shape, background=others[seed % len(others)])
@@ -385,6 +386,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
             "batch_size": config.batch_size,
             "neuron_seeds": config.neuron_seeds,
             "uvce_seeds": config.uvce_seeds,
+            "neuron_cf_seeds": config.neuron_cf_seeds,
         },
         "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),

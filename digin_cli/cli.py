@@ -583,6 +583,7 @@ def bench(
     batch_size: BatchOpt = 4,
     uvce_seeds: Annotated[int, typer.Option(help="Scenes per shape for the uvce row.")] = 2,
     neuron_seeds: Annotated[int, typer.Option(help="Seeds per starting prompt for the neuron row.")] = 2,
+    neuron_cf_seeds: Annotated[int, typer.Option(help="Scenes per mode (max, min, control) for the neuron-cf row.")] = 3,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     perf: Annotated[
@@ -598,11 +599,15 @@ def bench(
     pipelines: Annotated[
         str, typer.Option(help="--perf: comma-separated pipelines: shapes, sd1-random, or a model folder / hub id.")
     ] = "shapes,sd1-random",
+    batch_sizes: Annotated[str, typer.Option(help="--perf: comma-separated batch sizes for throughput.")] = "1,2,4",
+    feature_pipelines: Annotated[
+        str, typer.Option(help="--perf: pipelines on which to time the speed features against their absence.")
+    ] = "shapes,sd1-random",
 ) -> None:
     """Quality benchmark on the built-in shapes world, judged by ground truth (fixed seeds);
     with --perf, the performance benchmark."""
     if perf:
-        _perf(out, device, perf_resolution, perf_steps, repeats, pipelines, quiet)
+        _perf(out, device, perf_resolution, perf_steps, repeats, pipelines, batch_sizes, feature_pipelines, quiet)
         return
     from digin_cli.bench import BenchConfig, run_bench
     from digin_cli.world.scenes import SHAPES
@@ -611,10 +616,11 @@ def bench(
     unknown = [s for s in chosen if s not in SHAPES]
     if unknown:
         fail(f"unknown shape(s) {', '.join(unknown)}; the shapes world has {', '.join(SHAPES)}")
-    if seeds < 1 or uvce_seeds < 1 or neuron_seeds < 1:
-        fail("--seeds, --uvce-seeds and --neuron-seeds must be at least 1")
+    if min(seeds, uvce_seeds, neuron_seeds, neuron_cf_seeds) < 1:
+        fail("--seeds, --uvce-seeds, --neuron-seeds and --neuron-cf-seeds must be at least 1")
     config = BenchConfig(out=out, shapes=chosen, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps,
-                         batch_size=batch_size, uvce_seeds=uvce_seeds, neuron_seeds=neuron_seeds, device=device)  # fmt: skip
+                         batch_size=batch_size, uvce_seeds=uvce_seeds, neuron_seeds=neuron_seeds,
+                         neuron_cf_seeds=neuron_cf_seeds, device=device)  # fmt: skip
     progress = None if quiet else RichProgress(stderr)
     try:
         result = run_job(run_bench, config, progress)
@@ -631,27 +637,35 @@ def bench(
     stdout.print(f"Wrote {result['json']} ({result['seconds']:.0f} s)", highlight=False)
 
 
-def _perf(out: Path, device: str, resolution: int | None, steps: int | None, repeats: int, pipelines: str, quiet: bool) -> None:
+def _perf(out: Path, device: str, resolution: int | None, steps: int | None, repeats: int, pipelines: str,
+          batch_sizes: str, feature_pipelines: str, quiet: bool) -> None:  # fmt: skip
     from digin_cli.perf import PerfConfig, run_perf
     from digin_cli.runs import resolve_device
 
     chosen = [p.strip() for p in pipelines.split(",") if p.strip()]
     if not chosen:
         fail("--pipelines is empty; give shapes, sd1-random or a model")
+    try:
+        batches = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        fail(f"--batch-sizes must be comma-separated integers, got '{batch_sizes}'")
+    if not batches or min(batches) < 1:
+        fail("--batch-sizes needs at least one size, each 1 or more")
     if repeats < 1:
         fail("--repeats must be at least 1")
     if resolution is not None and (resolution < 64 or resolution % 64):
         fail(f"--perf-resolution must be a multiple of 64, got {resolution}")
     if steps is not None and steps < 3:
         fail("--perf-steps must be at least 3 (the loss reads the last 3 steps)")
-    config = PerfConfig(out=out, device=device, pipelines=chosen, sd_resolution=resolution, ddim_steps=steps, repeats=repeats)
+    config = PerfConfig(out=out, device=device, pipelines=chosen, sd_resolution=resolution, ddim_steps=steps, repeats=repeats,
+                        batch_sizes=batches, feature_pipelines=[p.strip() for p in feature_pipelines.split(",") if p.strip()])  # fmt: skip
     log = (lambda message: None) if quiet else (lambda message: stderr.print(message, highlight=False))
     result = run_job(lambda c, _progress: run_perf(c, resolve_device(c.device), log), config, None)
     table = Table(title=f"digin bench --perf on {result['machine']['device']} ({result['machine']['cpu']})")
     for column in ("pipeline", "px", "T", "forward s", "step s", "step/forward", "memory 4T/T", "images/s (batch)"):
         table.add_column(column)
     for row in result["rows"]:
-        throughput = ", ".join(f"{v['images_per_second']:.3g} ({b})" for b, v in row["throughput"].items())
+        throughput = ", ".join(f"{v['images_per_second']:.2f} ({b})" for b, v in row["throughput"].items())
         table.add_row(row["pipeline"], str(row["resolution"]), str(row["ddim_steps"]), f"{row['forward_sample_seconds']:.3f}",
                       f"{row['optimization_step_seconds']:.3f}", f"{row['step_over_forward']:.2f}",
                       f"{row['memory']['ratio_above_loaded']:.2f}", throughput)  # fmt: skip

@@ -54,7 +54,7 @@ class PerfConfig:
     repeats: int = 3
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
     memory_factor: int = 4  # memory is measured at T and at memory_factor * T steps
-    features: bool = True  # also measure the speed features against their absence
+    feature_pipelines: list[str] = field(default_factory=lambda: list(PIPELINES))  # speed features vs their absence
 
 
 def brightness(inputs: ObjectiveInput) -> ObjectiveOutput:
@@ -245,7 +245,7 @@ def pipeline_rows(name: str, config: PerfConfig, device: torch.device, log) -> d
         },
         "throughput": throughput,
     }
-    if config.features:
+    if name in config.feature_pipelines:
         row["features"] = feature_rows(name, engine, resolution, steps, config, device, log)
     return row
 
@@ -256,16 +256,17 @@ def feature_rows(name, engine: GuidedDDIM, resolution, steps, config: PerfConfig
 
     unet = engine.components.unet
     fused = dict(unet.attn_processors)
+    fused_name = type(next(iter(fused.values()))).__name__
     fused_forward = time_forward(engine, steps, 1, config.repeats)
     unet.set_attn_processor(AttnProcessor())
     try:
         classic_forward = time_forward(engine, steps, 1, config.repeats)
         classic_step = time_optimization_step(engine, steps, 1, config.repeats)
     finally:
-        unet.set_attn_processor(fused)
+        unet.set_attn_processor(dict(fused))  # diffusers pops from the dict it is given
     fused_step = time_optimization_step(engine, steps, 1, config.repeats)
     attention = {
-        "processor": type(next(iter(fused.values()))).__name__,
+        "processor": fused_name,
         "forward_speedup": round(statistics.median(classic_forward) / statistics.median(fused_forward), 3),
         "step_speedup": round(statistics.median(classic_step) / statistics.median(fused_step), 3),
     }
@@ -273,12 +274,15 @@ def feature_rows(name, engine: GuidedDDIM, resolution, steps, config: PerfConfig
 
     no_decode_checkpoint = measure_memory(name, resolution, steps, device, checkpoint_decode=False)
     with_checkpoint = measure_memory(name, resolution, steps, device)
+    plain_decode_step = time_optimization_step(engine, steps, 1, config.repeats, OptimConfig(checkpoint_decode=False))
     decode = {
         "above_loaded_bytes_with": with_checkpoint["above_loaded_bytes"],
         "above_loaded_bytes_without": no_decode_checkpoint["above_loaded_bytes"],
         "memory_saved_share": round(1 - with_checkpoint["above_loaded_bytes"] / no_decode_checkpoint["above_loaded_bytes"], 3),
+        "step_slowdown": round(statistics.median(fused_step) / statistics.median(plain_decode_step), 3),
     }
-    log(f"  VAE decode checkpointing saves {decode['memory_saved_share']:.0%} of the step's memory")
+    log(f"  VAE decode checkpointing saves {decode['memory_saved_share']:.0%} of the step's memory, "
+        f"step x{decode['step_slowdown']} the time")  # fmt: skip
 
     bf16_engine = GuidedDDIM(engine.components, device=device, unet_dtype=torch.bfloat16)
     bf16_step = time_optimization_step(bf16_engine, steps, 1, config.repeats)
@@ -290,7 +294,13 @@ def feature_rows(name, engine: GuidedDDIM, resolution, steps, config: PerfConfig
 def machine(device: torch.device) -> dict[str, Any]:
     import platform
 
-    info = {"device": str(device), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"device": str(device), "torch": torch.__version__, "cpu": cpu,
             "threads": torch.get_num_threads(), "cores": os.cpu_count()}  # fmt: skip
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -81,7 +81,8 @@ def test_generation_draws_the_prompted_shape_and_colour():
 def test_bench_smoke_run(tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "--out", str(out), "--shapes", "circle", "--seeds", "1", "--steps", "1",
-            "--ddim-steps", "4", "--batch-size", "1", "--uvce-seeds", "1", "--device", "cpu", "--quiet"]  # fmt: skip
+            "--ddim-steps", "4", "--batch-size", "1", "--uvce-seeds", "1", "--neuron-seeds", "1", "--neuron-cf-seeds", "1",
+            "--device", "cpu", "--quiet"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "bench.json").read_text())
