@@ -275,9 +275,14 @@ def _check_uvce(job: UvceJob) -> None:
         raise DiginError(f"--p2p-fraction must be between 0 and 1, got {job.real.p2p_fraction}")
     if job.weight_latent < 0 or job.weight_pixel < 0:
         raise DiginError("--w-latent and --w-pixel must be 0 or more")
-    if job.real.mask_file is not None and not job.real.mask_file.is_file():
-        raise DiginError(f"--mask {job.real.mask_file} does not exist")
-    if job.real.mask_file is not None and job.real.sam_checkpoint is not None:
+    _check_mask_options(job.real)
+
+
+def _check_mask_options(real: RealImageOptions) -> None:
+    """The mask options shared by uvce and neuron-cf."""
+    if real.mask_file is not None and not real.mask_file.is_file():
+        raise DiginError(f"--mask {real.mask_file} does not exist")
+    if real.mask_file is not None and real.sam_checkpoint is not None:
         raise DiginError("give either --mask or --sam-checkpoint, not both")
 
 
@@ -666,16 +671,13 @@ def _check_neuron_cf(job: NeuronCfJob) -> list[str]:
         raise DiginError(f"--direction-mode must be max, min or both, got '{job.direction_mode}'")
     if not job.object_error_ratio >= 1:
         raise DiginError(f"--object-error-ratio must be 1 or more (1 = as close as the reconstruction), got {job.object_error_ratio}")
-    if job.real.mask_file is not None and job.real.sam_checkpoint is not None:
-        raise DiginError("give either --mask or --sam-checkpoint, not both")
+    _check_mask_options(job.real)
     if job.from_other_class:
         if job.class_name is None:
             raise DiginError("--from-other-class needs --class: the class the neuron might trigger")
         if job.direction_mode == "min":
             raise DiginError("--from-other-class maximizes the neuron; drop --direction-mode min")
         return ["max"]
-    if job.real.mask_file is not None and not job.real.mask_file.is_file():
-        raise DiginError(f"--mask {job.real.mask_file} does not exist")
     return ["max", "min"] if job.direction_mode == "both" else [job.direction_mode]
 
 
