@@ -96,7 +96,9 @@ class AttentionControl:
         self.inject_steps = 0
         self.map_tokens: TokenSpan | None = None
         self.mapping: torch.Tensor | None = None  # (L, L)
-        self.stored: dict[tuple[int, str], torch.Tensor] = {}  # (step, layer) -> (heads, Q, L), batch item 0
+        # (step, layer) -> (n * heads, Q, L): batch item 0 of a recording (n = 1), or one
+        # recording per batch item (n = B, see for_batch).
+        self.stored: dict[tuple[int, str], torch.Tensor] = {}
         self.map_sums: dict[int, torch.Tensor] = {}  # attention side -> summed (B, side, side)
         self.map_counts: dict[int, int] = {}
         self.map_side = 0
@@ -110,6 +112,24 @@ class AttentionControl:
 
     def inject(self, inject_steps: int, mapping: torch.Tensor | None) -> None:
         self.mode, self.inject_steps, self.mapping = "inject", inject_steps, mapping
+
+    @classmethod
+    def for_batch(
+        cls, recorded: list[AttentionControl], mappings: list[torch.Tensor | None], inject_steps: int
+    ) -> AttentionControl:
+        """One control that injects into batch item b what `recorded[b]` recorded, re-indexed by
+        `mappings[b]` (a word swap's token mapping, or None): several real images, each with
+        its own edit, in one batch. Layers and steps missing from any recording are left alone."""
+        control = cls()
+        keys = set.intersection(*(set(r.stored) for r in recorded))
+        for key in keys:
+            parts = []
+            for record, mapping in zip(recorded, mappings):
+                source = record.stored[key]  # (heads, Q, L): one recorded image
+                parts.append(source if mapping is None else source @ mapping.to(source).T)
+            control.stored[key] = torch.cat(parts)  # (B * heads, Q, L)
+        control.inject(inject_steps, None)
+        return control
 
     def off(self) -> None:
         self.mode = "off"
@@ -168,7 +188,8 @@ class AttentionControl:
             if self.mapping is not None:
                 source = source @ self.mapping.to(probs).T  # (heads, Q, L): re-index tokens
             batch = half // heads
-            replaced = source.repeat(batch, 1, 1)  # (B * heads, Q, L)
+            # One recording for every item, or (for_batch) one recording per item already.
+            replaced = source if source.shape[0] == half else source.repeat(batch, 1, 1)  # (B * heads, Q, L)
             return torch.cat([probs[:half], replaced])
         return probs
 

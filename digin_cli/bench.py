@@ -196,7 +196,7 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
     import numpy as np
     import torch
 
-    from digin_cli.counterfactuals import RealImageOptions, UvceJob, run_uvce
+    from digin_cli.counterfactuals import UvceJob, run_uvce
     from digin_cli.inversion import masked_psnr
     from digin_cli.io import load_image
     from digin_cli.models import load_classifier
@@ -204,43 +204,51 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
 
     oracle = load_classifier("shapes:oracle")
     second = load_classifier("shapes:oracle-2")
-    runs = flipped = agreed = 0
-    background_psnrs, items = [], []
+    # All scenes in one folder run, as a user would batch them: a CSV gives each file its
+    # class, target and ground-truth caption; --batch-size scenes share an engine batch.
+    folder = config.out / "uvce"
+    scenes, rows = {}, [("file", "class", "target", "caption")]
     for shape in config.shapes:
         target = SHAPES[(SHAPES.index(shape) + 1) % len(SHAPES)]
         for seed in range(config.uvce_seeds):
             scene = sample_scene(np.random.default_rng(7_000 + 100 * SHAPES.index(shape) + seed), shape=shape)
-            folder = config.out / "uvce" / f"{shape}_{seed}"
-            path, image, mask = _scene_file(folder, scene)
-            job = UvceJob(
-                classifier="shapes:oracle",
-                inputs=path,
-                targets=[target],
-                out=folder,
-                source_class=shape,
-                real=RealImageOptions(caption=caption(scene)),
-                runtime=RuntimeOptions(model="shapes", device=config.device),
-                sampler=SamplerConfig(num_steps=config.ddim_steps),
-                optim=OptimConfig(steps=config.steps),
-            )
-            result = run_uvce(job, progress)
-            record_name = result["items"][0]["json"]
-            record = json.loads((folder / record_name).read_text())
-            counterfactual = load_image(folder / record["files"]["counterfactual"], image.shape[0])[None]
-            with torch.no_grad():
-                top_oracle = int(oracle(counterfactual).argmax(dim=1))
-                top_second = int(second(counterfactual).argmax(dim=1))
-            target_index = SHAPES.index(target)
-            background_psnr = masked_psnr(counterfactual[0], _as_tensor(image), 1 - _dilate(mask, UVCE_RIM_PX)[None])
-            runs += 1
-            flipped += top_oracle == target_index
-            agreed += top_oracle == target_index and top_second == target_index
-            background_psnrs.append(background_psnr)
-            items.append({
-                "scene": scene.to_dict(), "target": target, "oracle": SHAPES[top_oracle], "oracle_2": SHAPES[top_second],
-                "background_psnr_db": round(background_psnr, 2), "inversion_psnr_db": record["inversion"]["psnr_null_text_db"],
-                "p_target": record["counterfactual"]["p_target"], "json": str(folder / record_name),
-            })  # fmt: skip
+            name = f"{shape}_{seed}"
+            _, image, mask = _scene_file(folder / "scenes", scene, name)
+            scenes[name] = (scene, target, image, mask)
+            rows.append((f"{name}.png", shape, target, caption(scene)))
+    _write_csv(rows, folder / "scenes.csv")
+    job = UvceJob(
+        classifier="shapes:oracle",
+        inputs=folder / "scenes",
+        targets=[],
+        csv_file=folder / "scenes.csv",
+        out=folder / "out",
+        batch_size=config.batch_size,
+        runtime=RuntimeOptions(model="shapes", device=config.device),
+        sampler=SamplerConfig(num_steps=config.ddim_steps),
+        optim=OptimConfig(steps=config.steps),
+    )
+    result = run_uvce(job, progress)
+    runs = flipped = agreed = 0
+    background_psnrs, items = [], []
+    for entry in result["items"]:
+        scene, target, image, mask = scenes[Path(entry["file"]).stem]
+        record = json.loads((job.out / entry["json"]).read_text())
+        counterfactual = load_image(job.out / record["files"]["counterfactual"], image.shape[0])[None]
+        with torch.no_grad():
+            top_oracle = int(oracle(counterfactual).argmax(dim=1))
+            top_second = int(second(counterfactual).argmax(dim=1))
+        target_index = SHAPES.index(target)
+        background_psnr = masked_psnr(counterfactual[0], _as_tensor(image), 1 - _dilate(mask, UVCE_RIM_PX)[None])
+        runs += 1
+        flipped += top_oracle == target_index
+        agreed += top_oracle == target_index and top_second == target_index
+        background_psnrs.append(background_psnr)
+        items.append({
+            "scene": scene.to_dict(), "target": target, "oracle": SHAPES[top_oracle], "oracle_2": SHAPES[top_second],
+            "background_psnr_db": round(background_psnr, 2), "inversion_psnr_db": record["inversion"]["psnr_null_text_db"],
+            "p_target": record["counterfactual"]["p_target"], "json": str(job.out / entry["json"]),
+        })  # fmt: skip
     median_psnr = float(np.median(background_psnrs))
     return {
         "row": "uvce: shapes:oracle, each shape -> the next shape",
@@ -275,14 +283,22 @@ def _as_tensor(image: "np.ndarray"):
     return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
 
 
-def _scene_file(folder: Path, scene) -> tuple[Path, "np.ndarray", "np.ndarray"]:
-    """Render a scene into folder/scene.png; returns the path, the image (H, W, 3) and the object mask (H, W)."""
+def _scene_file(folder: Path, scene, name: str = "scene") -> tuple[Path, "np.ndarray", "np.ndarray"]:
+    """Render a scene into folder/name.png; returns the path, the image (H, W, 3) and the object mask (H, W)."""
     from digin_cli.world.scenes import render
 
     image, mask = render(scene)
-    path = folder / "scene.png"
+    path = folder / f"{name}.png"
     save_png(_as_tensor(image), path)
     return path, image, mask
+
+
+def _write_csv(rows: list[tuple[str, ...]], path: Path) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
 
 
 def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -311,41 +327,47 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
     planted_shape = next(shape for shape, bg in meta["planted"].items() if bg == background)
     control = meta["control_neuron"]
 
-    def run(neuron: int, scene, mode: str, folder: Path) -> tuple[dict[str, Any], "np.ndarray", "np.ndarray"]:
-        path, image, mask = _scene_file(folder, scene)
-        # The object mask is given, softened as digin softens a SAM-HQ mask: the small
-        # model's 8x8 cross-attention is too coarse to outline a 64 px object (IoU with the
-        # true mask 0.05-0.38 on four grass scenes), and this row measures the neuron, not
-        # the mask.
-        mask_path = folder / "object_mask.png"
-        soft = soften(torch.from_numpy(mask).float()[None, None])  # (1, 1, H, W)
-        save_png(soft[0].repeat(3, 1, 1), mask_path)
+    def run(neuron: int, scenes: list, mode: str, folder: Path) -> list[tuple[dict[str, Any], "np.ndarray", "np.ndarray"]]:
+        """One folder run over `scenes`, batched; returns (record, image, object mask) per scene."""
+        rows, rendered = [("file", "class", "caption")], []
+        for k, scene in enumerate(scenes):
+            _, image, mask = _scene_file(folder / "scenes", scene, str(k))
+            # The object mask is given (a folder of masks named like the scenes), softened as
+            # digin softens a SAM-HQ mask: the small model's 8x8 cross-attention is too coarse
+            # to outline a 64 px object (IoU with the true mask 0.05-0.38 on four grass
+            # scenes), and this row measures the neuron, not the mask.
+            soft = soften(torch.from_numpy(mask).float()[None, None])  # (1, 1, H, W)
+            save_png(soft[0].repeat(3, 1, 1), folder / "masks" / f"{k}.png")
+            rows.append((f"{k}.png", scene.shape, caption(scene)))
+            rendered.append((image, mask))
+        _write_csv(rows, folder / "scenes.csv")
         job = NeuronCfJob(
-            classifier="shapes:background-biased", inputs=path, out=folder, neuron=neuron, class_name=scene.shape,
-            direction_mode=mode, real=RealImageOptions(caption=caption(scene), mask_file=mask_path),
-            runtime=RuntimeOptions(model="shapes", device=config.device),
+            classifier="shapes:background-biased", inputs=folder / "scenes", out=folder / "out", neuron=neuron,
+            csv_file=folder / "scenes.csv", direction_mode=mode, batch_size=config.batch_size,
+            real=RealImageOptions(mask_file=folder / "masks"), runtime=RuntimeOptions(model="shapes", device=config.device),
             sampler=SamplerConfig(num_steps=config.ddim_steps), optim=OptimConfig(steps=config.steps),
         )  # fmt: skip
         result = run_neuron_cf(job, progress)
-        return json.loads((folder / result["items"][0]["json"]).read_text()), image, mask
+        records = {Path(e["file"]).stem: json.loads((job.out / e["json"]).read_text()) for e in result["items"]}
+        return [(records[str(k)], *rendered[k]) for k in range(len(scenes))]
 
     others = [b for b in BACKGROUNDS if b != background]
-    turned, object_psnrs, gains, flagged, control_flagged = 0, [], [], 0, 0
     n = config.neuron_cf_seeds
-    for seed in range(n):
+    off, on, circles = [], [], []
+    for seed in range(n):  # the same scenes as when each ran alone
         rng = np.random.default_rng(9_000 + seed)
-        off = sample_scene(rng, shape=planted_shape, background=others[seed % len(others)])
-        record, image, mask = run(index, off, "max", config.out / "neuron-cf" / f"max_{seed}")
-        maximized = read_rgb(config.out / "neuron-cf" / f"max_{seed}" / record["files"]["maximized"])
+        off.append(sample_scene(rng, shape=planted_shape, background=others[seed % len(others)]))
+        on.append(sample_scene(rng, shape=planted_shape, background=background))
+        circles.append(sample_scene(rng, shape=control["shape"]))
+    root = config.out / "neuron-cf"
+    turned, object_psnrs, gains = 0, [], []
+    for record, image, mask in run(index, off, "max", root / "max"):
+        maximized = read_rgb(root / "max" / "out" / record["files"]["maximized"])
         turned += judge_colours(maximized, mask=mask).background == background
         object_psnrs.append(masked_psnr(_as_tensor(maximized), _as_tensor(image), torch.from_numpy(mask).float()[None]))
         gains.append((record["original"]["activation"], record["maximized"]["activation"]))
-        on = sample_scene(rng, shape=planted_shape, background=background)
-        record, _, _ = run(index, on, "min", config.out / "neuron-cf" / f"min_{seed}")
-        flagged += record["verdict"]["flagged"]
-        circle = sample_scene(rng, shape=control["shape"])
-        record, _, _ = run(control["index"], circle, "min", config.out / "neuron-cf" / f"control_{seed}")
-        control_flagged += record["verdict"]["flagged"]
+    flagged = sum(record["verdict"]["flagged"] for record, _, _ in run(index, on, "min", root / "min"))
+    control_flagged = sum(record["verdict"]["flagged"] for record, _, _ in run(control["index"], circles, "min", root / "control"))
     before = sum(g[0] for g in gains) / n
     after = sum(g[1] for g in gains) / n
     return {
@@ -370,12 +392,10 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
 
 def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     started = time.perf_counter()
-    rows = [
-        disagreement_row(config, progress),
-        neuron_row(config, progress),
-        uvce_row(config, progress),
-        neuron_cf_row(config, progress),
-    ]
+    rows = []
+    for row in (disagreement_row, neuron_row, uvce_row, neuron_cf_row):
+        row_started = time.perf_counter()
+        rows.append({**row(config, progress), "seconds": round(time.perf_counter() - row_started, 1)})
     result = {
         "benchmark": "shapes world, judged by ground truth",
         "config": {

@@ -161,7 +161,10 @@ InputsArg = Annotated[Path, typer.Argument(help="An image file, or a folder of i
 CaptionerOpt = Annotated[
     str | None, typer.Option(help="transformers image-to-text model that extends the default caption (off).")
 ]
-MaskOpt = Annotated[Path | None, typer.Option("--mask", help="Your own object mask (white = object).")]
+MaskOpt = Annotated[
+    Path | None,
+    typer.Option("--mask", help="Your own object mask (white = object), or for a folder a folder of masks named like the images."),
+]
 SamCheckpointOpt = Annotated[Path | None, typer.Option("--sam-checkpoint", help="SAM-HQ weights to refine the attention mask.")]
 SamTypeOpt = Annotated[str | None, typer.Option(help="SAM-HQ architecture (default: read from the file name).")]
 CutoutSeedOpt = Annotated[int, typer.Option(help="Seeds the cutout randomness.")]
@@ -358,7 +361,8 @@ def uvce(
         str | None, typer.Option("--source-class", help="Class of the image(s) (default: the classifier's prediction).")
     ] = None,
     csv_file: Annotated[
-        Path | None, typer.Option("--csv", help="For a folder: rows file,class[,target] (overrides --source-class).")
+        Path | None,
+        typer.Option("--csv", help="For a folder: rows file,class[,target]; a header row may add a caption column. Overrides --source-class."),
     ] = None,
     caption: Annotated[
         str | None, typer.Option(help="Caption for inversion; must name the source class (default 'an image of a <class>').")
@@ -385,6 +389,7 @@ def uvce(
     optimize_null: OptNullOpt = True,
     loss_steps: LossStepsOpt = 3,
     cutouts: CutoutsOpt = 16,
+    batch_size: BatchOpt = 1,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
     out: OutOpt = Path("digin-out/uvce"),
@@ -406,6 +411,7 @@ def uvce(
         csv_file=csv_file,
         weight_latent=w_latent,
         weight_pixel=w_pixel,
+        batch_size=batch_size,
         real=RealImageOptions(caption=caption, captioner=captioner, mask_file=mask, sam_checkpoint=sam_checkpoint,
                               sam_model_type=sam_model_type, p2p_fraction=p2p_fraction),
         runtime=RuntimeOptions(model=model, device=device, dtype=dtype),
@@ -456,7 +462,9 @@ def neuron_cf(
     source_class: Annotated[
         str | None, typer.Option("--source-class", help="With --from-other-class: what the images show (default: predicted).")
     ] = None,
-    csv_file: Annotated[Path | None, typer.Option("--csv", help="For a folder: rows file,class.")] = None,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="For a folder: rows file,class; a header row may add a caption column.")
+    ] = None,
     caption: Annotated[str | None, typer.Option(help="Caption for inversion; must name the image's class.")] = None,
     captioner: CaptionerOpt = None,
     mask: MaskOpt = None,
@@ -484,6 +492,7 @@ def neuron_cf(
     optimize_null: OptNullOpt = True,
     loss_steps: LossStepsOpt = 3,
     cutouts: CutoutsOpt = 16,
+    batch_size: BatchOpt = 1,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
     out: OutOpt = Path("digin-out/neuron-cf"),
@@ -500,7 +509,7 @@ def neuron_cf(
         classifier=classifier, inputs=inputs, out=out, neuron=neuron_index, direction_file=direction, layer=layer,
         class_name=class_name, source_class=source_class, csv_file=csv_file, direction_mode=direction_mode,
         from_other_class=from_other_class, drop_threshold=drop_threshold, object_error_ratio=object_error_ratio,
-        weight_latent=w_latent, weight_pixel=w_pixel,
+        weight_latent=w_latent, weight_pixel=w_pixel, batch_size=batch_size,
         real=RealImageOptions(caption=caption, captioner=captioner, mask_file=mask, sam_checkpoint=sam_checkpoint,
                               sam_model_type=sam_model_type),
         runtime=RuntimeOptions(model=model, device=device, dtype=dtype), sampler=sampler, optim=optim,
@@ -631,7 +640,7 @@ def bench(
     for column in ("row", "figure", "value"):
         table.add_column(column)
     for row in result["rows"]:
-        for k, (figure, value) in enumerate(row["headline"].items()):
+        for k, (figure, value) in enumerate({**row["headline"], "time": f"{row['seconds']:.0f} s"}.items()):
             table.add_row(row["row"] if k == 0 else "", figure, value)
     stdout.print(table)
     stdout.print(f"Wrote {result['json']} ({result['seconds']:.0f} s)", highlight=False)

@@ -3,8 +3,10 @@
 Per image: load and crop it (io), invert it with null-text inversion (cached on disk,
 keyed by image content, model, caption, steps and guidance), reconstruct it while
 recording cross-attention, build the foreground mask, then for every target class
-start from the prompt-to-prompt edit and optimize with the engine. Items are written
-atomically and a finished item is skipped when the same command runs again.
+start from the prompt-to-prompt edit and optimize with the engine. Several images (or
+targets) can share one engine batch (`batch_size`): each keeps its own inversion, mask,
+prompt-to-prompt attention, loss and best iterate. Items are written atomically and a
+finished item is skipped when the same command runs again.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class RealImageOptions:
     caption: str | None = None  # default "an image of a <source class>"
     caption_template: str = "an image of a {}"
     captioner: str | None = None  # transformers image-to-text model that extends the default caption
-    mask_file: Path | None = None  # the user's own mask (white = class object)
+    mask_file: Path | None = None  # the user's own mask (white = class object), or a folder of masks named like the images
     sam_checkpoint: Path | None = None  # SAM-HQ weights; none = the attention map is the mask
     sam_model_type: str | None = None
     p2p_fraction: float = 0.3  # share of the DDIM steps whose cross-attention is injected
@@ -83,6 +85,7 @@ class PreparedImage:
     reconstruction_psnr: float
     mask: Mask
     control: AttentionControl  # holds the recorded cross-attention of the reconstruction
+    seconds: float = 0.0  # loading, inversion (or cache read), reconstruction and mask
 
 
 def inversion_key(image: torch.Tensor, model: str, caption: str, sampler: SamplerConfig, config: InversionConfig) -> str:
@@ -122,6 +125,7 @@ def prepare_image(
     captioner=None,
 ) -> PreparedImage:
     """Load, invert (cached), reconstruct while recording attention, and mask one image."""
+    started = time.perf_counter()
     components = engine.components
     size = components.resolution
     image = load_image(path, size)[None]  # (1, 3, H, W)
@@ -180,6 +184,7 @@ def prepare_image(
         reconstruction_psnr=psnr(reconstruction, image),
         mask=mask,
         control=control,
+        seconds=time.perf_counter() - started,
     )
 
 
@@ -219,6 +224,7 @@ class UvceJob:
     csv_file: Path | None = None  # file,class[,target] rows for a folder
     weight_latent: float = 25.0
     weight_pixel: float = 250.0
+    batch_size: int = 1  # counterfactuals (image x target) optimized together in one engine batch
     real: RealImageOptions = field(default_factory=RealImageOptions)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -230,24 +236,38 @@ class WorkItem:
     path: Path
     source: str | None
     targets: list[str]
+    caption: str | None = None  # from the CSV's caption column; overrides --caption for this image
+
+
+CSV_COLUMNS = ("file", "class", "target", "caption")
 
 
 def read_csv(path: Path, folder: Path, default_targets: list[str], need_target: bool = True) -> list[WorkItem]:
-    """Rows `file,class[,target]`; a header row starting with 'file' is skipped."""
+    """Rows `file,class[,target]`. A first row with a cell 'file' is a header and may name the
+    columns in any order: file, class, target, caption (the caption for that image's inversion)."""
     if not path.is_file():
         raise DiginError(f"--csv {path} does not exist; give a file with rows file,class[,target]")
+    columns = ["file", "class", "target"]
     items = []
     with open(path, newline="", encoding="utf-8") as handle:
         for number, row in enumerate(csv.reader(handle), start=1):
             row = [cell.strip() for cell in row]
-            if not row or not row[0] or row[0].startswith("#") or (number == 1 and row[0].lower() == "file"):
+            if not row or not row[0] or row[0].startswith("#"):
                 continue
-            if len(row) < 2 or not row[1]:
-                raise DiginError(f"--csv {path} line {number}: expected file,class[,target], got {','.join(row)}")
-            targets = [row[2]] if len(row) > 2 and row[2] else default_targets
+            if number == 1 and "file" in (cell.lower() for cell in row):
+                columns = [cell.lower() for cell in row]
+                unknown = sorted(set(columns) - set(CSV_COLUMNS))
+                if unknown or "class" not in columns:
+                    problem = f"unknown column(s) {', '.join(unknown)}" if unknown else "no class column"
+                    raise DiginError(f"--csv {path} header: {problem}; columns are {', '.join(CSV_COLUMNS)} (file and class needed)")
+                continue
+            cells = dict(zip(columns, row))
+            if not cells.get("class"):
+                raise DiginError(f"--csv {path} line {number}: expected {','.join(columns)}, got {','.join(row)}")
+            targets = [cells["target"]] if cells.get("target") else default_targets
             if need_target and not targets:
-                raise DiginError(f"--csv {path} line {number}: no target; add a third column or give --target")
-            items.append(WorkItem(folder / row[0], row[1], targets))
+                raise DiginError(f"--csv {path} line {number}: no target; add a target column or give --target")
+            items.append(WorkItem(folder / cells["file"], cells["class"], targets, cells.get("caption") or None))
     return items
 
 
@@ -268,7 +288,7 @@ def work_items(
 
 
 def _check_uvce(job: UvceJob) -> None:
-    check_common(job.out, job.sampler, job.optim, 1)
+    check_common(job.out, job.sampler, job.optim, job.batch_size)
     if not job.targets and job.csv_file is None:
         raise DiginError("give at least one --target class")
     if not 0.0 <= job.real.p2p_fraction <= 1.0:
@@ -280,10 +300,22 @@ def _check_uvce(job: UvceJob) -> None:
 
 def _check_mask_options(real: RealImageOptions) -> None:
     """The mask options shared by uvce and neuron-cf."""
-    if real.mask_file is not None and not real.mask_file.is_file():
-        raise DiginError(f"--mask {real.mask_file} does not exist")
+    if real.mask_file is not None and not real.mask_file.exists():
+        raise DiginError(f"--mask {real.mask_file} does not exist; give a mask image, or a folder of masks named like the images")
     if real.mask_file is not None and real.sam_checkpoint is not None:
         raise DiginError("give either --mask or --sam-checkpoint, not both")
+
+
+def item_options(real: RealImageOptions, item: WorkItem) -> RealImageOptions:
+    """The real-image options of one image: the CSV's caption, and with a folder of masks
+    (--mask DIR) the mask with the image's file name stem."""
+    mask = real.mask_file
+    if mask is not None and mask.is_dir():
+        matches = [p for p in list_images(mask) if p.stem == item.path.stem]
+        if not matches:
+            raise DiginError(f"no mask for {item.path.name} in {mask}; add {item.path.stem}.png (white = object)")
+        mask = matches[0]
+    return replace(real, caption=item.caption or real.caption, mask_file=mask)
 
 
 @dataclass
@@ -352,13 +384,29 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
         "optim": asdict(optim),
     }
 
-    def handle(item: WorkItem, pending: list[str], stem: str) -> list[dict[str, Any]]:
-        prepared = prepare_image(engine, item.path, classifier, item.source, job.real, job.sampler, session.sam_predictor,
-                                 session.captioner)
-        return [_counterfactual(engine, classifier, prepared, t, job, optim, config, progress, stem) for t in pending]
+    def prepare(item: WorkItem) -> PreparedImage:
+        return prepare_image(engine, item.path, classifier, item.source, item_options(job.real, item), job.sampler,
+                             session.sam_predictor, session.captioner)  # fmt: skip
 
-    summary = run_items(items, job.out, lambda item: {t: f"{slug(item.path.stem)}_{slug(t)}.json" for t in item.targets}, handle)
+    def run_batch(tasks: list[Task]) -> list[dict[str, Any]]:
+        return _counterfactuals(engine, classifier, tasks, job, optim, config, progress)
+
+    summary = run_items(
+        items, job.out, lambda item: {t: f"{slug(item.path.stem)}_{slug(t)}.json" for t in item.targets},
+        prepare, run_batch, job.batch_size,
+    )  # fmt: skip
     return {"command": "uvce", "out": str(job.out), "items": summary, "seconds": round(time.perf_counter() - started, 3)}
+
+
+@dataclass
+class Task:
+    """One unit of engine work: a label of an item (a target class for uvce, the neuron for
+    neuron-cf) on its prepared image. Tasks of several images share an engine batch."""
+
+    item: WorkItem
+    prepared: PreparedImage
+    label: str
+    stem: str  # file name stem of the outputs
 
 
 @dataclass(frozen=True)
@@ -390,30 +438,51 @@ SUMMARY_PARTS = ".summary-parts"  # per-shard summaries of a multi-process run, 
 
 
 def run_items(
-    items: list[WorkItem], out: Path, outputs, handle, shard: Shard | None = None
+    items: list[WorkItem], out: Path, outputs, prepare, run_batch, batch_size: int = 1, shard: Shard | None = None
 ) -> list[dict[str, Any]]:
     """The resumable loop of a real-image run, over this process's shard of `items`.
 
     outputs(item) -> {label: json file name}: an item's label is finished when its JSON
-    exists (JSONs are written last, atomically), and is then skipped. handle(item,
-    pending labels, stem) does the work and returns one summary entry per label. A bad
-    file is recorded and the run goes on; summary.jsonl is rewritten after every item
-    (with several shards: this shard's part, then the merge of all parts).
+    exists (JSONs are written last, atomically), and is then skipped. prepare(item) loads,
+    inverts and masks one image; the pending labels of prepared images queue up as Tasks,
+    and run_batch(tasks) runs up to `batch_size` of them in one engine batch, writes their
+    files and returns one summary entry per task. A bad file fails alone, in prepare; the
+    run goes on. summary.jsonl is rewritten after every image and batch (with several
+    shards: this shard's part, then the merge of all parts), in folder order.
     Raises DiginError at the end when any item of this shard failed."""
     shard = shard or Shard.from_environment()
     mine = shard.take(items)
     position = {str(item.path): k for k, item in enumerate(items)}
+    in_order = lambda entry: position.get(entry["file"], len(items))  # noqa: E731
     summary: list[dict[str, Any]] = []
     failures: list[str] = []
+    queue: list[Task] = []
     out.mkdir(parents=True, exist_ok=True)
 
     def write_summary() -> None:
+        summary.sort(key=in_order)  # stable: an image's labels keep their order
         if shard.count == 1:
             write_jsonl(summary, out / "summary.jsonl")
             return
         parts = out / SUMMARY_PARTS
         write_jsonl(summary, parts / f"{shard.index}-of-{shard.count}.jsonl")
-        merge_summary_parts(parts, out / "summary.jsonl", order=lambda entry: position.get(entry["file"], len(items)))
+        merge_summary_parts(parts, out / "summary.jsonl", order=in_order)
+
+    def fail(path: Path, error: Exception) -> None:
+        failures.append(f"{path.name}: {error}")
+        summary.append({"file": str(path), "status": "failed", "error": str(error)})
+
+    def flush() -> None:
+        batch = queue[:batch_size]
+        del queue[:batch_size]
+        try:
+            entries = run_batch(batch)
+        except DiginError as error:
+            for path in dict.fromkeys(task.item.path for task in batch):
+                fail(path, error)
+        else:
+            summary.extend({"file": str(task.item.path), **entry} for task, entry in zip(batch, entries))
+        write_summary()
 
     for item in mine:
         names = outputs(item)
@@ -423,12 +492,16 @@ def run_items(
                 summary.append({"file": str(item.path), "label": label, "json": name, "status": "done earlier"})
         if pending:
             try:
-                for entry in handle(item, pending, slug(item.path.stem)):
-                    summary.append({"file": str(item.path), **entry})
+                prepared = prepare(item)
             except (ImageReadError, DiginError) as error:
-                failures.append(f"{item.path.name}: {error}")
-                summary.append({"file": str(item.path), "status": "failed", "error": str(error)})
+                fail(item.path, error)
+            else:
+                queue.extend(Task(item, prepared, label, slug(item.path.stem)) for label in pending)
+        while len(queue) >= batch_size:
+            flush()
         write_summary()
+    while queue:
+        flush()
     if not mine:
         write_summary()  # a shard with nothing to do still leaves its (empty) part
     if failures:
@@ -441,63 +514,100 @@ def run_items(
     return summary
 
 
-def _counterfactual(
-    engine: GuidedDDIM,
-    classifier: Classifier,
-    prepared: PreparedImage,
-    target: str,
-    job: UvceJob,
-    optim: OptimConfig,
-    config: dict[str, Any],
-    progress: Progress,
-    stem: str,
-) -> dict[str, Any]:
-    """One counterfactual: prompt-to-prompt start, optimized toward `target`; writes its files."""
-    started = time.perf_counter()
-    components = engine.components
+@dataclass
+class Edit:
+    """What one uvce task changes: the class, the caption and prompt-to-prompt's token mapping."""
+
+    label: str  # the target as the run names it (the summary's label)
+    target_index: int
+    target_name: str
+    source_name: str
+    target_caption: str
+    mapping: torch.Tensor | None  # (L, L) source -> target caption tokens; None keeps positions
+
+
+def _edit(components, classifier: Classifier, prepared: PreparedImage, target: str) -> Edit:
     target_index = resolve_class(classifier, target)
     target_name = classifier.class_names[target_index]
     source_name = classifier.class_names[prepared.source_index]
     target_caption = swap_class(prepared.caption, source_name, target_name)
-    length = components.tokenizer.model_max_length
     source_span = find_word_tokens(components.tokenizer, prepared.caption, source_name)
     target_span = find_word_tokens(components.tokenizer, target_caption, target_name)
+    length = components.tokenizer.model_max_length
     mapping = token_mapping(source_span, target_span, length) if target_span is not None else None
+    return Edit(target, target_index, target_name, source_name, target_caption, mapping)
 
-    image = prepared.image.to(engine.device)
+
+def _counterfactuals(
+    engine: GuidedDDIM,
+    classifier: Classifier,
+    tasks: list[Task],
+    job: UvceJob,
+    optim: OptimConfig,
+    config: dict[str, Any],
+    progress: Progress,
+) -> list[dict[str, Any]]:
+    """Counterfactuals of B tasks (image x target) in one engine batch: each starts from its own
+    prompt-to-prompt edit and inversion, keeps its own background; writes every task's files."""
+    started = time.perf_counter()
+    device = engine.device
+    prepared = [task.prepared for task in tasks]
+    edits = [_edit(engine.components, classifier, p, task.label) for p, task in zip(prepared, tasks)]
+    images = torch.cat([p.image for p in prepared]).to(device)  # (B, 3, H, W)
     distance = RegionDistance(
-        image=image,
-        image_latents=prepared.inversion.image_latents.to(engine.device),
-        keep_pixels=(1 - prepared.mask.pixels).to(engine.device),  # the background stays
-        keep_latents=(1 - prepared.mask.latents).to(engine.device),
+        image=images,
+        image_latents=torch.cat([p.inversion.image_latents for p in prepared]).to(device),  # (B, C, h, w)
+        keep_pixels=torch.cat([1 - p.mask.pixels for p in prepared]).to(device),  # (B, 1, H, W): the background stays
+        keep_latents=torch.cat([1 - p.mask.latents for p in prepared]).to(device),  # (B, 1, h, w)
         weight_latent=job.weight_latent,
         weight_pixel=job.weight_pixel,
     )
-    objective = Counterfactual(classifier, target_index, prepared.source_index, distance)
-    control = prepared.control
-    control.inject(math.ceil(job.real.p2p_fraction * job.sampler.num_steps), mapping)
-    progress.start(f"{prepared.name} -> {target_name}", optim.steps)
+    targets = [e.target_index for e in edits]
+    sources = [p.source_index for p in prepared]
+    objective = Counterfactual(classifier, targets, sources, distance)
+    inject_steps = math.ceil(job.real.p2p_fraction * job.sampler.num_steps)
+    control = AttentionControl.for_batch([p.control for p in prepared], [e.mapping for e in edits], inject_steps)
+    label = ", ".join(f"{p.name} -> {e.target_name}" for p, e in zip(prepared, edits))
+    progress.start(label if len(label) <= 60 else f"{len(tasks)} counterfactuals ({label[:40]}...)", optim.steps)
     try:
         with attach(engine, control):
             result = engine.optimize(
                 objective,
-                prepared.inversion.z_T,
-                engine.encode_text([target_caption]),
-                prepared.inversion.null_embs,
+                torch.cat([p.inversion.z_T for p in prepared]),  # (B, C, h, w)
+                engine.encode_text([e.target_caption for e in edits]),  # (B, L, D)
+                torch.cat([p.inversion.null_embs for p in prepared], dim=1),  # (T, B, L, D)
                 job.sampler,
                 optim,
                 on_step=progress.step,
             )
     finally:
         progress.finish()
-
     with torch.no_grad():
-        original = Counterfactual(classifier, target_index, prepared.source_index, distance)(
-            _plain_input(engine, image)
-        ).metrics
-        original = {k: float(v[0]) for k, v in original.items()}
-    start, best = result.initial(0), result.best(0)
-    counterfactual = result.best_images[0]
+        original = objective(_plain_input(engine, images)).metrics  # name -> (B,)
+    share = (time.perf_counter() - started) / len(tasks)  # each task's share of the batch
+    return [
+        _write_counterfactual(task.prepared, edit, {k: float(v[b]) for k, v in original.items()}, result, b, job, config,
+                              task.stem, task.prepared.seconds + share)  # fmt: skip
+        for b, (task, edit) in enumerate(zip(tasks, edits))
+    ]
+
+
+def _write_counterfactual(
+    prepared: PreparedImage,
+    edit: Edit,
+    original: dict[str, float],
+    result,
+    b: int,
+    job: UvceJob,
+    config: dict[str, Any],
+    stem: str,
+    seconds: float,
+) -> dict[str, Any]:
+    """Files, record and summary entry of item b of a batch's result."""
+    target_index, target_name, source_name = edit.target_index, edit.target_name, edit.source_name
+    target_caption = edit.target_caption
+    start, best = result.initial(b), result.best(b)
+    counterfactual = result.best_images[b]
     base = f"{stem}_{slug(target_name)}"
     files = {
         "original": f"{base}_original.png",
@@ -511,7 +621,7 @@ def _counterfactual(
     out = job.out
     save_png(prepared.image[0], out / files["original"])
     save_png(prepared.reconstruction[0], out / files["reconstruction"])
-    save_png(result.initial_images[0], out / files["p2p_start"])
+    save_png(result.initial_images[b], out / files["p2p_start"])
     save_png(counterfactual, out / files["counterfactual"])
     overlay = mask_overlay(prepared.image[0], prepared.mask.pixels[0])
     difference = heat_map(counterfactual, prepared.image[0])
@@ -524,8 +634,8 @@ def _counterfactual(
     sheet = labelled_sheet(
         [
             (prepared.image[0], lines("original", original)),
-            (result.initial_images[0], lines("p2p start", start)),
-            (counterfactual, lines(f"counterfactual (step {result.best_steps[0]})", best)),
+            (result.initial_images[b], lines("p2p start", start)),
+            (counterfactual, lines(f"counterfactual (step {result.best_steps[b]})", best)),
             (overlay, [f"mask ({prepared.mask.source})"]),
             (difference, ["difference"]),
         ],
@@ -559,18 +669,19 @@ def _counterfactual(
         "original": rounded(original),
         "p2p_start": rounded(start),
         "counterfactual": rounded(best),
-        "best_step": result.best_steps[0],
+        "best_step": result.best_steps[b],
         "flipped": bool(best["p_target"] > best["p_source"]),
         "history": [
-            {"step": step, **{name: round(values[0], 6) for name, values in entry.items()}}
+            {"step": step, **{name: round(values[b], 6) for name, values in entry.items()}}
             for step, entry in enumerate(result.history)
         ],
         "files": files,
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": round(seconds, 3),
+        "batch_size": len(result.best_steps),
     }
     write_json(record, out / f"{base}.json")  # last: its presence marks the item as finished
     return {
-        "label": target,
+        "label": edit.label,
         "target": target_name,
         "json": f"{base}.json",
         "status": "ok",
@@ -608,6 +719,7 @@ class NeuronCfJob:
     object_error_ratio: float = 2.0  # ...while the object core's error stays within this factor of the reconstruction's
     weight_latent: float = 25.0
     weight_pixel: float = 250.0
+    batch_size: int = 1  # images optimized together in one engine batch
     real: RealImageOptions = field(default_factory=RealImageOptions)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -664,7 +776,7 @@ def spurious_verdict(
 
 
 def _check_neuron_cf(job: NeuronCfJob) -> list[str]:
-    check_common(job.out, job.sampler, job.optim, 1)
+    check_common(job.out, job.sampler, job.optim, job.batch_size)
     if (job.neuron is None) == (job.direction_file is None):
         raise DiginError("give exactly one of --neuron N and --direction FILE")
     if job.direction_mode not in ("max", "min", "both"):
@@ -719,50 +831,66 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
         "optim": asdict(optim),
     }
 
-    def handle(item: WorkItem, pending: list[str], stem: str) -> list[dict[str, Any]]:
+    def prepare(item: WorkItem) -> PreparedImage:
+        return prepare_image(engine, item.path, classifier, item.source, item_options(job.real, item), job.sampler,
+                             session.sam_predictor, session.captioner)  # fmt: skip
+
+    def run_batch(tasks: list[Task]) -> list[dict[str, Any]]:
+        """Every mode optimizes the whole batch at once; each image keeps its own object."""
         t0 = time.perf_counter()
-        prepared = prepare_image(engine, item.path, classifier, item.source, job.real, job.sampler, session.sam_predictor,
-                                 session.captioner)
+        prepared = [task.prepared for task in tasks]
         # The class judged: the image's own (from --class, the CSV or the prediction), or with
         # --from-other-class the class the neuron might trigger.
-        class_index = fixed_class if job.from_other_class else prepared.source_index
-        class_name = classifier.class_names[class_index]
-        image = prepared.image.to(engine.device)
+        class_indices = [fixed_class if job.from_other_class else p.source_index for p in prepared]
+        images = torch.cat([p.image for p in prepared]).to(engine.device)  # (B, 3, H, W)
         distance = RegionDistance(
-            image=image,
-            image_latents=prepared.inversion.image_latents.to(engine.device),
-            keep_pixels=prepared.mask.pixels.to(engine.device),  # the object stays, the rest may change
-            keep_latents=prepared.mask.latents.to(engine.device),
+            image=images,
+            image_latents=torch.cat([p.inversion.image_latents for p in prepared]).to(engine.device),  # (B, C, h, w)
+            keep_pixels=torch.cat([p.mask.pixels for p in prepared]).to(engine.device),  # (B, 1, H, W): the object stays
+            keep_latents=torch.cat([p.mask.latents for p in prepared]).to(engine.device),  # (B, 1, h, w)
             weight_latent=job.weight_latent,
             weight_pixel=job.weight_pixel,
         )
-        prompt_emb = engine.encode_text([prepared.caption])
-        results, measured = {}, {}
+        z_T = torch.cat([p.inversion.z_T for p in prepared])  # (B, C, h, w)
+        prompt_emb = engine.encode_text([p.caption for p in prepared])  # (B, L, D)
+        null_embs = torch.cat([p.inversion.null_embs for p in prepared], dim=1)  # (T, B, L, D)
         with torch.no_grad():
-            original = NeuronCounterfactual(NeuronObjective(feature_map, job.neuron, direction), class_index, distance)(
-                _plain_input(engine, image)
-            ).metrics
-        original = {k: float(v[0]) for k, v in original.items()}
-        core = object_core(prepared.mask.pixels[0])  # (1, H, W)
-        reconstruction_core_psnr = masked_psnr(prepared.reconstruction[0], prepared.image[0], core)
+            original = NeuronCounterfactual(NeuronObjective(feature_map, job.neuron, direction), class_indices, distance)(
+                _plain_input(engine, images)
+            ).metrics  # name -> (B,)
+        names = ", ".join(p.name for p in prepared)
+        names = names if len(names) <= 40 else f"{len(prepared)} images"
+        results = {}
         for mode in modes:
             objective = NeuronCounterfactual(
-                NeuronObjective(feature_map, job.neuron, direction, maximize=mode == "max"), class_index, distance
+                NeuronObjective(feature_map, job.neuron, direction, maximize=mode == "max"), class_indices, distance
             )
-            progress.start(f"{prepared.name}: {mode} {label}", optim.steps)
+            progress.start(f"{names}: {mode} {label}", optim.steps)
             try:
-                results[mode] = engine.optimize(
-                    objective, prepared.inversion.z_T, prompt_emb, prepared.inversion.null_embs, job.sampler, optim,
-                    on_step=progress.step,
-                )  # fmt: skip
+                results[mode] = engine.optimize(objective, z_T, prompt_emb, null_embs, job.sampler, optim, on_step=progress.step)
             finally:
                 progress.finish()
+        share = (time.perf_counter() - t0) / len(tasks)  # each image's share of the batch
+        return [
+            write_item(task, class_indices[b], {k: float(v[b]) for k, v in original.items()}, results, b, share)
+            for b, task in enumerate(tasks)
+        ]
+
+    def write_item(task: Task, class_index: int, original: dict[str, float], results: dict, b: int, share: float) -> dict[str, Any]:
+        """Verdict, files, record and summary entry of item b of a batch."""
+        prepared, stem, item = task.prepared, task.stem, task.item
+        class_name = classifier.class_names[class_index]
+        core = object_core(prepared.mask.pixels[0])  # (1, H, W)
+        reconstruction_core_psnr = masked_psnr(prepared.reconstruction[0], prepared.image[0], core)
+        measured = {}
+        for mode in modes:
+            image = results[mode].best_images[b]  # (3, H, W)
             measured[mode] = {
-                **{k: round(v, 6) for k, v in results[mode].best(0).items()},
-                "start": {k: round(v, 6) for k, v in results[mode].initial(0).items()},
-                "best_step": results[mode].best_steps[0],
-                "object_psnr_db": round(masked_psnr(results[mode].best_images[0], prepared.image[0], core), 3),
-                "background_psnr_db": round(masked_psnr(results[mode].best_images[0], prepared.image[0], 1 - prepared.mask.pixels[0]), 3),
+                **{k: round(v, 6) for k, v in results[mode].best(b).items()},
+                "start": {k: round(v, 6) for k, v in results[mode].initial(b).items()},
+                "best_step": results[mode].best_steps[b],
+                "object_psnr_db": round(masked_psnr(image, prepared.image[0], core), 3),
+                "background_psnr_db": round(masked_psnr(image, prepared.image[0], 1 - prepared.mask.pixels[0]), 3),
             }
         verdict = None
         if "min" in measured and not job.from_other_class:
@@ -783,9 +911,9 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
         for mode in modes:
             name = "maximized" if mode == "max" else "minimized"
             files[name] = f"{base}_{name}.png"
-            save_png(results[mode].best_images[0], job.out / files[name])
+            save_png(results[mode].best_images[b], job.out / files[name])
             m = measured[mode]
-            panels.append((results[mode].best_images[0], [name, f"act {m['activation']:.3f}", f"p({class_name}) {m['p_class']:.3f}"]))
+            panels.append((results[mode].best_images[b], [name, f"act {m['activation']:.3f}", f"p({class_name}) {m['p_class']:.3f}"]))
         panels.append((overlay, [f"mask ({prepared.mask.source})", "kept"]))
         title = f"{prepared.name}: {label} of {job.classifier}, class '{class_name}'"
         if verdict is not None:
@@ -811,7 +939,8 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
             "verdict": verdict,
             "from_other_class": triggers,
             "files": files,
-            "seconds": round(time.perf_counter() - t0, 3),
+            "seconds": round(prepared.seconds + share, 3),
+            "batch_size": len(results[modes[0]].best_steps),
         }
         write_json(record, job.out / f"{base}.json")  # last: marks the item finished
         entry = {"label": label, "json": f"{base}.json", "status": "ok", "class": class_name,
@@ -824,9 +953,10 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
             entry["verdict"] = verdict["text"]
         if triggers is not None:
             entry["triggers_class"] = triggers["triggers_class"]
-        return [entry]
+        return entry
 
-    summary = run_items(items, job.out, lambda item: {label: f"{slug(item.path.stem)}_{label}.json"}, handle)
+    summary = run_items(items, job.out, lambda item: {label: f"{slug(item.path.stem)}_{label}.json"}, prepare, run_batch,
+                        job.batch_size)  # fmt: skip
     flagged = [e for e in summary if e.get("flagged")]
     judged = [e for e in summary if "flagged" in e]
     return {

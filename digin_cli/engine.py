@@ -146,26 +146,36 @@ def make_cutouts(
     size: int,
     min_scale: float,
     noise_std: float,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
 ) -> torch.Tensor:
     """Random square crops, biased to large ones, resized to `size`, plus Gaussian noise.
 
     images: (B, 3, H, W) -> (B, num_cutouts, 3, size, size). Differentiable in `images`.
+    `generator`: one for the whole batch, or one per item; with one per item, an item's
+    cutouts do not depend on what else is in the batch.
     """
     batch, _, height, width = images.shape
     count = batch * num_cutouts
+    per_item = generator if isinstance(generator, list) else None
+    if per_item is None:
+        u, left_u, top_u = (torch.rand(count, generator=generator) for _ in range(3))  # (count,) each
+    else:
+        draws = [[torch.rand(num_cutouts, generator=g) for _ in range(3)] for g in per_item]
+        u, left_u, top_u = (torch.cat(parts) for parts in zip(*draws))  # (count,) each
     # Side as a share of the short side; squaring u pushes most draws toward full size.
-    u = torch.rand(count, generator=generator)
     side = (1.0 - (1.0 - min_scale) * u**2) * min(height, width)  # (count,)
-    left = torch.rand(count, generator=generator) * (width - side)
-    top = torch.rand(count, generator=generator) * (height - side)
+    left = left_u * (width - side)
+    top = top_u * (height - side)
     item = torch.arange(batch).repeat_interleave(num_cutouts).float()
     boxes = torch.stack([item, left, top, left + side, top + side], dim=1)  # (count, 5)
     crops = roi_align(
         images, boxes.to(images), output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True
     )  # (count, 3, size, size)
-    noise = torch.randn(crops.shape, generator=generator).to(crops) * noise_std
-    return (crops + noise).view(batch, num_cutouts, *crops.shape[1:])
+    if per_item is None:
+        noise = torch.randn(crops.shape, generator=generator)
+    else:
+        noise = torch.cat([torch.randn((num_cutouts, *crops.shape[1:]), generator=g) for g in per_item])
+    return (crops + noise.to(crops) * noise_std).view(batch, num_cutouts, *crops.shape[1:])
 
 
 class GuidedDDIM:
@@ -352,7 +362,9 @@ class GuidedDDIM:
         K = config.loss_steps
         weights = [k / (K * (K + 1) / 2) for k in range(1, K + 1)]
         view_size = config.view_size
-        generator = torch.Generator().manual_seed(config.seed)
+        # One cutout generator per item, all seeded alike: an item's augmentations, hence its
+        # result, do not depend on the batch it shares (only on --seed).
+        generators = [torch.Generator().manual_seed(config.seed) for _ in range(batch)]
 
         history: list[dict[str, list[float]]] = []
         best_loss = torch.full((batch,), math.inf)
@@ -385,7 +397,7 @@ class GuidedDDIM:
                             view_size,
                             config.cutout_min_scale,
                             config.cutout_noise_std,
-                            generator,
+                            generators,
                         )
                         loss = loss + weight * objective(ObjectiveInput(images, x0, views)).loss
                     loss.sum().backward()

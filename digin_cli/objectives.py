@@ -38,6 +38,13 @@ class Objective(Protocol):
     def __call__(self, inputs: ObjectiveInput) -> ObjectiveOutput: ...
 
 
+def per_item(index: int | list[int] | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """A class index for every item of a batch: an int (the same class for all), a list or a
+    tensor of B indices -> (B,) long."""
+    indices = torch.as_tensor(index, dtype=torch.long, device=device)
+    return indices.expand(batch) if indices.dim() == 0 else indices
+
+
 def class_probability(classifier: Classifier, views: torch.Tensor, class_index: int) -> torch.Tensor:
     """Softmax confidence in one class, averaged over each item's views.
 
@@ -198,10 +205,11 @@ class RegionDistance:
     R is the region that must stay: the background (1 - mask) for a visual counterfactual,
     the object (mask) for a neuron counterfactual.
     """
-    image: torch.Tensor  # (1, 3, H, W) the original, in [0, 1]
-    image_latents: torch.Tensor  # (1, C, h, w) E(x), scaled like the sampler's latents
-    keep_pixels: torch.Tensor  # (1, 1, H, W) in [0, 1]: 1 where the image must stay
-    keep_latents: torch.Tensor  # (1, 1, h, w) the same on the latent grid
+    # One original for the whole batch (leading size 1) or one per item (leading size B).
+    image: torch.Tensor  # (1 or B, 3, H, W) the original, in [0, 1]
+    image_latents: torch.Tensor  # (1 or B, C, h, w) E(x), scaled like the sampler's latents
+    keep_pixels: torch.Tensor  # (1 or B, 1, H, W) in [0, 1]: 1 where the image must stay
+    keep_latents: torch.Tensor  # (1 or B, 1, h, w) the same on the latent grid
     weight_latent: float = 25.0  # reference w_VAE
     weight_pixel: float = 250.0  # reference w_PX
 
@@ -214,11 +222,13 @@ class RegionDistance:
 
 @dataclass
 class Counterfactual:
-    """Universal visual counterfactual: -log p(target) + the background distance (paper sec. 5)."""
+    """Universal visual counterfactual: -log p(target) + the background distance (paper sec. 5).
+
+    target_index / source_index: one class for the whole batch, or one per item (B,)."""
 
     classifier: Classifier
-    target_index: int
-    source_index: int
+    target_index: int | list[int] | torch.Tensor
+    source_index: int | list[int] | torch.Tensor
     distance: RegionDistance
 
     def __call__(self, inputs: ObjectiveInput) -> ObjectiveOutput:
@@ -226,13 +236,16 @@ class Counterfactual:
         logits = self.classifier(inputs.views.flatten(0, 1)).float()  # (B*V, C)
         log_probs = logits.log_softmax(dim=-1).view(batch, num_views, -1)  # (B, V, C)
         probs = log_probs.exp().mean(dim=1)  # (B, C)
+        target = per_item(self.target_index, batch, logits.device)[:, None]  # (B, 1)
+        source = per_item(self.source_index, batch, logits.device)[:, None]  # (B, 1)
+        log_p_target = log_probs.gather(2, target[:, None].expand(batch, num_views, 1))[..., 0]  # (B, V)
         d_latent, d_pixel = self.distance(inputs.images, inputs.latents)
-        loss = -log_probs[..., self.target_index].mean(dim=1) + d_latent + d_pixel
+        loss = -log_p_target.mean(dim=1) + d_latent + d_pixel
         return ObjectiveOutput(
             loss=loss,
             metrics={
-                "p_target": probs[:, self.target_index],
-                "p_source": probs[:, self.source_index],
+                "p_target": probs.gather(1, target)[:, 0],
+                "p_source": probs.gather(1, source)[:, 0],
                 "distance_latent": d_latent,
                 "distance_pixel": d_pixel,
             },
@@ -247,18 +260,19 @@ class NeuronCounterfactual:
     to be spurious for."""
 
     neuron: NeuronObjective
-    class_index: int
+    class_index: int | list[int] | torch.Tensor  # one class, or one per item (B,)
     distance: RegionDistance
 
     def __call__(self, inputs: ObjectiveInput) -> ObjectiveOutput:
         value, probs = self.neuron.activation(inputs.views)  # (B,), (B, C)
+        judged = per_item(self.class_index, probs.shape[0], probs.device)[:, None]  # (B, 1)
         d_latent, d_pixel = self.distance(inputs.images, inputs.latents)
         sign = 1.0 if self.neuron.maximize else -1.0
         return ObjectiveOutput(
             loss=-sign * value + d_latent + d_pixel,
             metrics={
                 "activation": value,
-                "p_class": probs[:, self.class_index],
+                "p_class": probs.gather(1, judged)[:, 0],
                 "distance_latent": d_latent,
                 "distance_pixel": d_pixel,
             },
