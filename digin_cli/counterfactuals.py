@@ -338,7 +338,7 @@ def open_session(
     classifier = load_classifier(classifier_spec, device)
     if check is not None:
         check(classifier)
-    engine = GuidedDDIM(load_diffusion(runtime.model), device=device, unet_dtype=unet_dtype)
+    engine = GuidedDDIM(load_diffusion(runtime.model), device=device, unet_dtype=unet_dtype, compile_unet=runtime.compile)
     sam_predictor = None
     if real.sam_checkpoint is not None:
         from digin_cli.models.segmenter import load_sam_hq
@@ -374,6 +374,7 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
         "classifier": job.classifier,
         "model": job.runtime.model,
         "dtype": job.runtime.dtype,
+        "compile": job.runtime.compile,
         "inputs": str(job.inputs),
         "targets": job.targets,
         "weight_latent": job.weight_latent,
@@ -817,6 +818,8 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
     config = {
         "classifier": job.classifier,
         "model": job.runtime.model,
+        "dtype": job.runtime.dtype,
+        "compile": job.runtime.compile,
         "inputs": str(job.inputs),
         "layer": job.layer,
         "neuron": job.neuron,

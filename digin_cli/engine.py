@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -186,11 +187,19 @@ class GuidedDDIM:
         components: DiffusionComponents,
         device: torch.device | str = "cpu",
         unet_dtype: torch.dtype | None = None,
+        compile_unet: bool = False,
     ) -> None:
         self.components = components
         self.device = torch.device(device)
         # bf16/fp16 autocast of the UNet only: z_T, embeddings, optimizer and VAE stay fp32.
         self.unet_dtype = unet_dtype
+        # torch.compile (TorchInductor) of the UNet, used only inside optimize() and only
+        # while no attention is recorded or injected: there the same shapes repeat at every
+        # step, so compiling once (tens of seconds on a CPU, forward and backward) pays
+        # off. Sampling, inversion and attention control stay eager: their changing shapes,
+        # grad modes and attention processors would each trigger a recompile.
+        self.compiled_unet = torch.compile(components.unet) if compile_unet else None
+        self._use_compiled = False
         # Told the step index at the start of every DDIM step (prompt-to-prompt attention
         # control, see attention.py); None when nothing needs to know.
         self.step_observer = None
@@ -224,12 +233,22 @@ class GuidedDDIM:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.unet_dtype)
 
+    @contextmanager
+    def _compiled_unet(self) -> Iterator[None]:
+        """Inside: the UNet calls go to the compiled UNet, if there is one and no attention control is attached."""
+        self._use_compiled = self.compiled_unet is not None and self.step_observer is None
+        try:
+            yield
+        finally:
+            self._use_compiled = False
+
     def predict_noise(self, latents: torch.Tensor, timestep: int, embeddings: torch.Tensor) -> torch.Tensor:
         """The UNet's output for (N, C, h, w) latents and (N, L, D) embeddings, in fp32."""
         model_input = self.components.scheduler.scale_model_input(latents, timestep)
         t = torch.tensor(timestep, device=latents.device)
         with self._unet_autocast():
-            return self.components.unet(model_input, t, encoder_hidden_states=embeddings).sample.float()
+            unet = self.compiled_unet if self._use_compiled else self.components.unet
+            return unet(model_input, t, encoder_hidden_states=embeddings).sample.float()
 
     def denoise_step(
         self,
@@ -374,62 +393,63 @@ class GuidedDDIM:
         initial_images: torch.Tensor | None = None
         total = config.steps if optimizer is not None else 0
 
-        for step in range(total + 1):
-            update = step < total
-            with torch.set_grad_enabled(update):
-                prompt_embs = prompt_base + prompt_delta
-                null_embs = null_base + null_delta
-                z_0, x0_preds = self.run_chain(
-                    latent,
-                    prompt_embs,
-                    null_embs,
-                    sampler.guidance_scale,
-                    keep_last=K if update else 0,
-                    use_checkpoint=update and config.gradient_checkpointing,
-                )
+        with self._compiled_unet():
+            for step in range(total + 1):
+                update = step < total
+                with torch.set_grad_enabled(update):
+                    prompt_embs = prompt_base + prompt_delta
+                    null_embs = null_base + null_delta
+                    z_0, x0_preds = self.run_chain(
+                        latent,
+                        prompt_embs,
+                        null_embs,
+                        sampler.guidance_scale,
+                        keep_last=K if update else 0,
+                        use_checkpoint=update and config.gradient_checkpointing,
+                    )
+                    if update:
+                        loss = torch.zeros(batch, device=device)
+                        for weight, x0 in zip(weights, x0_preds):
+                            images = self.decode(x0, use_checkpoint=config.gradient_checkpointing and config.checkpoint_decode)
+                            views = make_cutouts(
+                                images,
+                                config.num_cutouts,
+                                view_size,
+                                config.cutout_min_scale,
+                                config.cutout_noise_std,
+                                generators,
+                            )
+                            loss = loss + weight * objective(ObjectiveInput(images, x0, views)).loss
+                        loss.sum().backward()
+
+                # Report and select on the plain, non-augmented image of this iterate.
+                with torch.no_grad():
+                    z_0 = z_0.detach()
+                    images = self.decode(z_0)
+                    report = objective(ObjectiveInput(images, z_0, images.unsqueeze(1)))
+                plain_loss = report.loss.detach().float().cpu()
+                metrics = {name: value.detach().float().cpu() for name, value in report.metrics.items()}
+                history.append({"loss": plain_loss.tolist(), **{k: v.tolist() for k, v in metrics.items()}})
+                images_cpu = images.float().cpu()
+                if initial_images is None:
+                    initial_images = images_cpu.clone()
+                    best_images = images_cpu.clone()
+                improved = plain_loss < best_loss  # (B,)
+                for b in torch.nonzero(improved).flatten().tolist():
+                    best_loss[b] = plain_loss[b]
+                    best_steps[b] = step
+                    best_images[b] = images_cpu[b]
+                    best_latents[b] = latent.detach()[b].cpu()
+                if on_step is not None:
+                    on_step(StepReport(step=step, total=total, loss=plain_loss, metrics=metrics))
+
                 if update:
-                    loss = torch.zeros(batch, device=device)
-                    for weight, x0 in zip(weights, x0_preds):
-                        images = self.decode(x0, use_checkpoint=config.gradient_checkpointing and config.checkpoint_decode)
-                        views = make_cutouts(
-                            images,
-                            config.num_cutouts,
-                            view_size,
-                            config.cutout_min_scale,
-                            config.cutout_noise_std,
-                            generators,
-                        )
-                        loss = loss + weight * objective(ObjectiveInput(images, x0, views)).loss
-                    loss.sum().backward()
-
-            # Report and select on the plain, non-augmented image of this iterate.
-            with torch.no_grad():
-                z_0 = z_0.detach()
-                images = self.decode(z_0)
-                report = objective(ObjectiveInput(images, z_0, images.unsqueeze(1)))
-            plain_loss = report.loss.detach().float().cpu()
-            metrics = {name: value.detach().float().cpu() for name, value in report.metrics.items()}
-            history.append({"loss": plain_loss.tolist(), **{k: v.tolist() for k, v in metrics.items()}})
-            images_cpu = images.float().cpu()
-            if initial_images is None:
-                initial_images = images_cpu.clone()
-                best_images = images_cpu.clone()
-            improved = plain_loss < best_loss  # (B,)
-            for b in torch.nonzero(improved).flatten().tolist():
-                best_loss[b] = plain_loss[b]
-                best_steps[b] = step
-                best_images[b] = images_cpu[b]
-                best_latents[b] = latent.detach()[b].cpu()
-            if on_step is not None:
-                on_step(StepReport(step=step, total=total, loss=plain_loss, metrics=metrics))
-
-            if update:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if config.optimize_latent:
-                    with torch.no_grad():
-                        norm = latent.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
-                        latent.mul_((initial_norm / norm).view(-1, *[1] * (latent.dim() - 1)))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if config.optimize_latent:
+                        with torch.no_grad():
+                            norm = latent.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
+                            latent.mul_((initial_norm / norm).view(-1, *[1] * (latent.dim() - 1)))
 
         return OptimizationResult(
             initial_images=initial_images,

@@ -12,7 +12,8 @@ within the run, so they mean the same on any machine):
 - optimization throughput (images per second) at batch sizes 1, 2, 4;
 - the speed features, each against its absence: PyTorch's fused attention processors
   (diffusers' default) vs the classic processor, checkpointing of the VAE decode inside
-  the loss, and bf16 autocast of the UNet.
+  the loss, bf16 autocast of the UNet, and torch.compile of the UNet (with the time its
+  first calls take to compile, and after how many steps that is paid back).
 
 Pipelines: the built-in shapes model, and a randomly initialised pipeline with Stable
 Diffusion 1.x's architecture (UNet 860M parameters, SD VAE, 12-layer CLIP text encoder),
@@ -288,7 +289,30 @@ def feature_rows(name, engine: GuidedDDIM, resolution, steps, config: PerfConfig
     bf16_step = time_optimization_step(bf16_engine, steps, 1, config.repeats)
     bf16 = {"step_speedup": round(statistics.median(fused_step) / statistics.median(bf16_step), 3)}
     log(f"  bf16 autocast of the UNet: step x{bf16['step_speedup']} vs fp32")
-    return {"fused_attention": attention, "decode_checkpointing": decode, "bf16_autocast": bf16}
+
+    # torch.compile: the engine uses the compiled UNet inside optimize() only (see GuidedDDIM),
+    # so the step is what it can speed up. Warm-up: a few steps, which compile the forward,
+    # the backward and the no-grad report pass.
+    compiled_engine = GuidedDDIM(engine.components, device=device, compile_unet=True)
+    started = time.perf_counter()
+    try:
+        time_optimization_step(compiled_engine, steps, 1, 2)
+    except Exception as error:  # TorchInductor needs a C++ compiler (and Triton on CUDA): say so, go on
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        log(f"  torch.compile of the UNet failed: {reason}")
+        return {"fused_attention": attention, "decode_checkpointing": decode, "bf16_autocast": bf16, "compile": {"error": reason}}
+    first_calls = time.perf_counter() - started
+    eager_step = time_optimization_step(engine, steps, 1, config.repeats)  # adjacent, as the machine drifts
+    compiled_step = time_optimization_step(compiled_engine, steps, 1, config.repeats)
+    saved_per_step = statistics.median(eager_step) - statistics.median(compiled_step)
+    compiled = {
+        "step_speedup": round(statistics.median(eager_step) / statistics.median(compiled_step), 3),
+        "first_calls_seconds": round(first_calls, 1),  # compiling, plus the warm-up's own steps
+        "break_even_steps": round(first_calls / saved_per_step, 1) if saved_per_step > 0 else None,
+    }
+    log(f"  torch.compile of the UNet: step x{compiled['step_speedup']}, first calls {compiled['first_calls_seconds']} s "
+        f"(paid back after {compiled['break_even_steps']} steps)")  # fmt: skip
+    return {"fused_attention": attention, "decode_checkpointing": decode, "bf16_autocast": bf16, "compile": compiled}
 
 
 def machine(device: torch.device) -> dict[str, Any]:

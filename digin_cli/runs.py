@@ -40,6 +40,7 @@ class RuntimeOptions:
     model: str = DEFAULT_MODEL
     device: str = "auto"  # auto | cpu | cuda | mps (cuda:N accepted)
     dtype: str = "fp32"  # UNet autocast dtype on CUDA; fp32 everywhere else
+    compile: bool = False  # torch.compile the UNet
 
 
 class Progress(Protocol):
@@ -178,7 +179,7 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     class_name = f.class_names[class_index]
     prompt = job.prompt_template.format(class_name)
     components = load_diffusion(job.runtime.model)
-    engine = GuidedDDIM(components, device=device, unet_dtype=unet_dtype)
+    engine = GuidedDDIM(components, device=device, unet_dtype=unet_dtype, compile_unet=job.runtime.compile)
     objective = Disagreement(f, g, class_index)
     optim = job.optim.resolved(components, max(max(f.input_size), max(g.input_size)))
 
@@ -223,6 +224,7 @@ def new_record(
     config = {
         "model": job.runtime.model,
         "dtype": job.runtime.dtype,
+        "compile": job.runtime.compile,
         **specific,
         "seeds": job.seeds,
         "batch_size": job.batch_size,
@@ -446,7 +448,7 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
         # Also when minimizing: start where the neuron fires and see what turns it off.
         prompts = propose_prompts(classifier, weights, job.prompt_template, job.num_candidates)
     components = load_diffusion(job.runtime.model)
-    engine = GuidedDDIM(components, device=device, unet_dtype=unet_dtype)
+    engine = GuidedDDIM(components, device=device, unet_dtype=unet_dtype, compile_unet=job.runtime.compile)
     optim = job.optim.resolved(components, max(classifier.input_size))
 
     selection_seeds = [10_000 + i for i in range(job.select_samples)]  # apart from the run's own seeds
@@ -517,7 +519,8 @@ def find_neurons(job: NeuronSearchJob) -> dict[str, Any]:
     class_name = classifier.class_names[class_index]
     prompt = job.prompt_template.format(class_name)
     components = load_diffusion(job.runtime.model)
-    engine = GuidedDDIM(components, device=device, unet_dtype=resolve_dtype(job.runtime.dtype, device))
+    engine = GuidedDDIM(components, device=device, unet_dtype=resolve_dtype(job.runtime.dtype, device),
+                        compile_unet=job.runtime.compile)
     seeds = list(range(job.seed, job.seed + job.samples))
     images = engine.sample(
         initial_latents(components, seeds),

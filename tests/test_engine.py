@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig, initial_latents, make_cutouts
-from digin_cli.objectives import Disagreement, ObjectiveInput
+from digin_cli.objectives import Disagreement, ObjectiveInput, ObjectiveOutput
 
 
 def _pipeline(components) -> StableDiffusionPipeline:
@@ -145,3 +145,33 @@ def test_optim_config_takes_the_model_folder_learning_rates(tiny_components):
     hub_like = dataclasses.replace(tiny_components, settings={})  # a model folder without digin.json
     reference = OptimConfig().resolved(hub_like)
     assert reference.lr_prompt == reference.lr_null == 1e-2 and reference.view_size == hub_like.resolution
+
+
+def test_compiled_unet_runs_only_inside_optimize_without_attention_control(tiny_components):
+    """--compile: the compiled UNet serves the optimization steps (fixed shapes); sampling,
+    inversion and attention-controlled runs stay eager (they would force recompiles)."""
+    from digin_cli.attention import AttentionControl, attach
+
+    engine = GuidedDDIM(tiny_components)
+    calls = []
+
+    def compiled(*args, **kwargs):  # stands in for torch.compile(unet): same results, counted
+        calls.append(args[0].shape[0])
+        return tiny_components.unet(*args, **kwargs)
+
+    engine.compiled_unet = compiled
+    z_T = initial_latents(tiny_components, [0])
+    prompt, null = engine.encode_text(["a red circle"]), engine.encode_text([""])
+    sampler = SamplerConfig(num_steps=3)
+    engine.sample(z_T, prompt, null, sampler)
+    assert calls == []
+    brightness = lambda inputs: ObjectiveOutput(loss=inputs.views.mean(dim=(1, 2, 3, 4)))  # noqa: E731
+    optim = OptimConfig(steps=1, num_cutouts=2, loss_steps=1)
+    engine.optimize(brightness, z_T, prompt, null, sampler, optim)
+    assert calls and set(calls) == {2}  # [uncond; cond] of one item, at every step
+    used = len(calls)
+    with attach(engine, AttentionControl()):
+        engine.optimize(brightness, z_T, prompt, null, sampler, optim)
+    assert len(calls) == used
+    engine.sample(z_T, prompt, null, sampler)
+    assert len(calls) == used

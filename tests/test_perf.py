@@ -24,7 +24,10 @@ def test_perf_smoke_run_writes_every_figure(tmp_path):
     assert row["step_over_forward"] > 1.0
     assert row["memory"]["at_T"]["steps"] == 3 and row["memory"]["at_4T"]["steps"] == 12
     assert set(row["throughput"]) == {"1", "2"}
-    assert {"fused_attention", "decode_checkpointing", "bf16_autocast"} <= set(row["features"])
+    assert {"fused_attention", "decode_checkpointing", "bf16_autocast", "compile"} <= set(row["features"])
+    compiled = row["features"]["compile"]
+    assert "error" not in compiled, compiled
+    assert compiled["step_speedup"] > 0 and compiled["first_calls_seconds"] > 0
     assert row["features"]["fused_attention"]["processor"] == "AttnProcessor2_0"
     assert "tiny" in result.output and "perf.json" in result.output
 
