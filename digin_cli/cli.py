@@ -135,7 +135,7 @@ ModelOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[str, typer.Option(help="UNet autocast on CUDA: fp32, bf16 or fp16 (optimization stays fp32).")]
+DtypeOpt = Annotated[str, typer.Option(help="UNet autocast: fp32, bf16 (CUDA or CPU) or fp16 (CUDA); optimization stays fp32.")]
 CompileOpt = Annotated[
     bool, typer.Option("--compile", help="torch.compile the UNet: slower start (compiling), faster steps; pays off on longer runs.")
 ]

@@ -77,7 +77,7 @@ def test_disagree_batches_like_single_runs(tmp_path):
         (["--class", "circle", "-g", "nosuchkind:abc"], "nosuchkind"),
         (["--class", "circle", "--loss-steps", "9"], "--loss-steps must be between 1 and --ddim-steps"),
         (["--class", "circle", "--device", "cuda"], "cuda"),
-        (["--class", "circle", "--dtype", "bf16", "--device", "cpu"], "needs a CUDA device"),
+        (["--class", "circle", "--dtype", "fp16", "--device", "cpu"], "needs a CUDA device; on cpu use --dtype bf16 or fp32"),
         (["--class", "circle", "--num-images", "0"], "--num-images must be at least 1"),
         (["--class", "circle", "--prompt-template", "no slot"], "must contain {}"),
     ],
