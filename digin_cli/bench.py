@@ -213,7 +213,7 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
         for seed in range(config.uvce_seeds):
             scene = sample_scene(np.random.default_rng(7_000 + 100 * SHAPES.index(shape) + seed), shape=shape)
             name = f"{shape}_{seed}"
-            _, image, mask = _scene_file(folder / "scenes", scene, name)
+            image, mask = _scene_file(folder / "scenes", scene, name)
             scenes[name] = (scene, target, image, mask)
             rows.append((f"{name}.png", shape, target, caption(scene)))
     _write_csv(rows, folder / "scenes.csv")
@@ -283,14 +283,13 @@ def _as_tensor(image: "np.ndarray"):
     return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
 
 
-def _scene_file(folder: Path, scene, name: str = "scene") -> tuple[Path, "np.ndarray", "np.ndarray"]:
-    """Render a scene into folder/name.png; returns the path, the image (H, W, 3) and the object mask (H, W)."""
+def _scene_file(folder: Path, scene, name: str) -> tuple["np.ndarray", "np.ndarray"]:
+    """Render a scene into folder/name.png; returns the image (H, W, 3) and the object mask (H, W)."""
     from digin_cli.world.scenes import render
 
     image, mask = render(scene)
-    path = folder / f"{name}.png"
-    save_png(_as_tensor(image), path)
-    return path, image, mask
+    save_png(_as_tensor(image), folder / f"{name}.png")
+    return image, mask
 
 
 def _write_csv(rows: list[tuple[str, ...]], path: Path) -> None:
@@ -331,7 +330,7 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
         """One folder run over `scenes`, batched; returns (record, image, object mask) per scene."""
         rows, rendered = [("file", "class", "caption")], []
         for k, scene in enumerate(scenes):
-            _, image, mask = _scene_file(folder / "scenes", scene, str(k))
+            image, mask = _scene_file(folder / "scenes", scene, str(k))
             # The object mask is given (a folder of masks named like the scenes), softened as
             # digin softens a SAM-HQ mask: the small model's 8x8 cross-attention is too coarse
             # to outline a 64 px object (IoU with the true mask 0.05-0.38 on four grass

@@ -516,6 +516,37 @@ def run_items(
 
 
 @dataclass
+class BatchInputs:
+    """What the engine needs from B prepared images, each item its own."""
+
+    images: torch.Tensor  # (B, 3, H, W) the originals, on the engine's device
+    distance: RegionDistance
+    z_T: torch.Tensor  # (B, C, h, w) from each inversion
+    null_embs: torch.Tensor  # (T, B, L, D) each inversion's per-step null embeddings
+
+
+def batch_inputs(engine: GuidedDDIM, prepared: list[PreparedImage], keep_object: bool, weight_latent: float,
+                 weight_pixel: float) -> BatchInputs:  # fmt: skip
+    """Stack B prepared images for one engine batch. The distance holds each image's object
+    (neuron-cf: `keep_object`) or its background (uvce: the mask inverted)."""
+    device = engine.device
+    images = torch.cat([p.image for p in prepared]).to(device)  # (B, 3, H, W)
+    masks = torch.cat([p.mask.pixels for p in prepared]).to(device)  # (B, 1, H, W)
+    latent_masks = torch.cat([p.mask.latents for p in prepared]).to(device)  # (B, 1, h, w)
+    distance = RegionDistance(
+        image=images,
+        image_latents=torch.cat([p.inversion.image_latents for p in prepared]).to(device),  # (B, C, h, w)
+        keep_pixels=masks if keep_object else 1 - masks,
+        keep_latents=latent_masks if keep_object else 1 - latent_masks,
+        weight_latent=weight_latent,
+        weight_pixel=weight_pixel,
+    )
+    z_T = torch.cat([p.inversion.z_T for p in prepared])  # (B, C, h, w)
+    null_embs = torch.cat([p.inversion.null_embs for p in prepared], dim=1)  # (T, B, L, D)
+    return BatchInputs(images, distance, z_T, null_embs)
+
+
+@dataclass
 class Edit:
     """What one uvce task changes: the class, the caption and prompt-to-prompt's token mapping."""
 
@@ -551,21 +582,12 @@ def _counterfactuals(
     """Counterfactuals of B tasks (image x target) in one engine batch: each starts from its own
     prompt-to-prompt edit and inversion, keeps its own background; writes every task's files."""
     started = time.perf_counter()
-    device = engine.device
     prepared = [task.prepared for task in tasks]
     edits = [_edit(engine.components, classifier, p, task.label) for p, task in zip(prepared, tasks)]
-    images = torch.cat([p.image for p in prepared]).to(device)  # (B, 3, H, W)
-    distance = RegionDistance(
-        image=images,
-        image_latents=torch.cat([p.inversion.image_latents for p in prepared]).to(device),  # (B, C, h, w)
-        keep_pixels=torch.cat([1 - p.mask.pixels for p in prepared]).to(device),  # (B, 1, H, W): the background stays
-        keep_latents=torch.cat([1 - p.mask.latents for p in prepared]).to(device),  # (B, 1, h, w)
-        weight_latent=job.weight_latent,
-        weight_pixel=job.weight_pixel,
-    )
+    batch = batch_inputs(engine, prepared, False, job.weight_latent, job.weight_pixel)  # the background stays
     targets = [e.target_index for e in edits]
     sources = [p.source_index for p in prepared]
-    objective = Counterfactual(classifier, targets, sources, distance)
+    objective = Counterfactual(classifier, targets, sources, batch.distance)
     inject_steps = math.ceil(job.real.p2p_fraction * job.sampler.num_steps)
     control = AttentionControl.for_batch([p.control for p in prepared], [e.mapping for e in edits], inject_steps)
     label = ", ".join(f"{p.name} -> {e.target_name}" for p, e in zip(prepared, edits))
@@ -574,9 +596,9 @@ def _counterfactuals(
         with attach(engine, control):
             result = engine.optimize(
                 objective,
-                torch.cat([p.inversion.z_T for p in prepared]),  # (B, C, h, w)
+                batch.z_T,
                 engine.encode_text([e.target_caption for e in edits]),  # (B, L, D)
-                torch.cat([p.inversion.null_embs for p in prepared], dim=1),  # (T, B, L, D)
+                batch.null_embs,
                 job.sampler,
                 optim,
                 on_step=progress.step,
@@ -584,7 +606,7 @@ def _counterfactuals(
     finally:
         progress.finish()
     with torch.no_grad():
-        original = objective(_plain_input(engine, images)).metrics  # name -> (B,)
+        original = objective(_plain_input(engine, batch.images)).metrics  # name -> (B,)
     share = (time.perf_counter() - started) / len(tasks)  # each task's share of the batch
     return [
         _write_counterfactual(task.prepared, edit, {k: float(v[b]) for k, v in original.items()}, result, b, job, config,
@@ -845,21 +867,12 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
         # The class judged: the image's own (from --class, the CSV or the prediction), or with
         # --from-other-class the class the neuron might trigger.
         class_indices = [fixed_class if job.from_other_class else p.source_index for p in prepared]
-        images = torch.cat([p.image for p in prepared]).to(engine.device)  # (B, 3, H, W)
-        distance = RegionDistance(
-            image=images,
-            image_latents=torch.cat([p.inversion.image_latents for p in prepared]).to(engine.device),  # (B, C, h, w)
-            keep_pixels=torch.cat([p.mask.pixels for p in prepared]).to(engine.device),  # (B, 1, H, W): the object stays
-            keep_latents=torch.cat([p.mask.latents for p in prepared]).to(engine.device),  # (B, 1, h, w)
-            weight_latent=job.weight_latent,
-            weight_pixel=job.weight_pixel,
-        )
-        z_T = torch.cat([p.inversion.z_T for p in prepared])  # (B, C, h, w)
+        batch = batch_inputs(engine, prepared, True, job.weight_latent, job.weight_pixel)  # the object stays
+        distance = batch.distance
         prompt_emb = engine.encode_text([p.caption for p in prepared])  # (B, L, D)
-        null_embs = torch.cat([p.inversion.null_embs for p in prepared], dim=1)  # (T, B, L, D)
         with torch.no_grad():
             original = NeuronCounterfactual(NeuronObjective(feature_map, job.neuron, direction), class_indices, distance)(
-                _plain_input(engine, images)
+                _plain_input(engine, batch.images)
             ).metrics  # name -> (B,)
         names = ", ".join(p.name for p in prepared)
         names = names if len(names) <= 40 else f"{len(prepared)} images"
@@ -870,7 +883,8 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
             )
             progress.start(f"{names}: {mode} {label}", optim.steps)
             try:
-                results[mode] = engine.optimize(objective, z_T, prompt_emb, null_embs, job.sampler, optim, on_step=progress.step)
+                results[mode] = engine.optimize(objective, batch.z_T, prompt_emb, batch.null_embs, job.sampler, optim,
+                                                on_step=progress.step)  # fmt: skip
             finally:
                 progress.finish()
         share = (time.perf_counter() - t0) / len(tasks)  # each image's share of the batch

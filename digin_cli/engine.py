@@ -147,22 +147,16 @@ def make_cutouts(
     size: int,
     min_scale: float,
     noise_std: float,
-    generator: torch.Generator | list[torch.Generator],
+    generators: list[torch.Generator],
 ) -> torch.Tensor:
     """Random square crops, biased to large ones, resized to `size`, plus Gaussian noise.
 
     images: (B, 3, H, W) -> (B, num_cutouts, 3, size, size). Differentiable in `images`.
-    `generator`: one for the whole batch, or one per item; with one per item, an item's
-    cutouts do not depend on what else is in the batch.
+    One generator per item: an item's cutouts do not depend on what else is in the batch.
     """
     batch, _, height, width = images.shape
-    count = batch * num_cutouts
-    per_item = generator if isinstance(generator, list) else None
-    if per_item is None:
-        u, left_u, top_u = (torch.rand(count, generator=generator) for _ in range(3))  # (count,) each
-    else:
-        draws = [[torch.rand(num_cutouts, generator=g) for _ in range(3)] for g in per_item]
-        u, left_u, top_u = (torch.cat(parts) for parts in zip(*draws))  # (count,) each
+    draws = [[torch.rand(num_cutouts, generator=g) for _ in range(3)] for g in generators]
+    u, left_u, top_u = (torch.cat(parts) for parts in zip(*draws))  # (B * num_cutouts,) each
     # Side as a share of the short side; squaring u pushes most draws toward full size.
     side = (1.0 - (1.0 - min_scale) * u**2) * min(height, width)  # (count,)
     left = left_u * (width - side)
@@ -172,10 +166,7 @@ def make_cutouts(
     crops = roi_align(
         images, boxes.to(images), output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True
     )  # (count, 3, size, size)
-    if per_item is None:
-        noise = torch.randn(crops.shape, generator=generator)
-    else:
-        noise = torch.cat([torch.randn((num_cutouts, *crops.shape[1:]), generator=g) for g in per_item])
+    noise = torch.cat([torch.randn((num_cutouts, *crops.shape[1:]), generator=g) for g in generators])
     return (crops + noise.to(crops) * noise_std).view(batch, num_cutouts, *crops.shape[1:])
 
 

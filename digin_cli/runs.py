@@ -523,8 +523,7 @@ def find_neurons(job: NeuronSearchJob) -> dict[str, Any]:
     class_name = classifier.class_names[class_index]
     prompt = job.prompt_template.format(class_name)
     components = load_diffusion(job.runtime.model)
-    engine = GuidedDDIM(components, device=device, unet_dtype=resolve_dtype(job.runtime.dtype, device),
-                        compile_unet=job.runtime.compile)
+    engine = GuidedDDIM(components, device=device, unet_dtype=resolve_dtype(job.runtime.dtype, device))
     seeds = list(range(job.seed, job.seed + job.samples))
     images = engine.sample(
         initial_latents(components, seeds),

@@ -71,7 +71,7 @@ def test_gradients_reach_every_variable_and_no_weight(tiny_components, tiny_clas
     null = engine.encode_text([""]) + null_delta
     _, kept = engine.run_chain(z, prompt, null, 3.0, keep_last=1, use_checkpoint=True)
     images = engine.decode(kept[-1], use_checkpoint=True)
-    views = make_cutouts(images, 4, 64, 0.5, 0.005, torch.Generator().manual_seed(0))
+    views = make_cutouts(images, 4, 64, 0.5, 0.005, [torch.Generator().manual_seed(0)])
     Disagreement(f, g, 3)(ObjectiveInput(images, kept[-1], views)).loss.sum().backward()
 
     for name, variable in (("z_T", z), ("prompt delta", prompt_delta), ("null delta", null_delta)):
@@ -87,8 +87,8 @@ def test_gradients_reach_every_variable_and_no_weight(tiny_components, tiny_clas
 
 def test_make_cutouts_shapes_determinism_and_gradient():
     images = torch.rand(2, 3, 64, 48, requires_grad=True)
-    a = make_cutouts(images, 5, 32, 0.5, 0.0, torch.Generator().manual_seed(1))
-    b = make_cutouts(images, 5, 32, 0.5, 0.0, torch.Generator().manual_seed(1))
+    a = make_cutouts(images, 5, 32, 0.5, 0.0, [torch.Generator().manual_seed(1) for _ in range(2)])
+    b = make_cutouts(images, 5, 32, 0.5, 0.0, [torch.Generator().manual_seed(1) for _ in range(2)])
     assert a.shape == (2, 5, 3, 32, 32)
     assert torch.equal(a, b)
     # Each item's cutouts come from that item only.
