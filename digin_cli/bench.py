@@ -40,6 +40,7 @@ class BenchConfig:
     neuron_seeds: int = 2  # seeds per starting prompt for the neuron row (4 prompts, 2 modes)
     uvce_seeds: int = 2  # scenes per shape for the uvce row (each needs its own inversion)
     neuron_cf_seeds: int = 3  # scenes per mode (max, min, control) for the neuron-cf row
+    rows: list[str] = field(default_factory=lambda: list(ROWS))  # which rows to run, in ROWS order
 
 
 def _planted_colours() -> dict[str, str]:
@@ -365,8 +366,14 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
         turned += judge_colours(maximized, mask=mask).background == background
         object_psnrs.append(masked_psnr(_as_tensor(maximized), _as_tensor(image), torch.from_numpy(mask).float()[None]))
         gains.append((record["original"]["activation"], record["maximized"]["activation"]))
-    flagged = sum(record["verdict"]["flagged"] for record, _, _ in run(index, on, "min", root / "min"))
-    control_flagged = sum(record["verdict"]["flagged"] for record, _, _ in run(control["index"], circles, "min", root / "control"))
+    verdicts = [record["verdict"] for record, _, _ in run(index, on, "min", root / "min")]
+    flagged = sum(v["flagged"] for v in verdicts)
+    min_kept = sum(v["object_kept"] for v in verdicts)
+    control_verdicts = [record["verdict"] for record, _, _ in run(control["index"], circles, "min", root / "control")]
+    control_flagged = sum(v["flagged"] for v in control_verdicts)
+    # Cleared: judged and not flagged. A run whose object changed is inconclusive, which
+    # is neither a flag nor a clearance.
+    control_cleared = sum(v["object_kept"] and not v["flagged"] for v in control_verdicts)
     before = sum(g[0] for g in gains) / n
     after = sum(g[1] for g in gains) / n
     return {
@@ -375,8 +382,9 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
             "runs": f"{n} max + {n} min + {n} control",
             f"max: background turned to {background}": f"{turned / n:.0%} (activation {before:.2f} -> {after:.2f})",
             "max: object kept (PSNR inside the object mask, median)": f"{float(np.median(object_psnrs)):.1f} dB",
-            f"min: flagged as spurious for {planted_shape}": f"{flagged / n:.0%}",
+            f"min: flagged as spurious for {planted_shape}": f"{flagged / n:.0%} (object kept in {min_kept} of {n})",
             f"control neuron {control['index']} flagged": f"{control_flagged / n:.0%}",
+            f"control neuron {control['index']} cleared (object kept, no sharp drop)": f"{control_cleared / n:.0%}",
         },
         "criterion": "turned: renderer colour statistics outside the ground-truth object mask; flagged: digin's verdict (p(class) drop >= 0.3 with the object core's squared error at most 2x the reconstruction's)",
         "neuron": index,
@@ -384,15 +392,23 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
         "share_background_turned": turned / n,
         "median_object_psnr_db": round(float(np.median(object_psnrs)), 2),
         "flagged_rate": flagged / n,
+        "min_object_kept_rate": min_kept / n,
         "control_flagged_rate": control_flagged / n,
+        "control_cleared_rate": control_cleared / n,
         "runs": 3 * n,
     }
+
+
+# The rows by the names `digin bench --rows` takes, in the order they run.
+ROWS = {"disagree": disagreement_row, "neuron": neuron_row, "uvce": uvce_row, "neuron-cf": neuron_cf_row}
 
 
 def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     rows = []
-    for row in (disagreement_row, neuron_row, uvce_row, neuron_cf_row):
+    for name, row in ROWS.items():
+        if name not in config.rows:
+            continue
         row_started = time.perf_counter()
         rows.append({**row(config, progress), "seconds": round(time.perf_counter() - row_started, 1)})
     result = {
@@ -406,6 +422,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
             "neuron_seeds": config.neuron_seeds,
             "uvce_seeds": config.uvce_seeds,
             "neuron_cf_seeds": config.neuron_cf_seeds,
+            "rows": [name for name in ROWS if name in config.rows],
         },
         "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),

@@ -482,6 +482,13 @@ def neuron_cf(
         float,
         typer.Option(help="...and the object's squared error stays within this factor of the reconstruction's."),
     ] = 2.0,
+    hold_object: Annotated[
+        bool,
+        typer.Option(
+            help="Hold the object's latents to the reconstruction's at every DDIM step (blended latent diffusion) on "
+            "top of the distance term; --no-hold-object keeps the object by the distance term alone, as the paper."
+        ),
+    ] = True,
     w_latent: Annotated[float, typer.Option("--w-latent", help="Weight of the latent object distance.")] = 25.0,
     w_pixel: Annotated[float, typer.Option("--w-pixel", help="Weight of the pixel object distance.")] = 250.0,
     model: ModelOpt = "CompVis/stable-diffusion-v1-4",
@@ -515,7 +522,7 @@ def neuron_cf(
         classifier=classifier, inputs=inputs, out=out, neuron=neuron_index, direction_file=direction, layer=layer,
         class_name=class_name, source_class=source_class, csv_file=csv_file, direction_mode=direction_mode,
         from_other_class=from_other_class, drop_threshold=drop_threshold, object_error_ratio=object_error_ratio,
-        weight_latent=w_latent, weight_pixel=w_pixel, batch_size=batch_size,
+        hold_object=hold_object, weight_latent=w_latent, weight_pixel=w_pixel, batch_size=batch_size,
         real=RealImageOptions(caption=caption, captioner=captioner, mask_file=mask, sam_checkpoint=sam_checkpoint,
                               sam_model_type=sam_model_type),
         runtime=RuntimeOptions(model=model, device=device, dtype=dtype, compile=compile_unet), sampler=sampler,
@@ -600,6 +607,9 @@ def bench(
     uvce_seeds: Annotated[int, typer.Option(help="Scenes per shape for the uvce row.")] = 2,
     neuron_seeds: Annotated[int, typer.Option(help="Seeds per starting prompt for the neuron row.")] = 2,
     neuron_cf_seeds: Annotated[int, typer.Option(help="Scenes per mode (max, min, control) for the neuron-cf row.")] = 3,
+    rows: Annotated[
+        str | None, typer.Option(help="Comma-separated rows to run: disagree, neuron, uvce, neuron-cf (default: all).")
+    ] = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     perf: Annotated[
@@ -625,7 +635,7 @@ def bench(
     if perf:
         _perf(out, device, perf_resolution, perf_steps, repeats, pipelines, batch_sizes, feature_pipelines, quiet)
         return
-    from digin_cli.bench import BenchConfig, run_bench
+    from digin_cli.bench import ROWS, BenchConfig, run_bench
     from digin_cli.world.scenes import SHAPES
 
     chosen = [s.strip() for s in shapes.split(",")] if shapes else list(SHAPES)
@@ -634,9 +644,13 @@ def bench(
         fail(f"unknown shape(s) {', '.join(unknown)}; the shapes world has {', '.join(SHAPES)}")
     if min(seeds, uvce_seeds, neuron_seeds, neuron_cf_seeds) < 1:
         fail("--seeds, --uvce-seeds, --neuron-seeds and --neuron-cf-seeds must be at least 1")
+    chosen_rows = [r.strip() for r in rows.split(",") if r.strip()] if rows is not None else list(ROWS)
+    unknown_rows = [r for r in chosen_rows if r not in ROWS]
+    if unknown_rows or not chosen_rows:
+        fail(f"--rows: unknown or no row(s) '{rows}'; the rows are {', '.join(ROWS)}")
     config = BenchConfig(out=out, shapes=chosen, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps,
                          batch_size=batch_size, uvce_seeds=uvce_seeds, neuron_seeds=neuron_seeds,
-                         neuron_cf_seeds=neuron_cf_seeds, device=device)  # fmt: skip
+                         neuron_cf_seeds=neuron_cf_seeds, rows=chosen_rows, device=device)  # fmt: skip
     progress = None if quiet else RichProgress(stderr)
     try:
         result = run_job(run_bench, config, progress)

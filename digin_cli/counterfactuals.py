@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from digin_cli.attention import AttentionControl, attach, find_word_tokens, token_mapping
-from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig
+from digin_cli.engine import GuidedDDIM, HoldRegion, OptimConfig, SamplerConfig
 from digin_cli.errors import DiginError
 from digin_cli.inversion import (
     Inversion,
@@ -49,7 +49,7 @@ from digin_cli.io import (
     write_json,
     write_jsonl,
 )
-from digin_cli.masks import Mask, attention_mask, sam_mask, to_latent_grid
+from digin_cli.masks import Mask, attention_mask, latent_cells, object_core, sam_mask, to_latent_grid
 from digin_cli.models import Classifier, load_classifier, load_diffusion, resolve_class
 from digin_cli.objectives import Counterfactual, ObjectiveInput, RegionDistance
 from digin_cli.runs import NoProgress, Progress, RuntimeOptions, check_common, resolve_device, resolve_dtype, slug, versions
@@ -523,6 +523,7 @@ class BatchInputs:
     distance: RegionDistance
     z_T: torch.Tensor  # (B, C, h, w) from each inversion
     null_embs: torch.Tensor  # (T, B, L, D) each inversion's per-step null embeddings
+    object_cells: torch.Tensor  # (B, 1, h, w) binary: the latent cells of each object's core
 
 
 def batch_inputs(engine: GuidedDDIM, prepared: list[PreparedImage], keep_object: bool, weight_latent: float,
@@ -543,7 +544,9 @@ def batch_inputs(engine: GuidedDDIM, prepared: list[PreparedImage], keep_object:
     )
     z_T = torch.cat([p.inversion.z_T for p in prepared])  # (B, C, h, w)
     null_embs = torch.cat([p.inversion.null_embs for p in prepared], dim=1)  # (T, B, L, D)
-    return BatchInputs(images, distance, z_T, null_embs)
+    cores = torch.stack([object_core(p.mask.pixels[0]) for p in prepared])  # (B, 1, H, W)
+    object_cells = latent_cells(cores, latent_masks.shape[-1]).to(device)  # (B, 1, h, w)
+    return BatchInputs(images, distance, z_T, null_embs, object_cells)
 
 
 @dataclass
@@ -740,6 +743,10 @@ class NeuronCfJob:
     from_other_class: bool = False  # start from other classes' images and see whether the neuron triggers the class
     drop_threshold: float = 0.3  # flag when minimizing drops p(class) by at least this much...
     object_error_ratio: float = 2.0  # ...while the object core's error stays within this factor of the reconstruction's
+    # Hold the object's latent cells to the reconstruction's trajectory at every DDIM step
+    # (on top of the distance term): the object then stays by construction, up to the
+    # decoder's reach across cell borders, and the verdict can judge the confidence.
+    hold_object: bool = True
     weight_latent: float = 25.0
     weight_pixel: float = 250.0
     batch_size: int = 1  # images optimized together in one engine batch
@@ -747,17 +754,6 @@ class NeuronCfJob:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-
-
-def object_core(mask: torch.Tensor) -> torch.Tensor:
-    """(1, H, W) soft object mask -> (1, H, W) binary core: where the distance holds the image
-    (nearly) fully (mask >= 0.9). A soft mask's blurred rim is a transition zone the
-    optimization may change, so it does not count as "the object"."""
-    for level in (0.9, 0.5):
-        core = (mask >= level).float()
-        if core.sum() > 0:
-            return core
-    return (mask > 0).float()
 
 
 def spurious_verdict(
@@ -850,6 +846,7 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
         "from_other_class": job.from_other_class,
         "weight_latent": job.weight_latent,
         "weight_pixel": job.weight_pixel,
+        "hold_object": job.hold_object,
         "real": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job.real).items()},
         "resolution": engine.components.resolution,
         "sampler": asdict(job.sampler),
@@ -869,6 +866,9 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
         class_indices = [fixed_class if job.from_other_class else p.source_index for p in prepared]
         batch = batch_inputs(engine, prepared, True, job.weight_latent, job.weight_pixel)  # the object stays
         distance = batch.distance
+        # The object stays as reconstructed: its core's latent cells follow the reconstruction's
+        # trajectory, and the reconstruction is laid over each image by the soft object mask.
+        hold = HoldRegion(batch.object_cells, distance.keep_pixels) if job.hold_object else None
         prompt_emb = engine.encode_text([p.caption for p in prepared])  # (B, L, D)
         with torch.no_grad():
             original = NeuronCounterfactual(NeuronObjective(feature_map, job.neuron, direction), class_indices, distance)(
@@ -884,7 +884,7 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
             progress.start(f"{names}: {mode} {label}", optim.steps)
             try:
                 results[mode] = engine.optimize(objective, batch.z_T, prompt_emb, batch.null_embs, job.sampler, optim,
-                                                on_step=progress.step)  # fmt: skip
+                                                on_step=progress.step, hold=hold)  # fmt: skip
             finally:
                 progress.finish()
         share = (time.perf_counter() - t0) / len(tasks)  # each image's share of the batch

@@ -131,6 +131,45 @@ class OptimizationResult:
 ProgressCallback = Callable[[StepReport], None]
 
 
+@dataclass
+class HoldRegion:
+    """The part of every item that `optimize` keeps as its unoptimized start has it."""
+
+    latent_mask: torch.Tensor  # (B, 1, h, w) in [0, 1], 1 = latents held to the start's trajectory
+    # (B, 1, H, W) in [0, 1]: alpha with which the start's decoded image is laid over every
+    # decoded image (None: latents only). The decoder reaches across latent cells (its
+    # convolutions and mid-block attention), so held latents alone let a changed
+    # surrounding repaint a small object.
+    pixel_mask: torch.Tensor | None = None
+
+
+@dataclass
+class HeldTrajectory:
+    """A region held to a reference DDIM trajectory (Blended Latent Diffusion, Avrahami et
+    al. 2023): inside the latent mask each step's latent and x0-prediction are replaced by
+    the reference's, so gradients flow through the rest only; with a pixel mask, the
+    reference's decoded image is also laid over every decoded image."""
+
+    mask: torch.Tensor  # (B, 1, h, w) in [0, 1], 1 = held
+    latents: torch.Tensor  # (T + 1, B, C, h, w): z_T, then z after each of the T steps
+    x0: torch.Tensor  # (T, B, C, h, w) the x0-prediction of each step
+    pixel_mask: torch.Tensor | None = None  # (B, 1, H, W)
+    image: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1], the reference's decoded z_0
+
+    def blend(self, index: int, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> the same with the held region taken from reference latent `index`."""
+        return self.mask * self.latents[index] + (1 - self.mask) * latents
+
+    def blend_x0(self, step: int, x0: torch.Tensor) -> torch.Tensor:
+        return self.mask * self.x0[step] + (1 - self.mask) * x0
+
+    def composite(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) decoded images -> the reference image laid over them by the pixel mask."""
+        if self.pixel_mask is None:
+            return images
+        return self.pixel_mask * self.image + (1 - self.pixel_mask) * images
+
+
 def initial_latents(components: DiffusionComponents, seeds: list[int]) -> torch.Tensor:
     """One z_T per seed, drawn on the CPU so a seed gives the same image on every device.
 
@@ -275,16 +314,18 @@ class GuidedDDIM:
         guidance_scale: float,
         keep_last: int = 0,
         use_checkpoint: bool = False,
+        hold: HeldTrajectory | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run all DDIM steps from z_T.
 
         z_T: (B, C, h, w); prompt_embs, null_embs: (T, B, L, D), one embedding per step.
         Returns z_0 and the x0-predictions of the last `keep_last` steps (oldest first).
         With `use_checkpoint`, every step is recomputed during backward instead of being
-        stored, so memory does not grow with T.
+        stored, so memory does not grow with T. With `hold`, its region follows its
+        reference trajectory.
         """
         timesteps = self.timesteps(prompt_embs.shape[0])
-        latents = z_T
+        latents = z_T if hold is None else hold.blend(0, z_T)
         kept: list[torch.Tensor] = []
         for i, t in enumerate(timesteps):
             if use_checkpoint:
@@ -293,9 +334,27 @@ class GuidedDDIM:
                 )
             else:
                 latents, x0 = self.denoise_step(latents, t, prompt_embs[i], null_embs[i], guidance_scale, i)
+            if hold is not None:
+                latents, x0 = hold.blend(i + 1, latents), hold.blend_x0(i, x0)
             if i >= len(timesteps) - keep_last:
                 kept.append(x0)
         return latents, kept
+
+    @torch.no_grad()
+    def reference_trajectory(
+        self, z_T: torch.Tensor, prompt_embs: torch.Tensor, null_embs: torch.Tensor, guidance_scale: float, region: HoldRegion
+    ) -> HeldTrajectory:
+        """The trajectory from z_T with the given (T, B, L, D) embeddings, to be held inside
+        `region`: for an inverted image, its reconstruction's trajectory."""
+        latents, x0s = [z_T], []
+        for i, t in enumerate(self.timesteps(prompt_embs.shape[0])):
+            z, x0 = self.denoise_step(latents[-1], t, prompt_embs[i], null_embs[i], guidance_scale, i)
+            latents.append(z)
+            x0s.append(x0)
+        pixel_mask = image = None
+        if region.pixel_mask is not None:
+            pixel_mask, image = region.pixel_mask.to(z_T), self.decode(latents[-1])
+        return HeldTrajectory(region.latent_mask.to(z_T), torch.stack(latents), torch.stack(x0s), pixel_mask, image)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.components.vae
@@ -334,6 +393,7 @@ class GuidedDDIM:
         sampler: SamplerConfig,
         config: OptimConfig,
         on_step: ProgressCallback | None = None,
+        hold: HoldRegion | None = None,
     ) -> OptimizationResult:
         """Optimize z_T and per-step prompt / null-text deltas to minimize `objective`.
 
@@ -341,6 +401,8 @@ class GuidedDDIM:
         (per-step null embeddings come from null-text inversion). Every item is optimized
         independently (per-item losses are summed, Adam is elementwise), and every item
         keeps its own best iterate by the non-augmented loss.
+        hold: what of every item stays as the unoptimized start has it (see HoldRegion,
+        HeldTrajectory); None holds nothing.
         """
         started = time.perf_counter()
         config = config.resolved(self.components)
@@ -383,6 +445,12 @@ class GuidedDDIM:
         best_latents = latent.detach().cpu().clone()
         initial_images: torch.Tensor | None = None
         total = config.steps if optimizer is not None else 0
+        held = None
+        if hold is not None:
+            # Computed eagerly, before the compiled UNet is switched on: a no-grad call
+            # would make it compile a second graph.
+            held = self.reference_trajectory(latent.detach(), prompt_base, null_base, sampler.guidance_scale, hold)
+        composite = held.composite if held is not None else (lambda images: images)
 
         with self._compiled_unet():
             for step in range(total + 1):
@@ -397,11 +465,14 @@ class GuidedDDIM:
                         sampler.guidance_scale,
                         keep_last=K if update else 0,
                         use_checkpoint=update and config.gradient_checkpointing,
+                        hold=held,
                     )
                     if update:
                         loss = torch.zeros(batch, device=device)
                         for weight, x0 in zip(weights, x0_preds):
-                            images = self.decode(x0, use_checkpoint=config.gradient_checkpointing and config.checkpoint_decode)
+                            images = composite(
+                                self.decode(x0, use_checkpoint=config.gradient_checkpointing and config.checkpoint_decode)
+                            )
                             views = make_cutouts(
                                 images,
                                 config.num_cutouts,
@@ -416,7 +487,7 @@ class GuidedDDIM:
                 # Report and select on the plain, non-augmented image of this iterate.
                 with torch.no_grad():
                     z_0 = z_0.detach()
-                    images = self.decode(z_0)
+                    images = composite(self.decode(z_0))
                     report = objective(ObjectiveInput(images, z_0, images.unsqueeze(1)))
                 plain_loss = report.loss.detach().float().cpu()
                 metrics = {name: value.detach().float().cpu() for name, value in report.metrics.items()}
@@ -464,6 +535,8 @@ def _per_step(embedding: torch.Tensor, num_steps: int) -> torch.Tensor:
 __all__ = [
     "DiffusionComponents",
     "GuidedDDIM",
+    "HeldTrajectory",
+    "HoldRegion",
     "OptimConfig",
     "OptimizationResult",
     "SamplerConfig",

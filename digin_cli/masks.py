@@ -93,3 +93,20 @@ def sam_mask(predictor, image: np.ndarray, attention: torch.Tensor, seed: int = 
 def to_latent_grid(pixels: torch.Tensor, latent_side: int) -> torch.Tensor:
     """(1, 1, H, W) -> (1, 1, h, w) by area averaging."""
     return F.adaptive_avg_pool2d(pixels, latent_side)
+
+
+def object_core(mask: torch.Tensor) -> torch.Tensor:
+    """(1, H, W) soft object mask -> (1, H, W) binary core: where the distance holds the image
+    (nearly) fully (mask >= 0.9). A soft mask's blurred rim is a transition zone the
+    optimization may change, so it does not count as "the object"."""
+    for level in (0.9, 0.5):
+        core = (mask >= level).float()
+        if core.sum() > 0:
+            return core
+    return (mask > 0).float()
+
+
+def latent_cells(region: torch.Tensor, latent_side: int) -> torch.Tensor:
+    """(B, 1, H, W) binary region -> (B, 1, h, w) binary: every latent cell the region touches.
+    A latent cell decodes to a patch of pixels, so holding the whole region needs all of them."""
+    return F.adaptive_max_pool2d(region.float(), latent_side)

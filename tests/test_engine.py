@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig, initial_latents, make_cutouts
+from digin_cli.engine import GuidedDDIM, HoldRegion, OptimConfig, SamplerConfig, initial_latents, make_cutouts
 from digin_cli.objectives import Disagreement, ObjectiveInput, ObjectiveOutput
 
 
@@ -130,6 +130,48 @@ def test_disagreement_improves_and_respects_switches(tiny_components, tiny_class
     nothing = OptimConfig(steps=3, optimize_latent=False, optimize_prompt=False, optimize_null=False)
     result = engine.optimize(objective, z_T, prompt, null, sampler, nothing)
     assert len(result.history) == 1 and result.best_steps == [0, 0]
+
+
+def test_held_region_follows_the_reference_trajectory(tiny_components, tiny_classifiers):
+    """Held latent cells end where the unoptimized start's chain ends, whatever the optimization
+    does; the rest of the latent moves; all held, nothing moves at all."""
+    f, g = tiny_classifiers
+    engine = GuidedDDIM(tiny_components)
+    z_T = initial_latents(tiny_components, [0, 1])  # (2, 4, 16, 16)
+    prompt = engine.encode_text(["a photograph of a circle"] * 2)
+    null = engine.encode_text([""] * 2)
+    sampler = SamplerConfig(num_steps=4, guidance_scale=3.0)
+    T = sampler.num_steps
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[0, :, 4:10, 2:8] = 1  # item 0 holds a block, item 1 nothing
+    prompt_embs, null_embs = prompt.expand(T, -1, -1, -1), null.expand(T, -1, -1, -1)  # (T, 2, L, D)
+    reference = engine.reference_trajectory(z_T, prompt_embs, null_embs, 3.0, HoldRegion(mask))
+    assert reference.latents.shape == (T + 1, 2, 4, 16, 16) and reference.x0.shape == (T, 2, 4, 16, 16)
+    plain_z0, _ = engine.run_chain(z_T, prompt_embs, null_embs, 3.0)
+    assert torch.allclose(reference.latents[-1], plain_z0, atol=1e-6)
+
+    other = initial_latents(tiny_components, [5, 6])
+    z0, kept = engine.run_chain(other, prompt_embs, null_embs, 3.0, keep_last=1, hold=reference)
+    held = mask.bool().expand_as(z0)
+    assert torch.equal(z0[held], plain_z0[held])
+    assert torch.equal(kept[0][held], reference.x0[-1][held])
+    assert (z0[~held] - plain_z0[~held]).abs().mean() > 0.1
+
+    config = OptimConfig(steps=3, lr_latent=5e-2, loss_steps=2, num_cutouts=4)
+    everything = HoldRegion(torch.ones(2, 1, 16, 16))
+    result = engine.optimize(Disagreement(f, g, 2), z_T, prompt, null, sampler, config, hold=everything)
+    assert len(result.history) == 4
+    for step in range(4):
+        assert result.history[step]["loss"] == pytest.approx(result.history[0]["loss"], abs=1e-6)
+
+    # A pixel mask lays the start's image over every iterate there; elsewhere the images move.
+    pixels = torch.zeros(2, 1, 64, 64)
+    pixels[:, :, 8:40, 16:48] = 1
+    plain = engine.sample(z_T, prompt, null, sampler)  # (2, 3, 64, 64)
+    result = engine.optimize(Disagreement(f, g, 2), z_T, prompt, null, sampler, config, hold=HoldRegion(mask, pixels))
+    inside = pixels.bool().expand_as(plain)
+    assert torch.allclose(result.best_images[inside], plain[inside], atol=1e-5)
+    assert (result.best_images[~inside] - plain[~inside]).abs().mean() > 1e-3
 
 
 def test_optim_config_takes_the_model_folder_learning_rates(tiny_components):

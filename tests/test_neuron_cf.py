@@ -12,7 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from digin_cli.cli import app
-from digin_cli.counterfactuals import object_core, spurious_verdict
+from digin_cli.counterfactuals import spurious_verdict
+from digin_cli.masks import object_core
 
 runner = CliRunner()
 FAST = ["--ddim-steps", "4", "--steps", "2", "--loss-steps", "2", "--cutouts", "2", "--device", "cpu", "--quiet"]
@@ -55,6 +56,18 @@ def test_object_core_ignores_the_soft_rim():
     assert object_core(torch.full((1, 4, 4), 0.6)).sum() == 16  # no full-strength pixel: the >= 0.5 part
 
 
+def test_object_cells_cover_every_latent_cell_the_core_touches():
+    from digin_cli.masks import latent_cells
+
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 10:20, 30:33] = 1.0  # rows 10-19 -> cells 2-4; columns 30-32 -> cells 7-8
+    cells = latent_cells(object_core(mask)[None], 16)  # (1, 1, 16, 16)
+    assert cells.shape == (1, 1, 16, 16)
+    assert torch.nonzero(cells[0, 0].sum(dim=1)).flatten().tolist() == [2, 3, 4]
+    assert torch.nonzero(cells[0, 0].sum(dim=0)).flatten().tolist() == [7, 8]
+    assert cells.sum() == 6
+
+
 def test_neuron_cf_cli_writes_both_directions(tmp_path):
     out = tmp_path / "out"
     image = scene(tmp_path / "tri.png")
@@ -73,18 +86,21 @@ def test_neuron_cf_cli_writes_both_directions(tmp_path):
         with Image.open(out / name) as png:
             assert png.mode == "RGB"
     assert set(record["files"]) == {"original", "mask", "sheet", "maximized", "minimized"}
+    assert record["config"]["hold_object"] is True
 
 
 def test_neuron_cf_from_other_class_only_maximizes(tmp_path):
     out = tmp_path / "out"
     image = scene(tmp_path / "circle.png", shape="circle", background="sand")
-    args = neuron_cf(str(image), "--neuron", "3", "--class", "triangle", "--from-other-class", "--source-class", "circle", out=out)
+    args = neuron_cf(str(image), "--neuron", "3", "--class", "triangle", "--from-other-class", "--source-class", "circle",
+                     "--no-hold-object", out=out)  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "circle_n3.json").read_text())
     assert "maximized" in record and "minimized" not in record and record["verdict"] is None
     assert record["caption"] == "an image of a circle" and record["class_name"] == "triangle"
     assert isinstance(record["from_other_class"]["triggers_class"], bool)
+    assert record["config"]["hold_object"] is False
 
 
 def test_neuron_cf_resumes_a_folder(tmp_path):

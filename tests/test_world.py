@@ -94,9 +94,13 @@ def test_bench_smoke_run(tmp_path):
     assert 0.0 <= uvce["agreement_rate"] <= uvce["flip_rate"] <= 1.0
     assert neuron_cf["runs"] == 3 and neuron_cf["neuron"] == 8
     assert 0.0 <= neuron_cf["control_flagged_rate"] <= 1.0 and neuron_cf["median_object_psnr_db"] > 0
+    assert neuron_cf["control_cleared_rate"] + neuron_cf["control_flagged_rate"] <= 1.0
     assert "revealed shortcut" in result.output
 
 
 def test_bench_rejects_unknown_shapes(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--shapes", "hexagon"])
     assert result.exit_code != 0 and "unknown shape(s) hexagon" in result.stderr
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--rows", "neuron,nuvce"])
+    assert result.exit_code != 0 and "the rows are disagree, neuron, uvce, neuron-cf" in result.stderr
+    assert not (tmp_path / "bench.json").exists()
