@@ -603,7 +603,7 @@ def bench(
     seeds: Annotated[int, typer.Option(help="Runs (seeds) per shape.")] = 4,
     steps: StepsOpt = 20,
     ddim_steps: DdimStepsOpt = 20,
-    batch_size: BatchOpt = 4,
+    batch_size: BatchOpt = 8,
     uvce_seeds: Annotated[int, typer.Option(help="Scenes per shape for the uvce row.")] = 2,
     neuron_seeds: Annotated[int, typer.Option(help="Seeds per starting prompt for the neuron row.")] = 2,
     neuron_cf_seeds: Annotated[int, typer.Option(help="Scenes per mode (max, min, control) for the neuron-cf row.")] = 3,

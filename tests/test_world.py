@@ -104,3 +104,22 @@ def test_bench_rejects_unknown_shapes(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--rows", "neuron,nuvce"])
     assert result.exit_code != 0 and "the rows are disagree, neuron, uvce, neuron-cf" in result.stderr
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_runs_only_the_chosen_rows(tmp_path, monkeypatch):
+    from digin_cli import bench
+
+    ran = []
+
+    def fake(name):
+        def row(config, progress=None):
+            ran.append(name)
+            return {"row": name, "headline": {}}
+
+        return row
+
+    monkeypatch.setattr(bench, "ROWS", {name: fake(name) for name in bench.ROWS})
+    result = bench.run_bench(bench.BenchConfig(out=tmp_path, rows=["neuron-cf", "disagree"]))
+    assert ran == ["disagree", "neuron-cf"]  # in the benchmark's order, not the option's
+    assert [row["row"] for row in result["rows"]] == ran and result["config"]["rows"] == ran
+    assert json.loads((tmp_path / "bench.json").read_text())["config"]["rows"] == ran
