@@ -405,12 +405,11 @@ ROWS = {"disagree": disagreement_row, "neuron": neuron_row, "uvce": uvce_row, "n
 
 def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     started = time.perf_counter()
+    chosen = [name for name in ROWS if name in config.rows]  # in the benchmark's order
     rows = []
-    for name, row in ROWS.items():
-        if name not in config.rows:
-            continue
+    for name in chosen:
         row_started = time.perf_counter()
-        rows.append({**row(config, progress), "seconds": round(time.perf_counter() - row_started, 1)})
+        rows.append({**ROWS[name](config, progress), "seconds": round(time.perf_counter() - row_started, 1)})
     result = {
         "benchmark": "shapes world, judged by ground truth",
         "config": {
@@ -422,7 +421,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
             "neuron_seeds": config.neuron_seeds,
             "uvce_seeds": config.uvce_seeds,
             "neuron_cf_seeds": config.neuron_cf_seeds,
-            "rows": [name for name in ROWS if name in config.rows],
+            "rows": chosen,
         },
         "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),

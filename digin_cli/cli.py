@@ -485,8 +485,9 @@ def neuron_cf(
     hold_object: Annotated[
         bool,
         typer.Option(
-            help="Hold the object's latents to the reconstruction's at every DDIM step (blended latent diffusion) on "
-            "top of the distance term; --no-hold-object keeps the object by the distance term alone, as the paper."
+            help="Hold the object as reconstructed, on top of the distance term: its latents follow the reconstruction's "
+            "at every DDIM step (blended latent diffusion) and the reconstruction is laid over each image by the mask; "
+            "--no-hold-object keeps the object by the distance term alone, as the paper."
         ),
     ] = True,
     w_latent: Annotated[float, typer.Option("--w-latent", help="Weight of the latent object distance.")] = 25.0,

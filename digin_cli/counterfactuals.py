@@ -523,7 +523,6 @@ class BatchInputs:
     distance: RegionDistance
     z_T: torch.Tensor  # (B, C, h, w) from each inversion
     null_embs: torch.Tensor  # (T, B, L, D) each inversion's per-step null embeddings
-    object_cells: torch.Tensor  # (B, 1, h, w) binary: the latent cells of each object's core
 
 
 def batch_inputs(engine: GuidedDDIM, prepared: list[PreparedImage], keep_object: bool, weight_latent: float,
@@ -544,9 +543,7 @@ def batch_inputs(engine: GuidedDDIM, prepared: list[PreparedImage], keep_object:
     )
     z_T = torch.cat([p.inversion.z_T for p in prepared])  # (B, C, h, w)
     null_embs = torch.cat([p.inversion.null_embs for p in prepared], dim=1)  # (T, B, L, D)
-    cores = torch.stack([object_core(p.mask.pixels[0]) for p in prepared])  # (B, 1, H, W)
-    object_cells = latent_cells(cores, latent_masks.shape[-1]).to(device)  # (B, 1, h, w)
-    return BatchInputs(images, distance, z_T, null_embs, object_cells)
+    return BatchInputs(images, distance, z_T, null_embs)
 
 
 @dataclass
@@ -743,9 +740,10 @@ class NeuronCfJob:
     from_other_class: bool = False  # start from other classes' images and see whether the neuron triggers the class
     drop_threshold: float = 0.3  # flag when minimizing drops p(class) by at least this much...
     object_error_ratio: float = 2.0  # ...while the object core's error stays within this factor of the reconstruction's
-    # Hold the object's latent cells to the reconstruction's trajectory at every DDIM step
-    # (on top of the distance term): the object then stays by construction, up to the
-    # decoder's reach across cell borders, and the verdict can judge the confidence.
+    # Hold the object (on top of the distance term): its core's latent cells follow the
+    # reconstruction's trajectory at every DDIM step and the reconstruction is laid over
+    # every decoded image by the soft mask, so the object stays by construction and the
+    # verdict judges the confidence.
     hold_object: bool = True
     weight_latent: float = 25.0
     weight_pixel: float = 250.0
@@ -866,9 +864,14 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
         class_indices = [fixed_class if job.from_other_class else p.source_index for p in prepared]
         batch = batch_inputs(engine, prepared, True, job.weight_latent, job.weight_pixel)  # the object stays
         distance = batch.distance
-        # The object stays as reconstructed: its core's latent cells follow the reconstruction's
-        # trajectory, and the reconstruction is laid over each image by the soft object mask.
-        hold = HoldRegion(batch.object_cells, distance.keep_pixels) if job.hold_object else None
+        # Each object's core: held with --hold-object, and where the verdict judges "kept".
+        cores = torch.stack([object_core(p.mask.pixels[0]) for p in prepared])  # (B, 1, H, W)
+        hold = None
+        if job.hold_object:
+            # The object stays as reconstructed: its core's latent cells follow the reconstruction's
+            # trajectory, and the reconstruction is laid over each image by the soft object mask.
+            latent_side = batch.z_T.shape[-1]
+            hold = HoldRegion(latent_cells(cores, latent_side).to(engine.device), distance.keep_pixels)
         prompt_emb = engine.encode_text([p.caption for p in prepared])  # (B, L, D)
         with torch.no_grad():
             original = NeuronCounterfactual(NeuronObjective(feature_map, job.neuron, direction), class_indices, distance)(
@@ -889,15 +892,15 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
                 progress.finish()
         share = (time.perf_counter() - t0) / len(tasks)  # each image's share of the batch
         return [
-            write_item(task, class_indices[b], {k: float(v[b]) for k, v in original.items()}, results, b, share)
+            write_item(task, class_indices[b], {k: float(v[b]) for k, v in original.items()}, results, b, cores[b], share)
             for b, task in enumerate(tasks)
         ]
 
-    def write_item(task: Task, class_index: int, original: dict[str, float], results: dict, b: int, share: float) -> dict[str, Any]:
+    def write_item(task: Task, class_index: int, original: dict[str, float], results: dict, b: int, core: torch.Tensor,
+                   share: float) -> dict[str, Any]:  # fmt: skip
         """Verdict, files, record and summary entry of item b of a batch."""
         prepared, stem, item = task.prepared, task.stem, task.item
         class_name = classifier.class_names[class_index]
-        core = object_core(prepared.mask.pixels[0])  # (1, H, W)
         reconstruction_core_psnr = masked_psnr(prepared.reconstruction[0], prepared.image[0], core)
         measured = {}
         for mode in modes:
