@@ -8,12 +8,12 @@ the guided forward trajectory lands on the DDIM-inversion trajectory. The result
 z_T plus one null embedding per step, reconstructs the image under the same guidance
 scale the counterfactual is sampled with.
 
-Like the engine, this knows nothing of files; caching lives in ``runs.py``.
+Like the engine, this knows nothing of files; the cache of inversions lives in
+``tasks/real_images.py``.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler
 
-from digin_cli.engine import GuidedDDIM, SamplerConfig
+from digin_cli.engine import REFERENCE_LR_EMBEDDING, GuidedDDIM, SamplerConfig
+from digin_cli.metrics import psnr
 
 
 @dataclass
@@ -46,21 +47,6 @@ class Inversion:
     seconds: float
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [0, 1]."""
-    mse = F.mse_loss(a.float(), b.float()).item()
-    return 100.0 if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def masked_psnr(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> float:
-    """PSNR in dB over the pixels `weight` (1, H, W) selects (soft weights allowed); images (3, H, W) in [0, 1]."""
-    total = weight.sum() * a.shape[0]
-    if total <= 0:
-        return float("nan")
-    mse = float(((a.float() - b.float()).square() * weight).sum() / total)
-    return 100.0 if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 @torch.no_grad()
 def encode_image(engine: GuidedDDIM, image: torch.Tensor) -> torch.Tensor:
     """(1, 3, H, W) in [0, 1] -> latents (1, C, h, w) (posterior mean, times the VAE scaling)."""
@@ -81,14 +67,11 @@ def ddim_inversion(engine: GuidedDDIM, latents: torch.Tensor, prompt_emb: torch.
     return trajectory
 
 
-REFERENCE_LR = 1e-2
-
-
 def resolved_lr(engine: GuidedDDIM, config: InversionConfig) -> float:
     """The null-text learning rate: given, else the model's digin.json default, else the reference."""
     if config.lr is not None:
         return config.lr
-    return float(engine.components.settings.get("inversion_lr", REFERENCE_LR))
+    return float(engine.components.settings.get("inversion_lr", REFERENCE_LR_EMBEDDING))
 
 
 def null_text_inversion(

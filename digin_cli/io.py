@@ -1,4 +1,4 @@
-"""The one module that reads and writes files: images, labelled sheets, JSON, the cache.
+"""The one module that reads and writes files: images, masks, JSON, tensors, the cache.
 
 Every output is written to a temporary file in the same folder and renamed into
 place, so an interrupted run never leaves a half-written PNG or JSON behind.
@@ -10,17 +10,13 @@ import json
 import os
 import pickle
 import tempfile
-import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
-
-SHEET_MIN_SIDE = 256  # small images are upscaled (nearest) so labels and pixels stay readable
-
+from PIL import Image, ImageOps
 
 def cache_dir() -> Path:
     """$DIGIN_CACHE, else $XDG_CACHE_HOME/digin, else ~/.cache/digin."""
@@ -56,44 +52,6 @@ def save_png(image: torch.Tensor | Image.Image, path: Path) -> None:
 def write_json(data: Any, path: Path) -> None:
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def labelled_sheet(panels: Sequence[tuple[torch.Tensor, Sequence[str]]], title: str = "") -> Image.Image:
-    """Images side by side, each with lines of text under it, and an optional title on top.
-
-    panels: [(image (3, H, W) in [0, 1], [label line, ...]), ...]
-    """
-    images = [to_pil(image) for image, _ in panels]
-    scale = max(1, -(-SHEET_MIN_SIDE // min(images[0].size)))  # ceil division
-    images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
-    font = _font(14)
-    line_height = 18
-    pad = 8
-    label_lines = max(len(lines) for _, lines in panels)
-    width = sum(im.width for im in images) + pad * (len(images) + 1)
-    # Wrap the title to the sheet's width (measured in the font), so it is never cut off.
-    title_lines = textwrap.wrap(title, width=max(10, int((width - 2 * pad) / max(1.0, font.getlength("m") * 0.8))))
-    title_height = line_height * len(title_lines) + pad if title else 0
-    height = title_height + max(im.height for im in images) + label_lines * line_height + 2 * pad + pad
-    sheet = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, line in enumerate(title_lines):
-        draw.text((pad, pad + k * line_height), line, fill="black", font=font)
-    x = pad
-    for im, (_, lines) in zip(images, panels):
-        y = title_height + pad
-        sheet.paste(im, (x, y))
-        for k, line in enumerate(lines):
-            draw.text((x, y + im.height + pad // 2 + k * line_height), line, fill="black", font=font)
-        x += im.width + pad
-    return sheet
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        return ImageFont.load_default()
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -215,3 +173,12 @@ def merge_summary_parts(parts: Path, summary: Path, order: Callable[[dict[str, A
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         entries = [entry for part in sorted(parts.glob("*.jsonl")) for entry in read_jsonl(part)]
         write_jsonl(sorted(entries, key=order), summary)
+
+
+def load_vector_file(path: Path) -> Any:
+    """What a .npy (numpy, no pickles) or .pt (torch, weights only) file holds; .npy arrays as tensors.
+
+    Raises whatever numpy or torch raise on an unreadable file; callers name the option."""
+    if Path(path).suffix == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    return torch.load(path, map_location="cpu", weights_only=True)

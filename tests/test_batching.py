@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from digin_cli.attention import AttentionControl
 from digin_cli.cli import app
-from digin_cli.counterfactuals import read_csv
+from digin_cli.tasks.folder_runs import read_csv
 from digin_cli.engine import make_cutouts
 from digin_cli.errors import DiginError
 from digin_cli.objectives import Counterfactual, NeuronCounterfactual, NeuronObjective, FeatureMap, ObjectiveInput, RegionDistance

@@ -177,7 +177,7 @@ def test_held_region_follows_the_reference_trajectory(tiny_components, tiny_clas
 def test_optim_config_takes_the_model_folder_learning_rates(tiny_components):
     import dataclasses
 
-    from digin_cli.models.builtin import SMALL_MODEL_SETTINGS
+    from digin_cli.models.sd_parts import SMALL_MODEL_SETTINGS
 
     resolved = OptimConfig().resolved(tiny_components, view_size=32)
     assert resolved.lr_prompt == SMALL_MODEL_SETTINGS["prompt_lr"] and resolved.lr_null == SMALL_MODEL_SETTINGS["null_lr"]

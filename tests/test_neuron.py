@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from digin_cli.cli import app
 from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig, initial_latents
 from digin_cli.objectives import FeatureMap, NeuronObjective, redirected_relus
-from digin_cli.runs import select_prompt
+from digin_cli.tasks.neuron import select_prompt
 
 runner = CliRunner()
 FAST = ["--ddim-steps", "4", "--steps", "2", "--loss-steps", "2", "--cutouts", "2", "--device", "cpu", "--quiet"]

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from digin_cli.cli import app
-from digin_cli.counterfactuals import spurious_verdict
+from digin_cli.tasks.neuron_cf import spurious_verdict
 from digin_cli.masks import object_core
 
 runner = CliRunner()

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from digin_cli.cli import app
 from digin_cli.engine import GuidedDDIM, OptimConfig
-from digin_cli.perf import build_sd1_random, time_optimization_step
+from digin_cli.bench.perf import time_optimization_step
+from digin_cli.models.sd_parts import build_sd1_random
 
 
 def test_perf_smoke_run_writes_every_figure(tmp_path):

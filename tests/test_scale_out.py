@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digin_cli.counterfactuals import Shard, WorkItem
+from digin_cli.tasks.folder_runs import Shard, WorkItem
 from digin_cli.errors import DiginError
 
 FAST = ["--ddim-steps", "4", "--steps", "1", "--loss-steps", "1", "--cutouts", "2", "--device", "cpu", "--quiet"]

@@ -14,9 +14,11 @@ from typer.testing import CliRunner
 
 from digin_cli.attention import AttentionControl, TokenSpan, attach, find_word_tokens, token_mapping
 from digin_cli.cli import app
-from digin_cli.counterfactuals import RealImageOptions, invert_cached, prepare_image, swap_class
+from digin_cli.tasks.real_images import RealImageOptions, invert_cached, prepare_image
+from digin_cli.tasks.uvce import swap_class
 from digin_cli.engine import GuidedDDIM, SamplerConfig
-from digin_cli.inversion import InversionConfig, null_text_inversion, psnr
+from digin_cli.inversion import InversionConfig, null_text_inversion
+from digin_cli.metrics import psnr
 from digin_cli.io import ImageReadError, load_image, load_mask
 from digin_cli.masks import attention_mask, sam_mask, sample_points, squash_attention
 

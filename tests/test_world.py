@@ -107,7 +107,7 @@ def test_bench_rejects_unknown_shapes(tmp_path):
 
 
 def test_bench_runs_only_the_chosen_rows(tmp_path, monkeypatch):
-    from digin_cli import bench
+    from digin_cli.bench import quality as bench
 
     ran = []
 

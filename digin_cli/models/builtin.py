@@ -21,6 +21,15 @@ from digin_cli.errors import DiginError
 from digin_cli.io import cache_dir
 from digin_cli.models.classifiers import BUILTIN_CLASSIFIER_LOADERS, Classifier, load_classifier
 from digin_cli.models.diffusion import BUILTIN_DIFFUSION_MODELS
+from digin_cli.models.sd_parts import (
+    assemble_pipeline,
+    clip_text_encoder,
+    clip_tokenizer,
+    sd_v1_scheduler,
+    small_unet,
+    small_vae,
+    write_model_settings,
+)
 
 TINY_CLASSES = ["circle", "square", "triangle", "star"]
 TINY_CLASSIFIERS = {"f": 1, "g": 2}  # name -> init seed
@@ -28,129 +37,16 @@ TINY_CLASSIFIER_SIZE = 64  # the tiny pipeline's resolution: no upsampling to ti
 TINY_VERSION = "v6"  # bump when the recipe below changes, so old caches are not reused
 
 
-def clip_tokenizer_files(folder: Path) -> None:
-    """Write the real CLIP BPE vocabulary (shipped inside open_clip) as vocab.json + merges.txt.
-
-    open_clip names the special tokens <start_of_text>/<end_of_text>; Stable Diffusion's
-    tokenizer calls them <|startoftext|>/<|endoftext|> (ids 49406/49407), so rename them.
-    """
-    from open_clip.tokenizer import SimpleTokenizer
-
-    bpe = SimpleTokenizer()
-    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {rename.get(token, token): index for token, index in bpe.encoder.items()}
-    merges = sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    lines = ["#version: 0.2"] + [f"{a} {b}" for (a, b), _ in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def sd_v1_scheduler():
-    """Stable Diffusion v1's noise schedule and DDIM settings."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
-def clip_text_encoder(hidden_size: int, intermediate_size: int, num_layers: int = 2, num_heads: int = 4):
-    """A small CLIP text transformer over the real CLIP vocabulary (49408 tokens, 77 positions)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-
-
-def clip_tokenizer():
-    """Stable Diffusion's CLIPTokenizer, built from the vocabulary that ships inside open_clip."""
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as vocab_dir:
-        clip_tokenizer_files(Path(vocab_dir))
-        return CLIPTokenizer.from_pretrained(vocab_dir, model_max_length=77)
-
-
-def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
-    """A StableDiffusionPipeline without safety checker, ready for save_pretrained."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-# digin's defaults for the small built-in pipelines, read by load_diffusion from digin.json.
-# - inversion_lr: their UNets respond weakly to the null embedding: null-text inversion at
-#   the reference lr 1e-2 reached 8.7 dB on a shapes scene, at 0.1 24.4 dB (the VAE's bound).
-# - prompt_lr: their text embeddings are 64 wide, SD 1.x's 768. Adam moves every
-#   coordinate by about lr per step, so the same lr moves the cross-attention logits (sums
-#   over the width) roughly 12x less. Maximizing the grass neuron of
-#   shapes:background-biased from sand/water scenes, 20 steps: at 1e-2 the activation went
-#   0.04 -> 0.31 (still sand); at 5e-2 (prompt and null) 0.04 -> 1.62 (grass, the neuron's on-grass mean is 1.67).
-# - null_lr stays at the reference 1e-2: null-text deltas sit on inverted null embeddings
-#   in uvce / neuron-cf, and larger steps there undo the inversion: at 5e-2 the
-#   independent oracle-2 agreed with 5 of 8 uvce bench counterfactuals, at 1e-2 with 7.
-SMALL_MODEL_SETTINGS = {"inversion_lr": 0.1, "prompt_lr": 0.05, "null_lr": 0.01}
-
-
-def write_model_settings(folder: Path) -> None:
-    from digin_cli.models.diffusion import SETTINGS_FILE
-
-    (Path(folder) / SETTINGS_FILE).write_text(json.dumps(SMALL_MODEL_SETTINGS, indent=2) + "\n")
-
-
 def build_tiny_pipeline(folder: Path, seed: int = 0) -> None:
     """A small Stable-Diffusion-format pipeline (64x64 images, 16x16x4 latents), random weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+    unet = small_unet(
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
-        norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=64,
-    )
+    vae = small_vae(block_out_channels=(16, 32, 32))
     text_encoder = clip_text_encoder(hidden_size=32, intermediate_size=64)
     pipeline = assemble_pipeline(vae, text_encoder, clip_tokenizer(), unet, sd_v1_scheduler())
     pipeline.save_pretrained(folder)

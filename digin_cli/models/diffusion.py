@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from digin_cli.engine import DiffusionComponents
+from digin_cli.components import DiffusionComponents
 from digin_cli.errors import DiginError
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"

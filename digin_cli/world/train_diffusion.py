@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from digin_cli.models import sd_parts
 from digin_cli.world.scenes import IMAGE_SIZE, caption, render, sample_scene
 
-LATENT_SIZE = 16  # 64 px / VAE factor 4
 LATENT_CHANNELS = 4
 OBJECT_WEIGHT = 4.0  # extra reconstruction weight on the object and its rim: the shape is what must survive
 CAPTION_DROPOUT = 0.1  # share of empty captions: the unconditional branch of classifier-free guidance
@@ -46,50 +46,26 @@ def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[
 
 
 def build_vae(latent_channels: int = LATENT_CHANNELS):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=16,
-        sample_size=IMAGE_SIZE,
-    )
+    return sd_parts.small_vae(block_out_channels=(16, 32, 64), latent_channels=latent_channels)
 
 
 def build_unet():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        # Cross-attention at the 8x8 level and in the mid block only: attention over the
-        # 256 tokens of the 16x16 level doubles the cost of a training step on a CPU.
+    # Cross-attention at the 8x8 level and in the mid block only: attention over the
+    # 256 tokens of the 16x16 level doubles the cost of a training step on a CPU.
+    return sd_parts.small_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64,
         attention_head_dim=(1, 2),  # diffusers' legacy name: heads per level, i.e. 32 channels a head
-        norm_num_groups=16,
     )
 
 
 def build_text_encoder():
-    from digin_cli.models.builtin import clip_text_encoder
-
-    return clip_text_encoder(hidden_size=64, intermediate_size=128)
+    return sd_parts.clip_text_encoder(hidden_size=64, intermediate_size=128)
 
 
 def build_scheduler():
-    from digin_cli.models.builtin import sd_v1_scheduler
-
-    return sd_v1_scheduler()
+    return sd_parts.sd_v1_scheduler()
 
 
 def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,8 +184,6 @@ def train_denoiser(
 def train(
     out: Path, n_images: int, vae_steps: int, vae_batch: int, unet_steps: int, batch: int, seed: int, log=print
 ) -> dict:
-    from digin_cli.models.builtin import assemble_pipeline, clip_tokenizer, write_model_settings
-
     started = time.perf_counter()
     images, masks, captions = render_dataset(n_images, seed)
     log(f"rendered {n_images} scenes ({time.perf_counter() - started:.0f}s)")
@@ -221,15 +195,15 @@ def train(
         latents = torch.cat([vae.encode(c).latent_dist.mean for c in images.split(256)]) * scaling
     log(f"vae psnr {vae_psnr:.1f} dB, scaling {scaling:.3f}")
 
-    tokenizer = clip_tokenizer()
+    tokenizer = sd_parts.clip_tokenizer()
     tokenize = lambda texts: tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids  # noqa: E731
     token_ids = tokenize(captions)  # (n, 77)
     empty_ids = tokenize([""])[0]
     unet, text_encoder = train_denoiser(latents, token_ids, empty_ids, unet_steps, batch, seed + 1, log)
 
-    pipeline = assemble_pipeline(vae, text_encoder, tokenizer, unet, build_scheduler())
+    pipeline = sd_parts.assemble_pipeline(vae, text_encoder, tokenizer, unet, build_scheduler())
     pipeline.to(torch.float16).save_pretrained(out)
-    write_model_settings(out)
+    sd_parts.write_model_settings(out)
     info = {
         "seed": seed,
         "n_images": n_images,

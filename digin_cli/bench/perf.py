@@ -37,9 +37,13 @@ from typing import Any
 
 import torch
 
-from digin_cli.engine import DiffusionComponents, GuidedDDIM, OptimConfig, SamplerConfig, initial_latents
+from digin_cli.components import DiffusionComponents
+from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig, initial_latents
+from digin_cli.errors import DiginError
 from digin_cli.io import write_json
+from digin_cli.models.sd_parts import build_sd1_random
 from digin_cli.objectives import ObjectiveInput, ObjectiveOutput
+from digin_cli.tasks.runtime import resolve_device
 
 SD1_RANDOM = "sd1-random"
 PIPELINES = ("shapes", SD1_RANDOM)
@@ -57,41 +61,23 @@ class PerfConfig:
     memory_factor: int = 4  # memory is measured at T and at memory_factor * T steps
     feature_pipelines: list[str] = field(default_factory=lambda: list(PIPELINES))  # speed features vs their absence
 
+    def check(self) -> None:
+        """One-line errors for impossible settings, before anything is measured."""
+        if not self.pipelines:
+            raise DiginError("--pipelines is empty; give shapes, sd1-random or a model")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise DiginError("--batch-sizes needs at least one size, each 1 or more")
+        if self.repeats < 1:
+            raise DiginError("--repeats must be at least 1")
+        if self.sd_resolution is not None and (self.sd_resolution < 64 or self.sd_resolution % 64):
+            raise DiginError(f"--perf-resolution must be a multiple of 64, got {self.sd_resolution}")
+        if self.ddim_steps is not None and self.ddim_steps < 3:
+            raise DiginError("--perf-steps must be at least 3 (the loss reads the last 3 steps)")
+
 
 def brightness(inputs: ObjectiveInput) -> ObjectiveOutput:
     """A cheap differentiable objective: the mean of each item's views, (B,)."""
     return ObjectiveOutput(loss=inputs.views.float().mean(dim=(1, 2, 3, 4)))
-
-
-def build_sd1_random(resolution: int, seed: int = 0) -> DiffusionComponents:
-    """Stable Diffusion 1.x's architecture with random weights, from configs (no download)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from digin_cli.models.builtin import clip_tokenizer, sd_v1_scheduler
-
-    if resolution % 64:
-        raise ValueError(f"the SD-sized pipeline needs a resolution divisible by 64, got {resolution}")
-    torch.manual_seed(seed)
-    # diffusers' defaults are SD 1.x's UNet (320/640/1280/1280, 2 layers a block); SD 1.x
-    # conditions on 768-wide CLIP ViT-L/14 text states with 8 attention heads.
-    unet = UNet2DConditionModel(sample_size=resolution // 8, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=resolution,
-        scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-                       bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    )  # fmt: skip
-    return DiffusionComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
-                               scheduler=sd_v1_scheduler(), source=f"{SD1_RANDOM}@{resolution}")  # fmt: skip
 
 
 def load_components(name: str, resolution: int) -> DiffusionComponents:
@@ -191,7 +177,7 @@ def memory_probe(name: str, resolution: int, steps: int, device_name: str, check
 
 
 def measure_memory(name: str, resolution: int, steps: int, device: torch.device, checkpoint_decode: bool = True) -> dict:
-    command = [sys.executable, "-m", "digin_cli.perf", name, str(resolution), str(steps), str(device),
+    command = [sys.executable, "-m", "digin_cli.bench.perf", name, str(resolution), str(steps), str(device),
                "1" if checkpoint_decode else "0"]  # fmt: skip
     # A fixed mmap threshold makes glibc hand large freed blocks back at once, so the peak
     # RSS follows the tensors that are alive rather than heap fragmentation.
@@ -331,7 +317,9 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_perf(config: PerfConfig, device: torch.device, log=lambda message: None) -> dict[str, Any]:
+def run_perf(config: PerfConfig, log=lambda message: None) -> dict[str, Any]:
+    config.check()
+    device = resolve_device(config.device)
     started = time.perf_counter()
     rows = [pipeline_rows(name, config, device, log) for name in config.pipelines]
     result = {
@@ -346,6 +334,6 @@ def run_perf(config: PerfConfig, device: torch.device, log=lambda message: None)
     return result
 
 
-if __name__ == "__main__":  # the memory probe: python -m digin_cli.perf NAME RESOLUTION STEPS DEVICE DECODE_CKPT
+if __name__ == "__main__":  # the memory probe: python -m digin_cli.bench.perf NAME RESOLUTION STEPS DEVICE DECODE_CKPT
     name, resolution, steps, device_name, decode = sys.argv[1:6]
     print(json.dumps(memory_probe(name, int(resolution), int(steps), device_name, decode == "1")))

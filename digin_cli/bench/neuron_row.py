@@ -1,0 +1,84 @@
+"""Row "neuron": the documented background neuron of shapes:background-biased, raised from
+scenes off its background and lowered on it, judged by the renderer's colour statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from digin_cli.bench.config import BenchConfig
+from digin_cli.io import read_rgb
+from digin_cli.models.builtin import shapes_classifier_meta
+from digin_cli.tasks.neuron import NeuronJob, run_neuron
+from digin_cli.tasks.runtime import Progress
+from digin_cli.world.scenes import BACKGROUNDS, COLOURS, SHAPES, judge_colours
+
+
+# Starting scenes for the neuron row: maximizing starts away from the neuron's background,
+# minimizing starts on it. One prompt per shape, each with its own colour and background.
+def _neuron_prompts(background: str, on: bool) -> list[str]:
+    others = [b for b in BACKGROUNDS if b != background]
+    prompts = []
+    for k, (shape, colour) in enumerate(zip(SHAPES, COLOURS)):
+        where = background if on else others[k % len(others)]
+        prompts.append(f"a photograph of a {colour} {shape} on {where}")
+    return prompts
+
+
+def neuron_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Row "neuron": the documented background neuron of shapes:background-biased.
+
+    Maximizing must raise its activation (ratio of mean activations after / before) and
+    turn the background toward the neuron's background (judged from the pixels);
+    minimizing, started on that background, must lower it.
+    """
+    documented = shapes_classifier_meta("background-biased")["background_neuron"]
+    index, background = documented["index"], documented["background"]
+    modes = {}
+    for maximize in (True, False):
+        mode = "maximize" if maximize else "minimize"
+        before, after, turned, lowered, runs = [], [], 0, 0, 0
+        for k, prompt in enumerate(_neuron_prompts(background, on=not maximize)[: len(config.shapes)]):
+            job = NeuronJob(
+                classifier="shapes:background-biased",
+                out=config.out / "neuron" / mode / str(k),
+                seeds=list(range(config.neuron_seeds)),
+                neuron=index,
+                maximize=maximize,
+                prompts=[prompt],
+                batch_size=config.batch_size,
+                runtime=config.runtime(),
+                sampler=config.sampler(),
+                optim=config.optim(),
+            )
+            record = run_neuron(job, progress)
+            for item in record["images"]:
+                a0, a1 = item["initial"]["activation"], item["optimized"]["activation"]
+                judged = judge_colours(read_rgb(job.out / item["files"]["optimized"])).background
+                before.append(a0)
+                after.append(a1)
+                runs += 1
+                lowered += a1 < a0
+                turned += (judged == background) if maximize else (judged != background)
+        mean_before, mean_after = sum(before) / runs, sum(after) / runs
+        modes[mode] = {
+            "runs": runs,
+            "mean_activation_before": round(mean_before, 4),
+            "mean_activation_after": round(mean_after, 4),
+            "gain_factor": round(mean_after / mean_before, 3) if mean_before > 0 else None,
+            "share_lowered": lowered / runs,
+            ("share_background_turned_to_" + background if maximize else "share_background_no_longer_" + background): turned / runs,
+        }
+    up, down = modes["maximize"], modes["minimize"]
+    return {
+        "row": f"neuron: shapes:background-biased neuron {index} ({background})",
+        "headline": {
+            "runs": f"{up['runs']} max + {down['runs']} min",
+            "max: activation gain": f"x{up['gain_factor']} ({up['mean_activation_before']:.2f} -> {up['mean_activation_after']:.2f})",
+            f"max: background turned to {background}": f"{up['share_background_turned_to_' + background]:.0%}",
+            "min: activation lowered": f"{down['share_lowered']:.0%} ({down['mean_activation_before']:.2f} -> {down['mean_activation_after']:.2f})",
+        },
+        "criterion": "maximize: activation gain and background judged as the neuron's; minimize: activation lowered",
+        "neuron": index,
+        "background": background,
+        **modes,
+    }

@@ -1,0 +1,159 @@
+"""The Typer app: one-line errors, the rich progress display, and calling a task."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from typer.core import TyperGroup
+
+from digin_cli import __version__
+from digin_cli.errors import DiginError
+
+try:  # typer >= 0.24 vendors its own copy of click, whose exceptions are not click's
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as click_exceptions
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors as one `Error: ...` line and exit code 2, without the usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.UsageError as error:
+            if type(error).__name__ == "NoArgsIsHelpError" and error.ctx is not None:
+                typer.echo(error.ctx.get_help())  # `digin` alone: help, not an error
+                sys.exit(0)
+            hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
+            typer.echo(f"Error: {error.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("Error: aborted", err=True)
+            sys.exit(130)
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    help="Explain image classifiers by optimizing the inputs of a latent diffusion model (DiG-IN).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str, code: int = 1) -> None:
+    stderr.print(f"Error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def call(task: Callable[..., Any], *args: Any) -> Any:
+    """Call a task; turn the errors a user can fix into one line, never a traceback."""
+    try:
+        return task(*args)
+    except DiginError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        fail("interrupted; files already written are complete, rerun to redo the rest", 130)
+    except MemoryError:
+        fail("out of memory; lower --batch-size, --cutouts or --ddim-steps, or use a GPU")
+    except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
+        if os.environ.get("DIGIN_DEBUG"):
+            raise
+        if "out of memory" in str(error).lower():
+            fail("out of GPU memory; lower --batch-size or --cutouts, or use --dtype bf16")
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        fail(f"unexpected {type(error).__name__}: {first} (set DIGIN_DEBUG=1 to see the traceback and report it)")
+
+
+def call_with_progress(task: Callable[[Any, Any], Any], job: Any, quiet: bool) -> Any:
+    """Call `task(job, progress)` with a progress bar on stderr (none when quiet)."""
+    progress = None if quiet else RichProgress(stderr)
+    try:
+        return call(task, job, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+class RichProgress:
+    """A rich progress bar over optimization steps, showing the live loss and metrics."""
+
+    def __init__(self, console: Console) -> None:
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = None
+
+    def start(self, label: str, total_steps: int) -> None:
+        if self.task is None:
+            self.bar.start()
+        else:
+            self.bar.remove_task(self.task)
+        self.task = self.bar.add_task(label, total=total_steps, status="")
+
+    def step(self, report) -> None:
+        parts = [f"loss {report.loss.mean():+.3f}"]
+        parts += [f"{name} {values.mean():.3f}" for name, values in report.metrics.items()]
+        self.bar.update(self.task, completed=report.step, status="  ".join(parts))
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"digin {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Explain image classifiers by optimizing the inputs of a latent diffusion model (DiG-IN)."""
+
+
+def main() -> None:
+    if not os.environ.get("DIGIN_DEBUG"):
+        # Libraries report through logging and warnings (retries, deprecations, a root
+        # ERROR line from open_clip before it raises); digin reports every problem itself
+        # as one `Error:` line, so their messages only bury it. DIGIN_DEBUG=1 shows them.
+        logging.getLogger().addHandler(logging.NullHandler())
+        warnings.filterwarnings("ignore")
+    app()

@@ -1,0 +1,104 @@
+"""`digin bench`: parse, run the quality benchmark (or with --perf the performance one), print its table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from digin_cli.cli.app import app, call, call_with_progress, fail, stderr, stdout
+from digin_cli.cli.options import BatchOpt, DdimStepsOpt, DeviceOpt, OutOpt, QuietOpt, StepsOpt
+
+PERF = "--perf (performance benchmark)"
+
+
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated option as a list; None when the option was not given."""
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command()
+def bench(
+    out: OutOpt = Path("digin-out/bench"),
+    shapes: Annotated[str | None, typer.Option(help="Comma-separated shapes to run (default: all of them).")] = None,
+    seeds: Annotated[int, typer.Option(help="Runs (seeds) per shape.")] = 4,
+    steps: StepsOpt = 20,
+    ddim_steps: DdimStepsOpt = 20,
+    batch_size: BatchOpt = 8,
+    uvce_seeds: Annotated[int, typer.Option(help="Scenes per shape for the uvce row.")] = 2,
+    neuron_seeds: Annotated[int, typer.Option(help="Seeds per starting prompt for the neuron row.")] = 2,
+    neuron_cf_seeds: Annotated[int, typer.Option(help="Scenes per mode (max, min, control) for the neuron-cf row.")] = 3,
+    rows: Annotated[
+        str | None, typer.Option(help="Comma-separated rows to run: disagree, neuron, uvce, neuron-cf (default: all).")
+    ] = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    perf: Annotated[
+        bool, typer.Option("--perf", help="Run the performance benchmark instead (step cost, memory, batching).")
+    ] = False,
+    perf_resolution: Annotated[
+        int | None, typer.Option(help="Image side of the SD-sized pipeline [default: 512 on CUDA, else 128].", rich_help_panel=PERF)
+    ] = None,
+    perf_steps: Annotated[
+        int | None, typer.Option(help="DDIM steps T [default: 20; 5 for the SD-sized pipeline on CPU].", rich_help_panel=PERF)
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per figure (after one warm-up).", rich_help_panel=PERF)] = 3,
+    pipelines: Annotated[
+        str, typer.Option(help="Comma-separated pipelines: shapes, sd1-random, or a model folder / hub id.", rich_help_panel=PERF)
+    ] = "shapes,sd1-random",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes for throughput.", rich_help_panel=PERF)] = "1,2,4",
+    feature_pipelines: Annotated[
+        str, typer.Option(help="Pipelines on which to time the speed features against their absence.", rich_help_panel=PERF)
+    ] = "shapes,sd1-random",
+) -> None:
+    """Quality benchmark on the built-in shapes world, judged by ground truth (fixed seeds);
+    with --perf, the performance benchmark."""
+    if perf:
+        _perf(out, device, perf_resolution, perf_steps, repeats, pipelines, batch_sizes, feature_pipelines, quiet)
+        return
+    from digin_cli.bench.config import BenchConfig
+    from digin_cli.bench.quality import run_bench
+
+    config = BenchConfig(out=out, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps, batch_size=batch_size,
+                         uvce_seeds=uvce_seeds, neuron_seeds=neuron_seeds, neuron_cf_seeds=neuron_cf_seeds, device=device)  # fmt: skip
+    config.shapes = _names(shapes) or config.shapes
+    config.rows = _names(rows) if rows is not None else config.rows
+    result = call_with_progress(run_bench, config, quiet)
+    stdout.print(_bench_table(result["rows"]))
+    stdout.print(f"Wrote {result['json']} ({result['seconds']:.0f} s)", highlight=False)
+
+
+def _bench_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="digin bench: shapes world, judged by ground truth")
+    for column in ("row", "figure", "value"):
+        table.add_column(column)
+    for row in rows:
+        for k, (figure, value) in enumerate({**row["headline"], "time": f"{row['seconds']:.0f} s"}.items()):
+            table.add_row(row["row"] if k == 0 else "", figure, value)
+    return table
+
+
+def _perf(out: Path, device: str, resolution: int | None, steps: int | None, repeats: int, pipelines: str,
+          batch_sizes: str, feature_pipelines: str, quiet: bool) -> None:  # fmt: skip
+    from digin_cli.bench.perf import PerfConfig, run_perf
+
+    try:
+        batches = [int(b) for b in _names(batch_sizes)]
+    except ValueError:
+        fail(f"--batch-sizes must be comma-separated integers, got '{batch_sizes}'")
+    config = PerfConfig(out=out, device=device, pipelines=_names(pipelines), sd_resolution=resolution, ddim_steps=steps,
+                        repeats=repeats, batch_sizes=batches, feature_pipelines=_names(feature_pipelines))  # fmt: skip
+    log = (lambda message: None) if quiet else (lambda message: stderr.print(message, highlight=False))
+    result = call(run_perf, config, log)
+    table = Table(title=f"digin bench --perf on {result['machine']['device']} ({result['machine']['cpu']})")
+    for column in ("pipeline", "px", "T", "forward s", "step s", "step/forward", "memory 4T/T", "images/s (batch)"):
+        table.add_column(column)
+    for row in result["rows"]:
+        throughput = ", ".join(f"{v['images_per_second']:.2f} ({b})" for b, v in row["throughput"].items())
+        table.add_row(row["pipeline"], str(row["resolution"]), str(row["ddim_steps"]), f"{row['forward_sample_seconds']:.3f}",
+                      f"{row['optimization_step_seconds']:.3f}", f"{row['step_over_forward']:.2f}",
+                      f"{row['memory']['ratio_above_loaded']:.2f}", throughput)  # fmt: skip
+    stdout.print(table)
+    stdout.print(f"Wrote {result['json']} ({result['seconds']:.0f} s)", highlight=False)

@@ -1,0 +1,45 @@
+"""`digin disagree`: parse, run the disagree task, print its table."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from digin_cli.cli.app import app, call_with_progress, stdout
+from digin_cli.cli.options import SEEDS, CommonOptions, PromptTemplateOpt, common_options, with_options
+
+
+@app.command()
+@with_options(seeds=SEEDS, common=common_options(out="digin-out/disagree"))
+def disagree(
+    classifier_f: Annotated[
+        str, typer.Option("--classifier-f", "-f", help="Classifier that should see the class (spec, see README).")
+    ],
+    classifier_g: Annotated[str, typer.Option("--classifier-g", "-g", help="Classifier that should not see the class.")],
+    class_name: Annotated[str, typer.Option("--class", "-c", help="Target class: a name (any case) or an index.")],
+    prompt_template: PromptTemplateOpt = "a photograph of a {}",
+    seeds: list[int] | None = None,
+    common: CommonOptions | None = None,
+) -> None:
+    """Make images that classifier f assigns to CLASS and classifier g does not (paper section 4)."""
+    from digin_cli.tasks.disagree import DisagreeJob, run_disagree
+
+    job = DisagreeJob(classifier_f=classifier_f, classifier_g=classifier_g, class_name=class_name, seeds=seeds,
+                      prompt_template=prompt_template, **common.job_fields(seed=seeds[0] if seeds else 0))  # fmt: skip
+    record = call_with_progress(run_disagree, job, common.quiet)
+    if not common.quiet:
+        stdout.print(_table(record))
+    stdout.print(f"Wrote {len(record['images'])} image(s) and {record['json']}", highlight=False)
+
+
+def _table(record: dict[str, Any]) -> Table:
+    table = Table(title=f"disagree: '{record['config']['class_name']}'  (p_f up, p_g down)")
+    for column in ("seed", "p_f before", "p_g before", "p_f after", "p_g after", "best step", "sheet"):
+        table.add_column(column)
+    for item in record["images"]:
+        b, a = item["initial"], item["optimized"]
+        table.add_row(str(item["seed"]), f"{b['p_f']:.3f}", f"{b['p_g']:.3f}", f"{a['p_f']:.3f}",
+                      f"{a['p_g']:.3f}", str(item["best_step"]), item["files"]["sheet"])  # fmt: skip
+    return table

@@ -1,0 +1,227 @@
+"""The options several commands share, each defined once.
+
+Single options are `Annotated` types (`OutOpt`, `QuietOpt`, ...). Groups of options that
+build one value (the sampler, the optimization, the runtime, the real-image options) are
+`OptionGroup`s: `with_options(name=GROUP)` gives a command the group's options and hands
+the command the built value as its parameter `name`, so no command spells them out.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+# models.DEFAULT_MODEL, spelt out here because importing digin_cli.models (torch, diffusers,
+# timm, open_clip: seconds) would slow down every `digin --help`; a test keeps them equal.
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """Typer options that together build one value (`build(**option values)`)."""
+
+    parameters: tuple[inspect.Parameter, ...]
+    build: Callable[..., Any]
+
+
+def _option(name: str, kind: type, default: Any, *flags: str, help: str, panel: str) -> inspect.Parameter:  # noqa: A002
+    info = typer.Option(*flags, help=help, rich_help_panel=panel)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info])
+
+
+def with_options(**groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add each group's options to a command; the command receives the group's built value
+    under the keyword it was given here (its own parameter of that name is replaced)."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for name, p in signature.parameters.items() if name not in groups]
+        added = [p for group in groups.values() for p in group.parameters]
+
+        @functools.wraps(command)
+        def wrapper(**values: Any) -> Any:
+            for name, group in groups.items():
+                values[name] = group.build(**{p.name: values.pop(p.name) for p in group.parameters})
+            return command(**values)
+
+        # Typer reads the options from the signature; functools.wraps would point it at `command`.
+        parameters = own + added
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate
+
+
+def _engine():
+    """The engine module, imported when a command runs (not when the CLI starts)."""
+    from digin_cli import engine
+
+    return engine
+
+
+def _real_images():
+    from digin_cli.tasks import real_images
+
+    return real_images
+
+
+# -- single options ----------------------------------------------------------------------
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.", file_okay=True)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images optimized together in one batch.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Optimization (Adam) steps.")]
+DdimStepsOpt = Annotated[int, typer.Option("--ddim-steps", help="DDIM sampling steps.")]
+InputsArg = Annotated[Path, typer.Argument(help="An image file, or a folder of images.", show_default=False)]
+PromptTemplateOpt = Annotated[str, typer.Option(help="Prompt for the class; {} is the class name.")]
+ClassifierOpt = Annotated[str, typer.Option("--classifier", help="Classifier to explain (spec, see README).")]
+NeuronOpt = Annotated[int | None, typer.Option("--neuron", "-u", help="Neuron index in the feature map.")]
+DirectionOpt = Annotated[
+    Path | None, typer.Option("--direction", help="A .npy/.pt vector in feature space instead of one neuron.")
+]
+LayerOpt = Annotated[str | None, typer.Option(help="Named module to read (default: the input of the last linear layer).")]
+
+
+# -- groups ------------------------------------------------------------------------------
+
+SAMPLER = "Sampler"
+SAMPLER_OPTIONS = OptionGroup(
+    (
+        _option("ddim_steps", int, 20, "--ddim-steps", help="DDIM sampling steps.", panel=SAMPLER),
+        _option("guidance", float, 3.0, "--guidance", help="Classifier-free guidance scale.", panel=SAMPLER),
+    ),
+    lambda ddim_steps, guidance: _engine().SamplerConfig(num_steps=ddim_steps, guidance_scale=guidance),
+)
+
+OPTIM = "Optimization"
+OPTIM_OPTIONS = OptionGroup(
+    (
+        _option("steps", int, 20, "--steps", help="Optimization (Adam) steps.", panel=OPTIM),
+        _option("lr_latent", float, 1e-3, "--lr-latent", help="Learning rate of z_T.", panel=OPTIM),
+        _option("lr_prompt", float | None, None, "--lr-prompt", panel=OPTIM,
+                help="Learning rate of the per-step prompt deltas [default: the model's, else 0.01]."),
+        _option("lr_null", float | None, None, "--lr-null", panel=OPTIM,
+                help="Learning rate of the per-step null-text deltas [default: the model's, else 0.01]."),
+        _option("optimize_latent", bool, True, "--optimize-latent/--freeze-latent", help="Optimize z_T.", panel=OPTIM),
+        _option("optimize_prompt", bool, True, "--optimize-prompt/--freeze-prompt", help="Optimize prompt deltas.", panel=OPTIM),
+        _option("optimize_null", bool, True, "--optimize-null/--freeze-null", help="Optimize null-text deltas.", panel=OPTIM),
+        _option("loss_steps", int, 3, "--loss-steps", help="Put the loss on the last K DDIM steps.", panel=OPTIM),
+        _option("cutouts", int, 16, "--cutouts", help="Augmented classifier views per image.", panel=OPTIM),
+    ),  # fmt: skip
+    # The cutout seed is set by each command (--seed means more than that for runs from seeds).
+    lambda cutouts, **values: _engine().OptimConfig(num_cutouts=cutouts, **values),
+)
+
+RUNTIME = "Model and device"
+OUTPUT = "Output"
+
+
+def runtime_options(compile_unet: bool = True) -> OptionGroup:
+    """--model, --device, --dtype and (where the command can use it) --compile."""
+    parameters = [
+        _option("model", str, DEFAULT_MODEL, "--model", panel=RUNTIME,
+                help="Diffusion model: a Hugging Face id, a local diffusers folder, or a built-in name (see `digin models`)."),
+        _option("device", str, "auto", "--device", help="auto, cpu, cuda, cuda:N or mps.", panel=RUNTIME),
+        _option("dtype", str, "fp32", "--dtype", panel=RUNTIME,
+                help="UNet autocast: fp32, bf16 (CUDA or CPU) or fp16 (CUDA); optimization stays fp32."),
+    ]  # fmt: skip
+    if compile_unet:
+        parameters.append(_option("compile_unet", bool, False, "--compile", panel=RUNTIME,
+                                  help="torch.compile the UNet: slower start (compiling), faster steps; pays off on longer runs."))  # fmt: skip
+    def build(model: str, device: str, dtype: str, compile_unet: bool = False):
+        from digin_cli.tasks.runtime import RuntimeOptions
+
+        return RuntimeOptions(model=model, device=device, dtype=dtype, compile=compile_unet)
+
+    return OptionGroup(tuple(parameters), build)
+
+
+REAL = "Real images"
+REAL_IMAGE_OPTIONS = OptionGroup(
+    (
+        _option("caption", str | None, None, "--caption", panel=REAL,
+                help="Caption for the inversion; must name the image's class (default 'an image of a <class>')."),
+        _option("captioner", str | None, None, "--captioner", panel=REAL,
+                help="transformers image-to-text model that extends the default caption (off)."),
+        _option("mask", Path | None, None, "--mask", panel=REAL,
+                help="Your own object mask (white = object), or for a folder a folder of masks named like the images."),
+        _option("sam_checkpoint", Path | None, None, "--sam-checkpoint", help="SAM-HQ weights to refine the attention mask.", panel=REAL),
+        _option("sam_model_type", str | None, None, "--sam-model-type", help="SAM-HQ architecture (default: read from the file name).", panel=REAL),
+    ),  # fmt: skip
+    lambda caption, captioner, mask, sam_checkpoint, sam_model_type: _real_images().RealImageOptions(
+        caption=caption, captioner=captioner, mask_file=mask, sam_checkpoint=sam_checkpoint, sam_model_type=sam_model_type
+    ),
+)
+
+
+def real_image_options(kept: str) -> OptionGroup:
+    """REAL_IMAGE_OPTIONS with --w-latent and --w-pixel, the weights of the distance that keeps
+    `kept` (the background for uvce, the object for neuron-cf): (RealImageOptions, weights)."""
+    weights = (
+        _option("w_latent", float, 25.0, "--w-latent", help=f"Weight of the latent {kept} distance.", panel=REAL),
+        _option("w_pixel", float, 250.0, "--w-pixel", help=f"Weight of the pixel {kept} distance.", panel=REAL),
+    )
+
+    def build(w_latent: float, w_pixel: float, **values: Any) -> tuple[Any, dict[str, float]]:
+        return REAL_IMAGE_OPTIONS.build(**values), {"weight_latent": w_latent, "weight_pixel": w_pixel}
+
+    return OptionGroup(REAL_IMAGE_OPTIONS.parameters + weights, build)
+
+
+@dataclass
+class CommonOptions:
+    """What every optimizing command takes: the sampler, the optimization, the model and
+    device, the batch size, the output folder and --quiet."""
+
+    sampler: Any  # SamplerConfig
+    optim: Any  # OptimConfig, its cutout seed set by job_fields
+    runtime: Any  # RuntimeOptions
+    batch_size: int
+    out: Path
+    quiet: bool
+    cutout_seed: int | None = None  # --seed, where the command takes it for the cutouts alone
+
+    def job_fields(self, seed: int | None = None) -> dict[str, Any]:
+        """The fields every job dataclass has, the cutouts seeded by `seed` (else --seed)."""
+        from dataclasses import replace
+
+        cutouts = self.cutout_seed if seed is None else seed
+        optim = replace(self.optim, seed=cutouts or 0)
+        return {"out": self.out, "batch_size": self.batch_size, "runtime": self.runtime, "sampler": self.sampler, "optim": optim}
+
+
+def common_options(out: str, compile_unet: bool = True, cutout_seed: bool = False) -> OptionGroup:
+    """SAMPLER_OPTIONS, OPTIM_OPTIONS, runtime_options(compile_unet), --batch-size, --out (its
+    default `out`), --quiet and, with `cutout_seed`, --seed for the cutouts."""
+    groups = {"sampler": SAMPLER_OPTIONS, "optim": OPTIM_OPTIONS, "runtime": runtime_options(compile_unet)}
+    own = [
+        _option("batch_size", int, 1, "--batch-size", help="Images optimized together in one batch.", panel=OPTIM),
+        _option("out", Path, Path(out), "--out", "-o", help="Output folder.", panel=OUTPUT),
+        _option("quiet", bool, False, "--quiet", "-q", help="No progress bar or table.", panel=OUTPUT),
+    ]
+    if cutout_seed:
+        own.append(_option("cutout_seed", int, 0, "--seed", help="Seeds the cutout randomness.", panel=OPTIM))
+
+    def build(**values: Any) -> CommonOptions:
+        built = {name: group.build(**{p.name: values.pop(p.name) for p in group.parameters}) for name, group in groups.items()}
+        return CommonOptions(**built, **values)
+
+    parameters = tuple(own) + tuple(p for group in groups.values() for p in group.parameters)
+    return OptionGroup(parameters, build)
+
+
+SEEDS = OptionGroup(
+    (
+        _option("num_images", int, 1, "--num-images", "-n", help="How many images (seeds) to make.", panel=OPTIM),
+        _option("seed", int, 0, "--seed", help="First seed; image i uses seed + i (also seeds the cutouts).", panel=OPTIM),
+    ),
+    lambda num_images, seed: list(range(seed, seed + num_images)),
+)

@@ -1,0 +1,89 @@
+"""What the engine is told (sampler and optimization settings) and what it answers (per-step reports, results)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from digin_cli.components import DiffusionComponents
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 20  # DDIM steps; the reference uses 20 with eta = 0
+    guidance_scale: float = 3.0  # classifier-free guidance; reference 3.0
+
+
+# The reference's Adam lr for every text-embedding variable (SD 1.x): the prompt and null-text
+# deltas of the optimization, and the null embeddings of null-text inversion.
+REFERENCE_LR_EMBEDDING = 1e-2
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 20  # Adam steps; reference 20
+    lr_latent: float = 1e-3  # z_T; reference 1e-3
+    # Embedding-delta learning rates; None = the model's default from its digin.json
+    # ("prompt_lr" / "null_lr"), else the reference 1e-2. See OptimConfig.resolved.
+    lr_prompt: float | None = None
+    lr_null: float | None = None
+    optimize_latent: bool = True
+    optimize_prompt: bool = True
+    optimize_null: bool = True
+    loss_steps: int = 3  # loss on the x0-prediction of the last K DDIM steps, weights 1:2:...:K
+    num_cutouts: int = 16  # augmented classifier views per item while optimizing
+    cutout_min_scale: float = 0.5  # smallest cutout side as a share of the image side
+    cutout_noise_std: float = 0.005  # Gaussian noise added to each cutout
+    view_size: int | None = None  # cutout side in pixels; None = image resolution
+    seed: int = 0  # seeds the cutout randomness, so runs repeat exactly
+    gradient_checkpointing: bool = True  # per-UNet-call checkpointing: memory flat in num_steps
+    checkpoint_decode: bool = True  # with gradient_checkpointing, also recompute the VAE decodes of the loss
+
+    def resolved(self, components: DiffusionComponents, view_size: int | None = None) -> OptimConfig:
+        """A copy with every default made concrete, as it will run and be recorded.
+
+        Learning rates left as None take the model folder's defaults (digin.json), else the
+        reference 1e-2; the view size falls back to `view_size` (the classifier's input
+        size), else the image resolution.
+        """
+        settings = components.settings
+        return replace(
+            self,
+            lr_prompt=float(settings.get("prompt_lr", REFERENCE_LR_EMBEDDING)) if self.lr_prompt is None else self.lr_prompt,
+            lr_null=float(settings.get("null_lr", REFERENCE_LR_EMBEDDING)) if self.lr_null is None else self.lr_null,
+            view_size=self.view_size or view_size or components.resolution,
+        )
+
+
+@dataclass
+class StepReport:
+    """What the engine tells its caller after evaluating one iterate."""
+
+    step: int  # iterate index: 0 = unoptimized, `total` = after the last update
+    total: int
+    loss: torch.Tensor  # (B,) non-augmented loss of this iterate
+    metrics: dict[str, torch.Tensor]  # name -> (B,)
+
+
+@dataclass
+class OptimizationResult:
+    initial_images: torch.Tensor  # (B, 3, H, W) iterate 0, in [0, 1], on CPU
+    best_images: torch.Tensor  # (B, 3, H, W) lowest non-augmented loss, on CPU
+    best_steps: list[int]  # per item, which iterate was kept
+    best_latents: torch.Tensor  # (B, C, h, w) the z_T of the kept iterate, on CPU
+    history: list[dict[str, list[float]]] = field(default_factory=list)  # per iterate: name -> per item
+    seconds: float = 0.0
+
+    def at_step(self, step: int, item: int) -> dict[str, float]:
+        return {name: values[item] for name, values in self.history[step].items()}
+
+    def initial(self, item: int) -> dict[str, float]:
+        return self.at_step(0, item)
+
+    def best(self, item: int) -> dict[str, float]:
+        return self.at_step(self.best_steps[item], item)
+
+
+ProgressCallback = Callable[[StepReport], None]

@@ -1,0 +1,289 @@
+"""GuidedDDIM: differentiable guided DDIM sampling, and the DiG-IN optimization that runs on it.
+
+This module knows nothing of files, terminals or argument parsing. It receives
+diffusers components, an objective (see ``objectives.py``) and configs, and
+returns tensors and numbers. Progress is reported through a callback.
+
+Notation follows the paper: z_T is the initial latent, C_t the per-step prompt
+embedding, null_t the per-step null-text embedding, and the image is D(z_0).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from digin_cli.components import DiffusionComponents
+from digin_cli.engine.configs import OptimConfig, OptimizationResult, ProgressCallback, SamplerConfig, StepReport
+from digin_cli.engine.hold import HeldTrajectory, HoldRegion
+from digin_cli.engine.loop import AugmentedLoss, BestIterates, Variables, composite, per_step
+from digin_cli.objectives import Objective, ObjectiveInput, ObjectiveOutput
+
+
+class GuidedDDIM:
+    """Differentiable DDIM (eta = 0) with classifier-free guidance over diffusers components."""
+
+    def __init__(
+        self,
+        components: DiffusionComponents,
+        device: torch.device | str = "cpu",
+        unet_dtype: torch.dtype | None = None,
+        compile_unet: bool = False,
+    ) -> None:
+        self.components = components
+        self.device = torch.device(device)
+        # bf16/fp16 autocast of the UNet only: z_T, embeddings, optimizer and VAE stay fp32.
+        self.unet_dtype = unet_dtype
+        # torch.compile (TorchInductor) of the UNet, used only inside optimize() and only
+        # while no attention is recorded or injected: there the same shapes repeat at every
+        # step, so compiling once (tens of seconds on a CPU, forward and backward) pays
+        # off. Sampling, inversion and attention control stay eager: their changing shapes,
+        # grad modes and attention processors would each trigger a recompile.
+        self.compiled_unet = torch.compile(components.unet) if compile_unet else None
+        self._use_compiled = False
+        # Told the step index at the start of every DDIM step (prompt-to-prompt attention
+        # control, see attention.py); None when nothing needs to know.
+        self.step_observer = None
+        for module in (components.unet, components.vae, components.text_encoder):
+            module.to(self.device).eval().requires_grad_(False)
+
+    # -- building blocks -------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP text embeddings exactly as StableDiffusionPipeline computes them: (B, L, D)."""
+        tokenizer, text_encoder = self.components.tokenizer, self.components.text_encoder
+        tokens = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        attention_mask = None
+        if getattr(text_encoder.config, "use_attention_mask", False):
+            attention_mask = tokens.attention_mask.to(self.device)
+        return text_encoder(tokens.input_ids.to(self.device), attention_mask=attention_mask)[0].float()
+
+    def timesteps(self, num_steps: int) -> list[int]:
+        self.components.scheduler.set_timesteps(num_steps)
+        return [int(t) for t in self.components.scheduler.timesteps]
+
+    def _unet_autocast(self):
+        if self.unet_dtype is None or self.unet_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.unet_dtype)
+
+    @contextmanager
+    def _compiled_unet(self) -> Iterator[None]:
+        """Inside: the UNet calls go to the compiled UNet, if there is one and no attention control is attached."""
+        self._use_compiled = self.compiled_unet is not None and self.step_observer is None
+        try:
+            yield
+        finally:
+            self._use_compiled = False
+
+    def predict_noise(self, latents: torch.Tensor, timestep: int, embeddings: torch.Tensor) -> torch.Tensor:
+        """The UNet's output for (N, C, h, w) latents and (N, L, D) embeddings, in fp32."""
+        model_input = self.components.scheduler.scale_model_input(latents, timestep)
+        t = torch.tensor(timestep, device=latents.device)
+        with self._unet_autocast():
+            unet = self.compiled_unet if self._use_compiled else self.components.unet
+            return unet(model_input, t, encoder_hidden_states=embeddings).sample.float()
+
+    def denoise_step(
+        self,
+        latents: torch.Tensor,
+        timestep: int,
+        prompt_emb: torch.Tensor,
+        null_emb: torch.Tensor,
+        guidance_scale: float,
+        step_index: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One guided DDIM step z_t -> (z_{t-1}, x0-prediction), both (B, C, h, w).
+
+        The conditional and unconditional predictions come from one batched UNet call.
+        """
+        if self.step_observer is not None:
+            # Inside the (checkpointed) step, so a recomputation in backward sees the right index.
+            self.step_observer.begin_step(step_index)
+        scheduler = self.components.scheduler
+        embeddings = torch.cat([null_emb, prompt_emb])  # (2B, L, D)
+        noise_pred = self.predict_noise(torch.cat([latents, latents]), timestep, embeddings)  # [uncond; cond]
+        noise_uncond, noise_cond = noise_pred.chunk(2)  # (B, C, h, w) each
+        guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+        # DDIMScheduler.step is plain tensor code, hence differentiable; it honours
+        # the scheduler's prediction_type (epsilon, v_prediction, sample).
+        out = scheduler.step(guided, timestep, latents, eta=0.0)
+        return out.prev_sample, out.pred_original_sample
+
+    def run_chain(
+        self,
+        z_T: torch.Tensor,
+        prompt_embs: torch.Tensor,
+        null_embs: torch.Tensor,
+        guidance_scale: float,
+        keep_last: int = 0,
+        use_checkpoint: bool = False,
+        hold: HeldTrajectory | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run all DDIM steps from z_T.
+
+        z_T: (B, C, h, w); prompt_embs, null_embs: (T, B, L, D), one embedding per step.
+        Returns z_0 and the x0-predictions of the last `keep_last` steps (oldest first).
+        With `use_checkpoint`, every step is recomputed during backward instead of being
+        stored, so memory does not grow with T. With `hold`, its region follows its
+        reference trajectory.
+        """
+        timesteps = self.timesteps(prompt_embs.shape[0])
+        latents = z_T if hold is None else hold.blend(0, z_T)
+        kept: list[torch.Tensor] = []
+        for i, t in enumerate(timesteps):
+            if use_checkpoint:
+                latents, x0 = checkpoint(
+                    self.denoise_step, latents, t, prompt_embs[i], null_embs[i], guidance_scale, i, use_reentrant=False
+                )
+            else:
+                latents, x0 = self.denoise_step(latents, t, prompt_embs[i], null_embs[i], guidance_scale, i)
+            if hold is not None:
+                latents, x0 = hold.blend(i + 1, latents), hold.blend_x0(i, x0)
+            if i >= len(timesteps) - keep_last:
+                kept.append(x0)
+        return latents, kept
+
+    @torch.no_grad()
+    def reference_trajectory(
+        self, z_T: torch.Tensor, prompt_embs: torch.Tensor, null_embs: torch.Tensor, guidance_scale: float, region: HoldRegion
+    ) -> HeldTrajectory:
+        """The trajectory from z_T with the given (T, B, L, D) embeddings, to be held inside
+        `region`: for an inverted image, its reconstruction's trajectory."""
+        latents, x0s = [z_T], []
+        for i, t in enumerate(self.timesteps(prompt_embs.shape[0])):
+            z, x0 = self.denoise_step(latents[-1], t, prompt_embs[i], null_embs[i], guidance_scale, i)
+            latents.append(z)
+            x0s.append(x0)
+        pixel_mask = image = None
+        if region.pixel_mask is not None:
+            pixel_mask, image = region.pixel_mask.to(z_T), self.decode(latents[-1])
+        return HeldTrajectory(region.latent_mask.to(z_T), torch.stack(latents), torch.stack(x0s), pixel_mask, image)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.components.vae
+        image = vae.decode(latents.float() / vae.config.scaling_factor).sample  # (B, 3, H, W) in [-1, 1]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    def decode(self, latents: torch.Tensor, use_checkpoint: bool = False) -> torch.Tensor:
+        """VAE decode in fp32 to images in [0, 1]: (B, C, h, w) -> (B, 3, H, W)."""
+        if use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._decode, latents, use_reentrant=False)
+        return self._decode(latents)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        z_T: torch.Tensor,
+        prompt_emb: torch.Tensor,
+        null_emb: torch.Tensor,
+        config: SamplerConfig,
+    ) -> torch.Tensor:
+        """A plain forward sample (no optimization): (B, C, h, w) -> images (B, 3, H, W)."""
+        T = config.num_steps
+        prompt_embs = per_step(prompt_emb, T)
+        null_embs = per_step(null_emb, T)
+        z_0, _ = self.run_chain(z_T.to(self.device), prompt_embs, null_embs, config.guidance_scale)
+        return self.decode(z_0)
+
+    # -- the DiG-IN optimization -----------------------------------------
+
+    def optimize(
+        self,
+        objective: Objective,
+        z_T: torch.Tensor,
+        prompt_emb: torch.Tensor,
+        null_emb: torch.Tensor,
+        sampler: SamplerConfig,
+        config: OptimConfig,
+        on_step: ProgressCallback | None = None,
+        hold: HoldRegion | None = None,
+    ) -> OptimizationResult:
+        """Optimize z_T and per-step prompt / null-text deltas to minimize `objective`.
+
+        z_T: (B, C, h, w). prompt_emb: (B, L, D) or per step (T, B, L, D). null_emb likewise
+        (per-step null embeddings come from null-text inversion). Every item is optimized
+        independently (per-item losses are summed, Adam is elementwise), and every item
+        keeps its own best iterate by the non-augmented loss.
+        hold: what of every item stays as the unoptimized start has it (see HoldRegion,
+        HeldTrajectory); None holds nothing.
+        """
+        started = time.perf_counter()
+        # 1. Check inputs and make every default concrete.
+        config = config.resolved(self.components)
+        T = sampler.num_steps
+        if not 1 <= config.loss_steps <= T:
+            raise ValueError(f"loss_steps must be between 1 and the number of DDIM steps ({T})")
+        # 2. The variables and their optimizer.
+        variables = Variables.create(z_T, prompt_emb, null_emb, T, config, self.device)
+        # 3. The loss: its placement on the last K x0-predictions and its augmentations.
+        loss = AugmentedLoss.create(objective, config, batch=z_T.shape[0])
+        # 4. The held region's reference trajectory. Computed eagerly, before the compiled
+        #    UNet is switched on: a no-grad call would make it compile a second graph.
+        held = None
+        if hold is not None:
+            held = self.reference_trajectory(
+                variables.latent.detach(), variables.prompt_base, variables.null_base, sampler.guidance_scale, hold
+            )
+        # 5. The loop: iterate 0 is the start; every iterate is judged on its plain image.
+        total = config.steps if variables.optimizer is not None else 0
+        best = BestIterates(variables.latent)
+        with self._compiled_unet():
+            for step in range(total + 1):
+                update = step < total
+                with torch.set_grad_enabled(update):
+                    z_0 = self._chain_and_backward(variables, loss, sampler, config, held, update)
+                report, images = self._plain_report(objective, z_0, held)
+                best.observe(step, report, images, variables.latent)
+                if on_step is not None:
+                    on_step(StepReport(step=step, total=total, loss=best.last_loss, metrics=best.last_metrics))
+                if update:
+                    variables.update()
+        # 6. Each item's kept iterate.
+        return best.result(seconds=time.perf_counter() - started)
+
+    def _chain_and_backward(
+        self,
+        variables: Variables,
+        loss: AugmentedLoss,
+        sampler: SamplerConfig,
+        config: OptimConfig,
+        held: HeldTrajectory | None,
+        update: bool,
+    ) -> torch.Tensor:
+        """One pass of the chain from the current variables; when updating, the augmented loss on
+        the last K x0-predictions is backpropagated. Returns z_0 (B, C, h, w)."""
+        prompt_embs, null_embs = variables.embeddings()  # (T, B, L, D) each
+        z_0, x0_preds = self.run_chain(
+            variables.latent,
+            prompt_embs,
+            null_embs,
+            sampler.guidance_scale,
+            keep_last=config.loss_steps if update else 0,
+            use_checkpoint=update and config.gradient_checkpointing,
+            hold=held,
+        )
+        if update:
+            checkpoint_decode = config.gradient_checkpointing and config.checkpoint_decode
+            loss(x0_preds, lambda x0: composite(held, self.decode(x0, use_checkpoint=checkpoint_decode))).sum().backward()
+        return z_0
+
+    @torch.no_grad()
+    def _plain_report(
+        self, objective: Objective, z_0: torch.Tensor, held: HeldTrajectory | None
+    ) -> tuple[ObjectiveOutput, torch.Tensor]:
+        """The objective on the plain, non-augmented image of an iterate: (report, images (B, 3, H, W))."""
+        z_0 = z_0.detach()
+        images = composite(held, self.decode(z_0))
+        return objective(ObjectiveInput(images, z_0, images.unsqueeze(1))), images

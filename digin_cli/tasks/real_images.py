@@ -1,0 +1,305 @@
+"""Real images as starting points (uvce, neuron-cf): load and crop, invert with null-text
+inversion (cached on disk), reconstruct while recording cross-attention, mask; what a run
+loads once; and stacking prepared images into one engine batch."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from digin_cli.attention import AttentionControl, attach, find_word_tokens
+from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig
+from digin_cli.errors import DiginError
+from digin_cli.inversion import Inversion, InversionConfig, encode_image, null_text_inversion, resolved_lr
+from digin_cli.io import cache_dir, list_images, load_image, load_mask, load_tensors, save_tensors
+from digin_cli.masks import Mask, attention_mask, sam_mask, to_latent_grid
+from digin_cli.metrics import psnr
+from digin_cli.models import Classifier, load_classifier, resolve_class
+from digin_cli.objectives import ObjectiveInput, RegionDistance
+from digin_cli.tasks.folder_runs import WorkItem
+from digin_cli.tasks.runtime import RuntimeOptions, open_engine, resolve_runtime
+
+INVERSION_FORMAT = 2  # bump when the cached content changes
+
+
+@dataclass
+class RealImageOptions:
+    """How a real image becomes a starting point: caption, inversion, mask, prompt-to-prompt."""
+
+    caption: str | None = None  # default "an image of a <source class>"
+    caption_template: str = "an image of a {}"
+    captioner: str | None = None  # transformers image-to-text model that extends the default caption
+    mask_file: Path | None = None  # the user's own mask (white = class object), or a folder of masks named like the images
+    sam_checkpoint: Path | None = None  # SAM-HQ weights; none = the attention map is the mask
+    sam_model_type: str | None = None
+    p2p_fraction: float = 0.3  # share of the DDIM steps whose cross-attention is injected
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+
+    def record(self) -> dict[str, Any]:
+        """As the run config records it (paths as strings)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def check_mask_options(real: RealImageOptions) -> None:
+    """The mask options shared by uvce and neuron-cf."""
+    if real.mask_file is not None and not real.mask_file.exists():
+        raise DiginError(f"--mask {real.mask_file} does not exist; give a mask image, or a folder of masks named like the images")
+    if real.mask_file is not None and real.sam_checkpoint is not None:
+        raise DiginError("give either --mask or --sam-checkpoint, not both")
+
+
+def item_options(real: RealImageOptions, item: WorkItem) -> RealImageOptions:
+    """The real-image options of one image: the CSV's caption, and with a folder of masks
+    (--mask DIR) the mask with the image's file name stem."""
+    mask = real.mask_file
+    if mask is not None and mask.is_dir():
+        matches = [p for p in list_images(mask) if p.stem == item.path.stem]
+        if not matches:
+            raise DiginError(f"no mask for {item.path.name} in {mask}; add {item.path.stem}.png (white = object)")
+        mask = matches[0]
+    return replace(real, caption=item.caption or real.caption, mask_file=mask)
+
+
+# -- the inversion cache ---------------------------------------------------------------
+
+
+def inversion_key(image: torch.Tensor, model: str, caption: str, sampler: SamplerConfig, config: InversionConfig) -> str:
+    """Cache key: image content, model, caption, steps, guidance and the inversion settings."""
+    digest = hashlib.sha256()
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    digest.update(pixels.tobytes())
+    digest.update(repr((INVERSION_FORMAT, model, caption, sampler.num_steps, sampler.guidance_scale, asdict(config))).encode())
+    return digest.hexdigest()[:32]
+
+
+def invert_cached(
+    engine: GuidedDDIM, image: torch.Tensor, caption: str, sampler: SamplerConfig, config: InversionConfig
+) -> tuple[Inversion, bool]:
+    """Null-text inversion of (1, 3, H, W), from the cache when the same inversion was done before."""
+    config = replace(config, lr=resolved_lr(engine, config))  # the key holds the lr actually used
+    key = inversion_key(image, engine.components.source, caption, sampler, config)
+    path = cache_dir() / "inversions" / f"{key}.pt"
+    cached = load_tensors(path)
+    if cached is not None:
+        return Inversion(**cached), True
+    prompt_emb = engine.encode_text([caption])
+    null_emb = engine.encode_text([""])
+    inversion = null_text_inversion(engine, image, prompt_emb, null_emb, sampler, config)
+    save_tensors(asdict(inversion), path)
+    return inversion, False
+
+
+# -- one image -----------------------------------------------------------------------
+
+
+@dataclass
+class PreparedImage:
+    """A real image ready to be edited."""
+
+    name: str
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    caption: str
+    source_index: int
+    inversion: Inversion
+    cache_hit: bool
+    reconstruction: torch.Tensor  # (1, 3, H, W)
+    reconstruction_psnr: float
+    mask: Mask
+    control: AttentionControl  # holds the recorded cross-attention of the reconstruction
+    seconds: float = 0.0  # loading, inversion (or cache read), reconstruction and mask
+
+
+def prepare_image(
+    engine: GuidedDDIM,
+    path: Path,
+    classifier: Classifier,
+    source: str | None,
+    options: RealImageOptions,
+    sampler: SamplerConfig,
+    sam_predictor=None,
+    captioner=None,
+) -> PreparedImage:
+    """Load, invert (cached), reconstruct while recording attention, and mask one image."""
+    started = time.perf_counter()
+    # 1. The image as the model sees it, its class and its caption.
+    image = load_image(path, engine.components.resolution)[None]  # (1, 3, H, W)
+    source_index, caption, span = _source_and_caption(engine, image, classifier, source, options, captioner)
+    # 2. Null-text inversion, from the cache when it was done before.
+    inversion, hit = invert_cached(engine, image, caption, sampler, options.inversion)
+    # 3. The reconstruction, with its cross-attention recorded.
+    reconstruction, control = _reconstruct(engine, inversion, caption, span, sampler, options.p2p_fraction)
+    # 4. The object mask: the user's file, SAM-HQ from attention points, or the attention map.
+    mask = _object_mask(engine, image, control, options, sam_predictor)
+    return PreparedImage(
+        name=Path(path).stem,
+        image=image,
+        caption=caption,
+        source_index=source_index,
+        inversion=inversion,
+        cache_hit=hit,
+        reconstruction=reconstruction,
+        reconstruction_psnr=psnr(reconstruction, image),
+        mask=mask,
+        control=control,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _source_and_caption(engine: GuidedDDIM, image: torch.Tensor, classifier: Classifier, source: str | None,
+                        options: RealImageOptions, captioner) -> tuple[int, str, Any]:  # fmt: skip
+    """The source class (given, else predicted), the caption and where the class words sit in it."""
+    if source is None:
+        with torch.no_grad():
+            source_index = int(classifier(image.to(engine.device)).argmax(dim=1))
+    else:
+        source_index = resolve_class(classifier, source)
+    source_name = classifier.class_names[source_index]
+    caption = options.caption or options.caption_template.format(source_name)
+    if captioner is not None and options.caption is None:
+        caption = captioner.extend(image[0], caption)
+    span = find_word_tokens(engine.components.tokenizer, caption, source_name)
+    if span is None:
+        raise DiginError(
+            f"the caption '{caption}' does not contain the source class name '{source_name}'; "
+            "prompt-to-prompt swaps that word for the target's, so put it in --caption"
+        )
+    return source_index, caption, span
+
+
+def _reconstruct(engine: GuidedDDIM, inversion: Inversion, caption: str, span, sampler: SamplerConfig,
+                 p2p_fraction: float) -> tuple[torch.Tensor, AttentionControl]:  # fmt: skip
+    """Sample the inversion back, (1, 3, H, W) on the CPU, recording the cross-attention that
+    prompt-to-prompt injects later and the class words' map that makes the mask."""
+    T = sampler.num_steps
+    control = AttentionControl()
+    control.record(
+        store_steps=math.ceil(p2p_fraction * T),
+        map_steps=max(1, T // 2),  # the reference averages the first half of the steps
+        map_tokens=span,
+        map_side=engine.components.latent_shape[-1],
+    )
+    with attach(engine, control), torch.no_grad():
+        reconstruction = engine.sample(
+            inversion.z_T, engine.encode_text([caption]), inversion.null_embs.to(engine.device), sampler
+        ).cpu()
+    return reconstruction, control
+
+
+def _object_mask(engine: GuidedDDIM, image: torch.Tensor, control: AttentionControl, options: RealImageOptions,
+                 sam_predictor) -> Mask:  # fmt: skip
+    components = engine.components
+    size, latent_side = components.resolution, components.latent_shape[-1]
+    if options.mask_file is not None:
+        pixels, source = load_mask(options.mask_file, size), "file"
+    else:
+        attention = control.attention_map()  # (1, s, s)
+        if attention is None:
+            raise DiginError(f"{components.source} has no cross-attention layers to build a mask from; give --mask FILE")
+        attention = attention.cpu()
+        if sam_predictor is not None:
+            array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            pixels, source = sam_mask(sam_predictor, array, attention), "sam-hq"
+        else:
+            pixels, source = attention_mask(attention, size), "attention"
+    return Mask(pixels=pixels, latents=to_latent_grid(pixels, latent_side), source=source)
+
+
+# -- what a run loads once -------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """What every real-image run loads once: the classifier, the engine, SAM-HQ if asked for."""
+
+    classifier: Classifier
+    engine: GuidedDDIM
+    sam_predictor: Any
+    optim: OptimConfig  # with view_size set to the classifier's input size
+    captioner: Any = None
+
+    def prepare(self, item: WorkItem, real: RealImageOptions, sampler: SamplerConfig) -> PreparedImage:
+        """One work item's image, prepared with that item's own options (caption, mask)."""
+        return prepare_image(self.engine, item.path, self.classifier, item.source, item_options(real, item), sampler,
+                             self.sam_predictor, self.captioner)  # fmt: skip
+
+
+def open_session(
+    classifier_spec: str, runtime: RuntimeOptions, real: RealImageOptions, optim: OptimConfig, check=None
+) -> Session:
+    """Load everything once; `check(classifier)` validates class names before the heavy loads."""
+    device, unet_dtype = resolve_runtime(runtime)
+    classifier = load_classifier(classifier_spec, device)
+    if check is not None:
+        check(classifier)
+    engine = open_engine(runtime, device, unet_dtype)
+    sam_predictor = None
+    if real.sam_checkpoint is not None:
+        from digin_cli.models.segmenter import load_sam_hq
+
+        sam_predictor = load_sam_hq(real.sam_checkpoint, real.sam_model_type, device)
+    captioner = None
+    if real.captioner is not None:
+        from digin_cli.models.captioner import load_captioner
+
+        captioner = load_captioner(real.captioner, device)
+    optim = optim.resolved(engine.components, max(classifier.input_size))
+    return Session(classifier, engine, sam_predictor, optim, captioner)
+
+
+# -- several images in one engine batch --------------------------------------------------
+
+
+@dataclass
+class BatchInputs:
+    """What the engine needs from B prepared images, each item its own."""
+
+    images: torch.Tensor  # (B, 3, H, W) the originals, on the engine's device
+    distance: RegionDistance
+    z_T: torch.Tensor  # (B, C, h, w) from each inversion
+    null_embs: torch.Tensor  # (T, B, L, D) each inversion's per-step null embeddings
+
+
+def batch_inputs(engine: GuidedDDIM, prepared: list[PreparedImage], keep_object: bool, weight_latent: float,
+                 weight_pixel: float) -> BatchInputs:  # fmt: skip
+    """Stack B prepared images for one engine batch. The distance holds each image's object
+    (neuron-cf: `keep_object`) or its background (uvce: the mask inverted)."""
+    device = engine.device
+    images = torch.cat([p.image for p in prepared]).to(device)  # (B, 3, H, W)
+    masks = torch.cat([p.mask.pixels for p in prepared]).to(device)  # (B, 1, H, W)
+    latent_masks = torch.cat([p.mask.latents for p in prepared]).to(device)  # (B, 1, h, w)
+    distance = RegionDistance(
+        image=images,
+        image_latents=torch.cat([p.inversion.image_latents for p in prepared]).to(device),  # (B, C, h, w)
+        keep_pixels=masks if keep_object else 1 - masks,
+        keep_latents=latent_masks if keep_object else 1 - latent_masks,
+        weight_latent=weight_latent,
+        weight_pixel=weight_pixel,
+    )
+    z_T = torch.cat([p.inversion.z_T for p in prepared])  # (B, C, h, w)
+    null_embs = torch.cat([p.inversion.null_embs for p in prepared], dim=1)  # (T, B, L, D)
+    return BatchInputs(images, distance, z_T, null_embs)
+
+
+def plain_input(engine: GuidedDDIM, images: torch.Tensor) -> ObjectiveInput:
+    """The originals (B, 3, H, W) as an objective sees a reported iterate: one plain view each."""
+    return ObjectiveInput(images, encode_image(engine, images), images.unsqueeze(1))
+
+
+def inversion_record(prepared: PreparedImage) -> dict[str, Any]:
+    """How well the image was inverted, as its record states it."""
+    inversion = prepared.inversion
+    return {
+        "cache_hit": prepared.cache_hit,
+        "psnr_ddim_db": round(inversion.psnr_ddim, 3),
+        "psnr_null_text_db": round(inversion.psnr_null_text, 3),
+        "latent_mse_ddim": round(inversion.latent_mse_ddim, 6),
+        "latent_mse_null_text": round(inversion.latent_mse_null_text, 6),
+        "seconds": round(inversion.seconds, 3),
+    }
