@@ -21,7 +21,10 @@ class DiffusionComponents:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler
-    source: str = ""  # where they were loaded from, for the run record
+    source: str = ""  # the model as the user named it, for the run record
+    # What the weights are, for cache keys and run fingerprints: a local folder's absolute
+    # path with its UNet's file sizes and times, a hub model's snapshot (its revision).
+    identity: str = ""
     # Model-specific defaults shipped with a model folder in digin.json (e.g. the
     # null-text inversion learning rate of the small built-in models).
     settings: dict = field(default_factory=dict)

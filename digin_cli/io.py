@@ -10,7 +10,7 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,40 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "digin"
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; set it straight back
+    os.umask(mask)
+    return mask
+
+
+# Output files get the permissions any other tool's would (0666 less the user's umask), not
+# mkstemp's private 0600: colleagues and web servers read shared results folders.
+FILE_MODE = 0o666 & ~_umask()
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable (then it is redone)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def remove_file(path: Path) -> None:
+    Path(path).unlink(missing_ok=True)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -103,6 +127,8 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     The short side is resized to `size` (bicubic, antialiased) and the centre cropped.
     Raises ImageReadError naming the file when it is empty or not a readable image."""
     path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path} does not exist; check the file name (in the folder or the CSV)")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path} is empty")
     try:
@@ -158,21 +184,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def merge_summary_parts(parts: Path, summary: Path, order: Callable[[dict[str, Any]], Any]) -> None:
-    """Rewrite `summary` from every process's part file in the folder `parts`, sorted by `order`.
-
-    Several processes of one run (accelerate launch) call this after each of their items;
-    an exclusive lock on parts/lock makes the read-merge-write one step, so the last
-    writer always sees every part and the summary ends complete."""
-    import fcntl
-
-    parts.mkdir(parents=True, exist_ok=True)
-    with open(parts / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        entries = [entry for part in sorted(parts.glob("*.jsonl")) for entry in read_jsonl(part)]
-        write_jsonl(sorted(entries, key=order), summary)
 
 
 def load_vector_file(path: Path) -> Any:

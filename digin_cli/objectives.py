@@ -246,6 +246,7 @@ class Counterfactual:
             metrics={
                 "p_target": probs.gather(1, target)[:, 0],
                 "p_source": probs.gather(1, source)[:, 0],
+                "top_class": probs.argmax(dim=1).float(),  # of the view-averaged probabilities
                 "distance_latent": d_latent,
                 "distance_pixel": d_pixel,
             },

@@ -45,3 +45,4 @@ def tiny_classifiers(digin_cache):
     from digin_cli.models import load_classifier
 
     return load_classifier("tiny:f"), load_classifier("tiny:g")
+

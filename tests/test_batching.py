@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from digin_cli.attention import AttentionControl
 from digin_cli.cli import app
+from run_records import read_run
 from digin_cli.tasks.folder_runs import read_csv
 from digin_cli.engine import make_cutouts
 from digin_cli.errors import DiginError
@@ -118,14 +119,14 @@ def test_uvce_batch_gives_the_results_of_one_by_one(tmp_path):
         # The start is the same computation; after Adam steps, float noise in near-zero
         # gradients is amplified a little (Adam normalizes every element), so looser there.
         for key in ("p_target", "p_source", "distance_pixel", "distance_latent"):
-            assert two["p2p_start"][key] == pytest.approx(one["p2p_start"][key], rel=1e-4, abs=1e-5)
+            assert two["start"][key] == pytest.approx(one["start"][key], rel=1e-4, abs=1e-5)
             for after_one, after_two in zip(one["history"], two["history"]):
                 assert after_two[key] == pytest.approx(after_one[key], rel=0.02, abs=0.01)
         image_one = np.asarray(Image.open(tmp_path / "one" / one["files"]["counterfactual"]), dtype=float)
         image_two = np.asarray(Image.open(tmp_path / "two" / two["files"]["counterfactual"]), dtype=float)
         assert np.abs(image_one - image_two).mean() < 1  # 8-bit levels
-    lines = [json.loads(line) for line in (tmp_path / "two" / "summary.jsonl").read_text().splitlines()]
-    assert [line["file"].rsplit("/", 1)[-1] for line in lines] == ["a.png", "b.png", "c.png"]
+    _, lines = read_run(tmp_path / "two")
+    assert [line["input"]["file"].rsplit("/", 1)[-1] for line in lines] == ["a.png", "b.png", "c.png"]
 
 
 def test_neuron_cf_batch_with_a_mask_folder_survives_a_missing_mask_and_resumes(tmp_path):
@@ -141,6 +142,8 @@ def test_neuron_cf_batch_with_a_mask_folder_survives_a_missing_mask_and_resumes(
     first = runner.invoke(app, args)
     assert first.exit_code == 1
     assert first.output.count("Error:") == 1 and "no mask for c.png" in first.output and "Traceback" not in first.output
+    _, lines = read_run(out)
+    assert [line["status"] for line in lines] == ["ok", "ok", "failed"] and "no mask for c.png" in lines[2]["error"]
     for name in "ab":
         record = json.loads((out / f"{name}_n3.json").read_text())
         assert record["mask_source"] == "file" and record["batch_size"] == 2
@@ -148,5 +151,6 @@ def test_neuron_cf_batch_with_a_mask_folder_survives_a_missing_mask_and_resumes(
     Image.fromarray(np.zeros((64, 64), np.uint8) + 255).save(masks / "c.png")
     second = runner.invoke(app, args)
     assert second.exit_code == 0, second.output
-    lines = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
-    assert [line["status"] for line in lines] == ["done earlier", "done earlier", "ok"]
+    _, lines = read_run(out)
+    assert [line["status"] for line in lines] == ["ok", "ok", "ok"]  # c retried; a and b kept with their figures
+    assert all(line["verdict"] is not None for line in lines)

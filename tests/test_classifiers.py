@@ -451,5 +451,11 @@ def test_torchscript_errors(scripted, tmp_path):
 
 
 def test_module_exports_the_documented_interface():
-    assert callable(classifiers.load_classifier) and callable(classifiers.resolve_class)
-    assert isinstance(classifiers.BUILTIN_CLASSIFIER_LOADERS, dict)
+    # The package's names are the loaders' own objects: one registry, one loader.
+    from digin_cli.models import load_classifier as public_loader
+    from digin_cli.models.classifiers import class_names, specs
+
+    assert classifiers.load_classifier is public_loader
+    assert classifiers.resolve_class is class_names.resolve_class
+    assert classifiers.BUILTIN_CLASSIFIER_LOADERS is specs.BUILTIN_CLASSIFIER_LOADERS
+    assert {"tiny", "shapes"} <= set(classifiers.BUILTIN_CLASSIFIER_LOADERS)

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from digin_cli.cli import app
+from run_records import read_run
 from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig, initial_latents
 from digin_cli.objectives import FeatureMap, NeuronObjective, redirected_relus
 from digin_cli.tasks.neuron import select_prompt
@@ -111,13 +112,13 @@ def test_neuron_cli_writes_files_and_json(tmp_path):
     out = tmp_path / "n"
     result = runner.invoke(app, neuron_cli("--neuron", "7", "--select-samples", "2", out=out))
     assert result.exit_code == 0, result.output
-    record = json.loads((out / "neuron.json").read_text())
-    config = record["config"]
+    header, items = read_run(out)
+    config = header["config"]
     assert config["neuron"] == 7 and config["mode"] == "maximize" and config["layer"] == "pre-logits"
     assert len(config["candidate_prompts"]) == 3 and set(config["selection_scores"]) == set(config["candidate_prompts"])
     assert config["prompt"] == max(config["selection_scores"], key=config["selection_scores"].get)
-    item = record["images"][0]
-    assert {"activation", "top_class", "top_p", "top_class_name"} <= set(item["optimized"])
+    item = items[0]
+    assert {"activation", "top_class", "top_p", "top_class_name"} <= set(item["after"])
     for name in item["files"].values():
         assert (out / name).is_file()
 
@@ -128,9 +129,9 @@ def test_neuron_cli_direction_and_minimize(tmp_path):
     out = tmp_path / "d"
     result = runner.invoke(app, neuron_cli("--direction", str(direction), "--minimize", "-p", "snow", out=out))
     assert result.exit_code == 0, result.output
-    record = json.loads((out / "neuron.json").read_text())
-    assert record["config"]["mode"] == "minimize" and record["config"]["prompt"] == "snow"
-    assert record["config"]["selection_scores"] == {}
+    config = read_run(out)[0]["config"]
+    assert config["mode"] == "minimize" and config["prompt"] == "snow"
+    assert config["selection_scores"] == {}
 
 
 @pytest.mark.parametrize(

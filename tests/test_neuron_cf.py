@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from digin_cli.cli import app
+from run_records import read_record, read_run
 from digin_cli.tasks.neuron_cf import spurious_verdict
 from digin_cli.masks import object_core
 
@@ -73,20 +74,24 @@ def test_neuron_cf_cli_writes_both_directions(tmp_path):
     image = scene(tmp_path / "tri.png")
     result = runner.invoke(app, neuron_cf(str(image), "--neuron", "3", "--class", "triangle", out=out))
     assert result.exit_code == 0, result.output
-    record = json.loads((out / "tri_n3.json").read_text())
-    assert record["command"] == "neuron-cf" and record["class_name"] == "triangle"
+    header, items = read_run(out)
+    record = read_record(out, "tri_n3")
+    assert record["command"] == "neuron-cf" and record["classes"] == {"class": "triangle"}
     for mode in ("maximized", "minimized"):
-        assert {"activation", "p_class", "object_psnr_db", "background_psnr_db", "best_step"} <= set(record[mode])
-        assert record[mode]["activation"] == record[mode]["activation"]  # not NaN
+        assert {"activation", "p_class", "object_psnr_db", "background_psnr_db"} <= set(record["after"][mode])
+        assert record["after"][mode]["activation"] == record["after"][mode]["activation"]  # not NaN
+        assert 0 <= record["best_step"][mode] <= 2
     for mode in ("maximized", "minimized"):  # the kept iterate never has a worse loss than the start
-        assert record[mode]["loss"] <= record[mode]["start"]["loss"] + 1e-6
-    assert record["verdict"] is not None and isinstance(record["verdict"]["flagged"], bool)
-    assert record["verdict"]["confidence_drop"] == round(record["original"]["p_class"] - record["minimized"]["p_class"], 6)
+        assert record["after"][mode]["loss"] <= record["start"][mode]["loss"] + 1e-6
+    verdict = record["verdict"]
+    assert verdict["flagged"] == (verdict["confidence_drop"] >= 0.3 and verdict["object_kept"])
+    assert verdict["object_kept"] == (verdict["object_psnr_db"] >= verdict["reconstruction_object_psnr_db"] - 10 * math.log10(2))
+    assert record["verdict"]["confidence_drop"] == round(record["before"]["p_class"] - record["after"]["minimized"]["p_class"], 6)
     for name in record["files"].values():
         with Image.open(out / name) as png:
             assert png.mode == "RGB"
     assert set(record["files"]) == {"original", "mask", "sheet", "maximized", "minimized"}
-    assert record["config"]["hold_object"] is True
+    assert header["config"]["hold_object"] is True
 
 
 def test_neuron_cf_from_other_class_only_maximizes(tmp_path):
@@ -96,11 +101,14 @@ def test_neuron_cf_from_other_class_only_maximizes(tmp_path):
                      "--no-hold-object", out=out)  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    record = json.loads((out / "circle_n3.json").read_text())
-    assert "maximized" in record and "minimized" not in record and record["verdict"] is None
-    assert record["caption"] == "an image of a circle" and record["class_name"] == "triangle"
-    assert isinstance(record["from_other_class"]["triggers_class"], bool)
-    assert record["config"]["hold_object"] is False
+    header, _ = read_run(out)
+    record = read_record(out, "circle_n3")
+    assert set(record["after"]) == {"maximized"} and record["verdict"] is None
+    assert record["caption"] == "an image of a circle" and record["classes"] == {"class": "triangle"}
+    triggers = record["from_other_class"]
+    assert triggers["triggers_class"] == (triggers["p_class_after"] >= 0.5 > triggers["p_class_before"])
+    assert triggers["p_class_after"] == record["after"]["maximized"]["p_class"]
+    assert header["config"]["hold_object"] is False
 
 
 def test_neuron_cf_resumes_a_folder(tmp_path):
@@ -117,8 +125,11 @@ def test_neuron_cf_resumes_a_folder(tmp_path):
     assert second.exit_code == 0, second.output
     assert os.stat(out / "a_n3_minimized.png").st_mtime_ns == a_mtime
     assert (out / "b_n3.json").is_file()
-    lines = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
-    assert [line["status"] for line in lines] == ["done earlier", "ok"]
+    _, lines = read_run(out)
+    # The summary keeps every item's figures, those done in the earlier run too.
+    assert [line["status"] for line in lines] == ["ok", "ok"]
+    assert [line["item"] for line in lines] == ["a_n3", "b_n3"]
+    assert all("p_class" in line["after"]["minimized"] for line in lines)
 
 
 def test_neuron_cf_bad_input_is_one_line(tmp_path):
@@ -132,6 +143,10 @@ def test_neuron_cf_bad_input_is_one_line(tmp_path):
         (neuron_cf(str(image), "--neuron", "1", "--mask", str(image), "--sam-checkpoint", str(image), out=tmp_path / "o6"),
          "either --mask or --sam-checkpoint"),
         (neuron_cf(str(image), "--neuron", "1", "--lr-prompt", "-1", out=tmp_path / "o7"), "--lr-prompt must be a positive"),
+        (neuron_cf(str(image), "--neuron", "1", "--guidance", "nan", out=tmp_path / "o8"), "--guidance must be at least 0, got nan"),
+        (neuron_cf(str(image), "--neuron", "1", "--drop-threshold", "inf", out=tmp_path / "o9"), "--drop-threshold must be"),
+        # After the FAST options, which set --ddim-steps too: the last one given counts.
+        (neuron_cf(str(image), "--neuron", "1", out=tmp_path / "o10") + ["--ddim-steps", "101"], "--ddim-steps must be at most 100"),
     ]
     for args, expected in cases:
         result = runner.invoke(app, args)

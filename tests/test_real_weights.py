@@ -39,5 +39,5 @@ def test_real_stable_diffusion_loads_and_runs(tmp_path):
             "--ddim-steps", "2", "--steps", "1", "--loss-steps", "1", "--cutouts", "2", "--quiet"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    record = json.loads((out / "disagree.json").read_text())
+    record = json.loads((out / "run.json").read_text())
     assert record["config"]["resolution"] == 512

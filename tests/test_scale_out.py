@@ -1,7 +1,8 @@
-"""Scale-out: a folder run spread over several processes (accelerate launch / torchrun).
+"""Scale-out: runs spread over several processes (accelerate launch / torchrun).
 
 The processes are started by torchrun, which ships with torch and sets RANK, WORLD_SIZE
-and LOCAL_RANK exactly as `accelerate launch` does.
+and LOCAL_RANK exactly as `accelerate launch` does; digin reads the layout from
+accelerate's PartialState.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from digin_cli.tasks.folder_runs import Shard, WorkItem
-from digin_cli.errors import DiginError
+from digin_cli.tasks.folder_runs import WorkItem
+from digin_cli.tasks.runtime import Shard
+from run_records import read_run
 
 FAST = ["--ddim-steps", "4", "--steps", "1", "--loss-steps", "1", "--cutouts", "2", "--device", "cpu", "--quiet"]
 
@@ -37,16 +38,8 @@ def test_shards_split_items_without_overlap(tmp_path):
     assert [len(part) for part in taken] == [3, 2, 2]
 
 
-def test_shard_from_environment(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("RANK", "2")
-    assert Shard.from_environment() == Shard(2, 4)
-    monkeypatch.setenv("RANK", "4")
-    with pytest.raises(DiginError, match="RANK 4"):
-        Shard.from_environment()
-    monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.delenv("RANK")
-    assert Shard.from_environment() == Shard(0, 1)
+def test_a_plain_process_is_the_only_shard():
+    assert Shard.current() == Shard(0, 1)
 
 
 def test_two_processes_share_one_folder_run(tmp_path):
@@ -61,9 +54,7 @@ def test_two_processes_share_one_folder_run(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     records = sorted(p.name for p in out.glob("scene*_square.json"))
     assert records == ["scene0_square.json", "scene1_square.json", "scene2_square.json"]
-    summary = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    _, summary = read_run(out)
     # One entry per item, in the folder's order, every item done once by one of the two processes.
-    assert [entry["file"].rsplit("/", 1)[-1] for entry in summary] == ["scene0.png", "scene1.png", "scene2.png"]
+    assert [entry["input"]["file"].rsplit("/", 1)[-1] for entry in summary] == ["scene0.png", "scene1.png", "scene2.png"]
     assert all(entry["status"] == "ok" for entry in summary)
-    parts = sorted(p.name for p in (out / ".summary-parts").glob("*.jsonl"))
-    assert parts == ["0-of-2.jsonl", "1-of-2.jsonl"]

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from digin_cli.attention import AttentionControl, TokenSpan, attach, find_word_tokens, token_mapping
 from digin_cli.cli import app
+from run_records import read_record, read_run
 from digin_cli.tasks.real_images import RealImageOptions, invert_cached, prepare_image
 from digin_cli.tasks.uvce import swap_class
 from digin_cli.engine import GuidedDDIM, SamplerConfig
@@ -226,7 +227,10 @@ def test_prepare_image_masks_from_attention_or_file(tiny_components, tiny_classi
     prepared = prepare_image(engine, path, tiny_classifiers[0], "square", options, sampler)
     assert prepared.mask.source == "attention" and prepared.caption == "an image of a square"
     assert prepared.mask.pixels.shape == (1, 1, 64, 64) and prepared.mask.latents.shape == (1, 1, 16, 16)
-    assert prepared.mask.pixels.max() > 0.5
+    # The mask is the class words' recorded attention, squashed and blurred, and its latent
+    # version the area average of it.
+    assert torch.allclose(prepared.mask.pixels, attention_mask(prepared.control.attention_map().cpu(), 64))
+    assert torch.allclose(prepared.mask.latents, torch.nn.functional.adaptive_avg_pool2d(prepared.mask.pixels, 16))
     Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
     options.mask_file = tmp_path / "mask.png"
     prepared = prepare_image(engine, path, tiny_classifiers[0], "square", options, sampler)
@@ -249,19 +253,23 @@ def test_uvce_cli_writes_every_output(tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, uvce(str(image), "--target", "circle", "--target", "star", "--source-class", "square", out=out))
     assert result.exit_code == 0, result.output
+    _, lines = read_run(out)
     for target in ("circle", "star"):
-        record = json.loads((out / f"chelsea_{target}.json").read_text())
-        assert record["source_class"] == "square" and record["target_class"] == target
+        record = read_record(out, f"chelsea_{target}")
+        assert record["classes"] == {"source": "square", "target": target}
         assert record["target_caption"] == f"an image of a {target}"
         assert record["mask_source"] == "attention"
-        assert record["inversion"]["psnr_null_text_db"] > 0
+        # Null-text inversion minimizes the latent error that plain DDIM inversion leaves.
+        assert record["inversion"]["latent_mse_null_text"] <= record["inversion"]["latent_mse_ddim"]
         for key in ("p_target", "p_source", "distance_latent", "distance_pixel"):
-            assert key in record["original"] and key in record["counterfactual"]
+            assert key in record["before"] and key in record["after"]
+        # Flipped is the classifier's top class being the target; p(target) > p(source) has its own name.
+        assert record["flipped"] == (int(record["after"]["top_class"]) == record["target_index"])
+        assert record["target_above_source"] == (record["after"]["p_target"] > record["after"]["p_source"])
         for name in record["files"].values():
             with Image.open(out / name) as png:
                 assert png.mode == "RGB"
-    lines = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
-    assert [line["target"] for line in lines] == ["circle", "star"]
+    assert [line["classes"]["target"] for line in lines] == ["circle", "star"]
     assert not list(out.glob(".*part"))
 
 
@@ -286,8 +294,10 @@ def test_uvce_folder_survives_a_bad_file_and_resumes(tmp_path):
     assert second.exit_code == 0, second.output
     assert os.stat(out / "a_circle_counterfactual.png").st_mtime_ns == a_mtime, "finished items are skipped"
     assert (out / "b_circle.json").is_file() and (out / "b_circle_counterfactual.png").is_file()
-    statuses = {json.loads(line)["file"].rsplit("/", 1)[-1]: json.loads(line)["status"] for line in (out / "summary.jsonl").read_text().splitlines()}
-    assert statuses == {"a.png": "done earlier", "b.png": "ok"}
+    _, lines = read_run(out)
+    # Both items with their figures: a's from the first run, b's from the second.
+    assert {line["input"]["file"].rsplit("/", 1)[-1]: line["status"] for line in lines} == {"a.png": "ok", "b.png": "ok"}
+    assert all("p_target" in line["after"] for line in lines)
 
 
 def test_uvce_bad_input_is_one_line(tmp_path):

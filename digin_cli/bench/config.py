@@ -39,8 +39,9 @@ class BenchConfig:
             raise DiginError(f"--rows: unknown or no row(s) '{','.join(self.rows)}'; the rows are {', '.join(ROW_NAMES)}")
 
     def runtime(self) -> RuntimeOptions:
-        """Every row runs the built-in shapes model on the bench's device..."""
-        return RuntimeOptions(model="shapes", device=self.device)
+        """Every row runs the built-in shapes model on the bench's device, each run starting
+        again in its folder (a bench never counts items an earlier bench made)..."""
+        return RuntimeOptions(model="shapes", device=self.device, overwrite=True)
 
     def sampler(self) -> SamplerConfig:
         """...with the reference sampler settings but for the number of DDIM steps..."""

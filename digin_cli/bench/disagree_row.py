@@ -46,8 +46,8 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
         record = run_disagree(job, progress)
         runs = success = revealed = success_before = 0
         colours = []
-        for item in record["images"]:
-            after, before = item["optimized"], item["initial"]
+        for item in record["items"]:
+            after, before = item["after"], item["before"]
             ok = after["p_f"] >= SUCCESS_P_F and after["p_g"] <= SUCCESS_P_G
             success_before += before["p_f"] >= SUCCESS_P_F and before["p_g"] <= SUCCESS_P_G
             colour = judge_colours(read_rgb(job.out / item["files"]["optimized"])).colour

@@ -3,7 +3,6 @@ neuron, on rendered scenes with their object masks; judged by ground truth and d
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
         maximized = read_rgb(root / "max" / "out" / record["files"]["maximized"])
         turned += judge_colours(maximized, mask=mask).background == background
         object_psnrs.append(masked_psnr(as_tensor(maximized), as_tensor(image), torch.from_numpy(mask).float()[None]))
-        gains.append((record["original"]["activation"], record["maximized"]["activation"]))
+        gains.append((record["before"]["activation"], record["after"]["maximized"]["activation"]))
     # 3. Minimized on it, and the control neuron minimized on its shape: digin's verdicts.
     verdicts = [record["verdict"] for record, _, _ in _folder_run(config, progress, index, on, "min", root / "min")]
     flagged = sum(v["flagged"] for v in verdicts)
@@ -119,5 +118,5 @@ def _folder_run(config: BenchConfig, progress: Progress | None, neuron: int, sce
         sampler=config.sampler(), optim=config.optim(),
     )  # fmt: skip
     result = run_neuron_cf(job, progress)
-    records = {Path(e["file"]).stem: json.loads((job.out / e["json"]).read_text()) for e in result["items"]}
+    records = {Path(record["input"]["file"]).stem: record for record in result["items"]}
     return [(records[str(k)], *rendered[k]) for k in range(len(scenes))]

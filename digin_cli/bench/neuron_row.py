@@ -51,8 +51,8 @@ def neuron_row(config: BenchConfig, progress: Progress | None = None) -> dict[st
                 optim=config.optim(),
             )
             record = run_neuron(job, progress)
-            for item in record["images"]:
-                a0, a1 = item["initial"]["activation"], item["optimized"]["activation"]
+            for item in record["items"]:
+                a0, a1 = item["before"]["activation"], item["after"]["activation"]
                 judged = judge_colours(read_rgb(job.out / item["files"]["optimized"])).background
                 before.append(a0)
                 after.append(a1)

@@ -3,7 +3,6 @@ judged by ground truth and an independently trained classifier."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
     # 2. The run, then every counterfactual judged.
     result = run_uvce(job, progress)
     judges = load_classifier("shapes:oracle"), load_classifier("shapes:oracle-2")
-    judged = [_judge(job.out, entry, *scenes[Path(entry["file"]).stem], *judges) for entry in result["items"]]
+    judged = [_judge(job.out, record, *scenes[Path(record["input"]["file"]).stem], *judges) for record in result["items"]]
     items = [item for item, _ in judged]
     # 3. The figures.
     runs = len(items)
@@ -89,11 +88,10 @@ def _write_scenes(config: BenchConfig, folder: Path) -> dict[str, tuple]:
 
 
 @torch.no_grad()
-def _judge(out: Path, entry: dict, scene, target: str, image: np.ndarray, mask: np.ndarray, oracle,
+def _judge(out: Path, record: dict, scene, target: str, image: np.ndarray, mask: np.ndarray, oracle,
            second) -> tuple[dict[str, Any], float]:  # fmt: skip
     """One counterfactual as the judges see it: both oracles' top class and the background PSNR
     (the item for bench.json, and the PSNR unrounded)."""
-    record = json.loads((out / entry["json"]).read_text())
     counterfactual = load_image(out / record["files"]["counterfactual"], image.shape[0])[None]  # (1, 3, H, W)
     top_oracle = int(oracle(counterfactual).argmax(dim=1))
     top_second = int(second(counterfactual).argmax(dim=1))
@@ -101,6 +99,6 @@ def _judge(out: Path, entry: dict, scene, target: str, image: np.ndarray, mask: 
     item = {
         "scene": scene.to_dict(), "target": target, "oracle": SHAPES[top_oracle], "oracle_2": SHAPES[top_second],
         "background_psnr_db": round(background_psnr, 2), "inversion_psnr_db": record["inversion"]["psnr_null_text_db"],
-        "p_target": record["counterfactual"]["p_target"], "json": str(out / entry["json"]),
+        "p_target": record["after"]["p_target"], "json": str(out / f"{record['item']}.json"),
     }  # fmt: skip
     return item, background_psnr

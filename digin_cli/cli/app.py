@@ -98,6 +98,15 @@ def call_with_progress(task: Callable[[Any, Any], Any], job: Any, quiet: bool) -
             progress.close()
 
 
+def wrote(result: dict[str, Any]) -> str:
+    """The closing line of a run: what is done, where the records are."""
+    items = result["items"]
+    done = sum(item.get("status") == "ok" for item in items)
+    failed = len(items) - done
+    out = result["out"]
+    return f"Wrote {done} item(s){f' ({failed} failed)' if failed else ''}: {out}/run.json, {out}/summary.jsonl"
+
+
 class RichProgress:
     """A rich progress bar over optimization steps, showing the live loss and metrics."""
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from digin_cli.cli.app import app, call_with_progress, stdout
+from digin_cli.cli.app import app, call_with_progress, stdout, wrote
 from digin_cli.cli.options import SEEDS, CommonOptions, PromptTemplateOpt, common_options, with_options
 
 
@@ -28,18 +28,18 @@ def disagree(
 
     job = DisagreeJob(classifier_f=classifier_f, classifier_g=classifier_g, class_name=class_name, seeds=seeds,
                       prompt_template=prompt_template, **common.job_fields(seed=seeds[0] if seeds else 0))  # fmt: skip
-    record = call_with_progress(run_disagree, job, common.quiet)
+    result = call_with_progress(run_disagree, job, common.quiet)
     if not common.quiet:
-        stdout.print(_table(record))
-    stdout.print(f"Wrote {len(record['images'])} image(s) and {record['json']}", highlight=False)
+        stdout.print(_table(result))
+    stdout.print(wrote(result), highlight=False)
 
 
-def _table(record: dict[str, Any]) -> Table:
-    table = Table(title=f"disagree: '{record['config']['class_name']}'  (p_f up, p_g down)")
+def _table(result: dict[str, Any]) -> Table:
+    table = Table(title=f"disagree: '{result['header']['config']['class_name']}'  (p_f up, p_g down)")
     for column in ("seed", "p_f before", "p_g before", "p_f after", "p_g after", "best step", "sheet"):
         table.add_column(column)
-    for item in record["images"]:
-        b, a = item["initial"], item["optimized"]
-        table.add_row(str(item["seed"]), f"{b['p_f']:.3f}", f"{b['p_g']:.3f}", f"{a['p_f']:.3f}",
+    for item in result["items"]:
+        b, a = item["before"], item["after"]
+        table.add_row(str(item["input"]["seed"]), f"{b['p_f']:.3f}", f"{b['p_g']:.3f}", f"{a['p_f']:.3f}",
                       f"{a['p_g']:.3f}", str(item["best_step"]), item["files"]["sheet"])  # fmt: skip
     return table

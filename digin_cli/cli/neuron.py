@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from digin_cli.cli.app import app, call_with_progress, stdout
+from digin_cli.cli.app import app, call_with_progress, stdout, wrote
 from digin_cli.cli.options import (
     SEEDS,
     ClassifierOpt,
@@ -46,11 +46,11 @@ def neuron(
         maximize=not minimize, prompts=list(prompt or []), num_candidates=candidates, select_samples=select_samples,
         prompt_template=prompt_template, **common.job_fields(seed=seeds[0] if seeds else 0),
     )  # fmt: skip
-    record = call_with_progress(run_neuron, job, common.quiet)
+    result = call_with_progress(run_neuron, job, common.quiet)
     if not common.quiet:
-        _print_selection(record["config"])
-        stdout.print(_table(record))
-    stdout.print(f"Wrote {len(record['images'])} image(s) and {record['json']}", highlight=False)
+        _print_selection(result["header"]["config"])
+        stdout.print(_table(result))
+    stdout.print(wrote(result), highlight=False)
 
 
 def _print_selection(config: dict[str, Any]) -> None:
@@ -62,14 +62,14 @@ def _print_selection(config: dict[str, Any]) -> None:
         stdout.print(f" {mark} {score:+.3f}  {text}", highlight=False, markup=False)
 
 
-def _table(record: dict[str, Any]) -> Table:
-    config = record["config"]
+def _table(result: dict[str, Any]) -> Table:
+    config = result["header"]["config"]
     target = config["neuron"] if config["neuron"] is not None else config["direction_file"]
     table = Table(title=f"neuron: {config['mode']} {target}")
     for column in ("seed", "activation before", "activation after", "top class after", "best step"):
         table.add_column(column)
-    for item in record["images"]:
-        b, a = item["initial"], item["optimized"]
-        table.add_row(str(item["seed"]), f"{b['activation']:.3f}", f"{a['activation']:.3f}",
+    for item in result["items"]:
+        b, a = item["before"], item["after"]
+        table.add_row(str(item["input"]["seed"]), f"{b['activation']:.3f}", f"{a['activation']:.3f}",
                       f"{a['top_class_name']} {a['top_p']:.2f}", str(item["best_step"]))  # fmt: skip
     return table

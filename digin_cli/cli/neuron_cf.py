@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from digin_cli.cli.app import app, call_with_progress, stdout
+from digin_cli.cli.app import app, call_with_progress, stdout, wrote
 from digin_cli.cli.options import (
     ClassifierOpt,
     CommonOptions,
@@ -75,7 +75,7 @@ def neuron_cf(
     result = call_with_progress(run_neuron_cf, job, common.quiet)
     if not common.quiet:
         stdout.print(_table(result["items"]))
-    stdout.print(f"Flagged as spurious on {result['flagged']} of {result['judged']} image(s); wrote {Path(result['out']) / 'summary.jsonl'}", highlight=False)
+    stdout.print(f"Flagged as spurious on {result['flagged']} of {result['judged']} image(s). {wrote(result)}", highlight=False)
 
 
 def _table(items: list[dict[str, Any]]) -> Table:
@@ -83,18 +83,20 @@ def _table(items: list[dict[str, Any]]) -> Table:
     for column in ("file", "class", "activation", "p(class)", "verdict"):
         table.add_column(column)
     for item in items:
+        name = Path(item["input"]["file"]).name
         if item.get("status") != "ok":
-            table.add_row(Path(item["file"]).name, "", "", "", item["status"])
+            table.add_row(name, "", "", "", f"failed: {item['error']}")
             continue
-        acts = " / ".join(f"{item[k]:.2f}" for k in ("activation_before", "activation_max", "activation_min") if k in item)
-        probs = " / ".join(f"{item[k]:.2f}" for k in ("p_class_before", "p_class_max", "p_class_min") if k in item)
-        table.add_row(Path(item["file"]).name, item["class"], acts, probs, _verdict(item))
+        figures = [item["before"], *item["after"].values()]  # original, then maximized / minimized
+        acts = " / ".join(f"{f['activation']:.2f}" for f in figures)
+        probs = " / ".join(f"{f['p_class']:.2f}" for f in figures)
+        table.add_row(name, item["classes"]["class"], acts, probs, _verdict(item))
     return table
 
 
 def _verdict(item: dict[str, Any]) -> str:
     if item.get("verdict"):
-        return item["verdict"]
-    if "triggers_class" in item:
-        return "triggers the class" if item["triggers_class"] else "does not trigger the class"
+        return item["verdict"]["text"]
+    if item.get("from_other_class"):
+        return "triggers the class" if item["from_other_class"]["triggers_class"] else "does not trigger the class"
     return ""

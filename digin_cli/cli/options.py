@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,13 @@ def with_options(**groups: OptionGroup) -> Callable[[Callable[..., Any]], Callab
         return wrapper
 
     return decorate
+
+
+def command_line() -> list[str] | None:
+    """The command as the user typed it, for the run header (None when digin was not run
+    from a shell, e.g. inside a test runner)."""
+    program = Path(sys.argv[0]).name if sys.argv else ""
+    return ["digin", *sys.argv[1:]] if program in ("digin", "__main__.py") else None
 
 
 def _engine():
@@ -139,7 +147,7 @@ def runtime_options(compile_unet: bool = True) -> OptionGroup:
     def build(model: str, device: str, dtype: str, compile_unet: bool = False):
         from digin_cli.tasks.runtime import RuntimeOptions
 
-        return RuntimeOptions(model=model, device=device, dtype=dtype, compile=compile_unet)
+        return RuntimeOptions(model=model, device=device, dtype=dtype, compile=compile_unet, command_line=command_line())
 
     return OptionGroup(tuple(parameters), build)
 
@@ -206,12 +214,15 @@ def common_options(out: str, compile_unet: bool = True, cutout_seed: bool = Fals
         _option("batch_size", int, 1, "--batch-size", help="Images optimized together in one batch.", panel=OPTIM),
         _option("out", Path, Path(out), "--out", "-o", help="Output folder.", panel=OUTPUT),
         _option("quiet", bool, False, "--quiet", "-q", help="No progress bar or table.", panel=OUTPUT),
-    ]
+        _option("overwrite", bool, False, "--overwrite", panel=OUTPUT,
+                help="Start the output folder's run again (its earlier files are removed) instead of resuming it."),
+    ]  # fmt: skip
     if cutout_seed:
         own.append(_option("cutout_seed", int, 0, "--seed", help="Seeds the cutout randomness.", panel=OPTIM))
 
-    def build(**values: Any) -> CommonOptions:
+    def build(overwrite: bool, **values: Any) -> CommonOptions:
         built = {name: group.build(**{p.name: values.pop(p.name) for p in group.parameters}) for name, group in groups.items()}
+        built["runtime"].overwrite = overwrite
         return CommonOptions(**built, **values)
 
     parameters = tuple(own) + tuple(p for group in groups.values() for p in group.parameters)

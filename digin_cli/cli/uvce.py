@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from digin_cli.cli.app import app, call_with_progress, stdout
+from digin_cli.cli.app import app, call_with_progress, stdout, wrote
 from digin_cli.cli.options import ClassifierOpt, CommonOptions, InputsArg, common_options, real_image_options, with_options
 
 
@@ -44,8 +44,7 @@ def uvce(
     result = call_with_progress(run_uvce, job, common.quiet)
     if not common.quiet:
         stdout.print(_table(result["items"]))
-    done = sum(1 for item in result["items"] if item.get("status") == "ok")
-    stdout.print(f"Wrote {done} counterfactual(s) and {Path(result['out']) / 'summary.jsonl'}", highlight=False)
+    stdout.print(wrote(result), highlight=False)
 
 
 def _table(items: list[dict[str, Any]]) -> Table:
@@ -53,10 +52,11 @@ def _table(items: list[dict[str, Any]]) -> Table:
     for column in ("file", "target", "p(target) before", "p(target) after", "flipped", "background PSNR", "status"):
         table.add_column(column)
     for item in items:
+        name = Path(item["input"]["file"]).name
         if item.get("status") != "ok":
-            table.add_row(Path(item["file"]).name, item.get("target", ""), "", "", "", "", item["status"])
+            table.add_row(name, item["classes"].get("target", ""), "", "", "", "", f"failed: {item['error']}")
             continue
-        table.add_row(Path(item["file"]).name, item["target"], f"{item['p_target_before']:.3f}",
-                      f"{item['p_target_after']:.3f}", "yes" if item["flipped"] else "no",
+        table.add_row(name, item["classes"]["target"], f"{item['before']['p_target']:.3f}",
+                      f"{item['after']['p_target']:.3f}", "yes" if item["flipped"] else "no",
                       f"{item['background_psnr_db']:.1f} dB", "ok")  # fmt: skip
     return table

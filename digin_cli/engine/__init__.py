@@ -10,6 +10,7 @@ embedding, null_t the per-step null-text embedding, and the image is D(z_0).
 
 from digin_cli.engine.configs import (
     REFERENCE_LR_EMBEDDING,
+    NonFiniteLoss,
     OptimConfig,
     OptimizationResult,
     ProgressCallback,
@@ -25,6 +26,7 @@ __all__ = [
     "GuidedDDIM",
     "HeldTrajectory",
     "HoldRegion",
+    "NonFiniteLoss",
     "OptimConfig",
     "OptimizationResult",
     "ProgressCallback",

@@ -87,3 +87,12 @@ class OptimizationResult:
 
 
 ProgressCallback = Callable[[StepReport], None]
+
+
+class NonFiniteLoss(FloatingPointError):
+    """An iterate's plain loss is NaN or infinite (an fp16 overflow, a diverging update):
+    the run stops rather than keep an earlier iterate without a word."""
+
+    def __init__(self, step: int, items: list[int]) -> None:
+        super().__init__(f"the loss is not finite at optimization step {step} (batch items {items})")
+        self.step, self.items = step, items

@@ -18,7 +18,14 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from digin_cli.components import DiffusionComponents
-from digin_cli.engine.configs import OptimConfig, OptimizationResult, ProgressCallback, SamplerConfig, StepReport
+from digin_cli.engine.configs import (
+    NonFiniteLoss,
+    OptimConfig,
+    OptimizationResult,
+    ProgressCallback,
+    SamplerConfig,
+    StepReport,
+)
 from digin_cli.engine.hold import HeldTrajectory, HoldRegion
 from digin_cli.engine.loop import AugmentedLoss, BestIterates, Variables, composite, per_step
 from digin_cli.objectives import Objective, ObjectiveInput, ObjectiveOutput
@@ -245,6 +252,9 @@ class GuidedDDIM:
                 with torch.set_grad_enabled(update):
                     z_0 = self._chain_and_backward(variables, loss, sampler, config, held, update)
                 report, images = self._plain_report(objective, z_0, held)
+                finite = torch.isfinite(report.loss.detach())  # (B,)
+                if not finite.all():
+                    raise NonFiniteLoss(step, torch.nonzero(~finite).flatten().tolist())
                 best.observe(step, report, images, variables.latent)
                 if on_step is not None:
                     on_step(StepReport(step=step, total=total, loss=best.last_loss, metrics=best.last_metrics))

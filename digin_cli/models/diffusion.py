@@ -8,6 +8,7 @@ through the same loaders.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -93,8 +94,39 @@ def load_diffusion(model: str) -> DiffusionComponents:
             raise DiginError(f"{local / SETTINGS_FILE} is not valid JSON ({error}); fix or delete it") from None
     return DiffusionComponents(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, source=model,
-        settings=settings,
+        identity=model_identity(local) if local.is_dir() else _hub_identity(model), settings=settings,
     )  # fmt: skip
+
+
+def model_identity(folder: Path) -> str:
+    """The folder's absolute path (for a hub model the snapshot folder, which names the
+    revision) and the sizes and modification times of its UNet files: the same string
+    for the same weights, another one when the weights are replaced."""
+    folder = folder.resolve()
+    unet = folder / "unet" if (folder / "unet").is_dir() else folder
+    stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in unet.iterdir() if p.is_file())
+    digest = hashlib.sha256(repr(stats).encode()).hexdigest()[:12]
+    return f"{folder}@{digest}"
+
+
+def _hub_identity(model: str) -> str:
+    """A hub model's identity: its cached snapshot folder, whose name is the revision."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model, "unet/config.json")
+    return model_identity(Path(found).parent.parent) if isinstance(found, str) else model
+
+
+def check_model_path(model: str) -> None:
+    """A model named like a local path must be a folder; hub ids look like `org/name`."""
+    if model in BUILTIN_DIFFUSION_MODELS:
+        return
+    looks_local = model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or model.endswith("/")
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise DiginError(
+            f"--model {model}: no such folder; give a diffusers model folder, a hub id such as {DEFAULT_MODEL}, "
+            f"or a built-in name (--model {_builtin_names()})"
+        )
 
 
 def _builtin_names() -> str:

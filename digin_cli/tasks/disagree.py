@@ -19,9 +19,11 @@ from digin_cli.tasks.runtime import (
     check_prompt_template,
     open_engine,
     resolve_runtime,
+    run_config,
     slug,
 )
-from digin_cli.tasks.seed_runs import ItemWriter, check_seeds, new_record, optimize_seeds
+from digin_cli.tasks.records import open_run_folder, run_result
+from digin_cli.tasks.seed_runs import ItemWriter, check_seeds, optimize_seeds
 
 
 @dataclass
@@ -51,7 +53,7 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     progress = progress or NoProgress()
     started = time.perf_counter()
     # 1. Check the options before anything heavy is loaded.
-    check_engine_options(job.out, job.sampler, job.optim, job.batch_size)
+    check_engine_options(job.out, job.sampler, job.optim, job.batch_size, job.runtime)
     check_prompt_template(job.prompt_template)
     check_seeds(job.seeds)
     device, unet_dtype = resolve_runtime(job.runtime)
@@ -65,7 +67,7 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     engine = open_engine(job.runtime, device, unet_dtype)
     objective = Disagreement(f, g, class_index)
     optim = job.optim.resolved(engine.components, max(max(f.input_size), max(g.input_size)))
-    # 3. The run record, then every seed, written as it is done.
+    # 3. The run folder (resumed when it holds this run), then every seed, written as it is done.
     specific = {
         "classifier_f": job.classifier_f,
         "classifier_g": job.classifier_g,
@@ -73,15 +75,16 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
         "class_index": class_index,
         "prompt_template": job.prompt_template,
         "prompt": prompt,
+        "seeds": job.seeds,
+        "batch_size": job.batch_size,
     }
-    record = new_record("disagree", device, job, engine.components.resolution, optim, specific)
+    config = run_config(job.runtime, specific, engine.components, job.sampler, optim)
+    folder = open_run_folder(job.out, "disagree", config, device, job.runtime)
 
     def labels(title: str, metrics: dict[str, float]) -> list[str]:
         return [title, f"p_f {metrics['p_f']:.3f}", f"p_g {metrics['p_g']:.3f}"]
 
     sheet_title = f"'{class_name}'  f={job.classifier_f}  g={job.classifier_g}"
-    optimize_seeds(
-        engine, objective, prompt, job.seeds, job.batch_size, job.sampler, optim, progress,
-        ItemWriter(job.out, slug(class_name), sheet_title, labels, record, job.out / "disagree.json", started),
-    )  # fmt: skip
-    return record
+    writer = ItemWriter(folder, "disagree", slug(class_name), sheet_title, labels, classes={"class": class_name})
+    records = optimize_seeds(engine, objective, prompt, job.seeds, job.batch_size, job.sampler, optim, progress, writer)
+    return run_result(folder, records, started)

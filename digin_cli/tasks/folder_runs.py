@@ -5,15 +5,16 @@ summary.jsonl current."""
 from __future__ import annotations
 
 import csv
-import os
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from digin_cli.errors import DiginError
-from digin_cli.io import ImageReadError, list_images, merge_summary_parts, write_jsonl
-from digin_cli.tasks.runtime import slug
+from digin_cli.io import ImageReadError, list_images
+from digin_cli.tasks.records import RunFolder
+from digin_cli.tasks.runtime import Shard, slug
 
 
 @dataclass
@@ -72,6 +73,18 @@ def work_items(
     return [WorkItem(inputs, source_class, targets)]
 
 
+def item_names(items: list[WorkItem]) -> list[str]:
+    """A name for each image, unique in the run, for its files and records: the slug of its
+    file name stem; where two images share it (a.jpg and a.png, 'IMG 1' and 'img-1'), the
+    slug of the whole file name, and where that is shared too, a hash of the path as well."""
+    stems = [slug(item.path.stem) for item in items]
+    names = [stem if stems.count(stem) == 1 else slug(item.path.name) for stem, item in zip(stems, items)]
+    return [
+        name if names.count(name) == 1 else f"{name}-{hashlib.sha1(str(item.path).encode()).hexdigest()[:6]}"
+        for name, item in zip(names, items)
+    ]
+
+
 @dataclass
 class Task:
     """One unit of engine work: a label of an item (a target class for uvce, the neuron for
@@ -80,41 +93,13 @@ class Task:
     item: WorkItem
     prepared: Any  # the task's PreparedImage (see real_images)
     label: str
-    stem: str  # file name stem of the outputs
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's share of a folder run: items index, index + count, index + 2 count, ...
-
-    `accelerate launch` (like torchrun) starts one process per GPU and tells each its RANK
-    and the WORLD_SIZE; a plain run is the only shard. Shards write into the same output
-    folder; summary.jsonl is merged from every shard's part (see merge_summary_parts)."""
-
-    index: int = 0
-    count: int = 1
-
-    @classmethod
-    def from_environment(cls) -> Shard:
-        try:
-            count, index = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        except ValueError:
-            raise DiginError("RANK and WORLD_SIZE must be integers (they are set by accelerate launch / torchrun)") from None
-        if count < 1 or not 0 <= index < count:
-            raise DiginError(f"RANK {index} is not between 0 and WORLD_SIZE - 1 ({count - 1})")
-        return cls(index, count)
-
-    def take(self, items: list[WorkItem]) -> list[WorkItem]:
-        return items[self.index :: self.count]
-
-
-SUMMARY_PARTS = ".summary-parts"  # per-shard summaries of a multi-process run, merged into summary.jsonl
+    name: str  # the item's record name, also the stem of its output files
 
 
 def run_items(
     items: list[WorkItem],
-    out: Path,
-    outputs: Callable[[WorkItem], dict[str, str]],
+    folder: RunFolder,
+    labels: Callable[[WorkItem], list[str]],
     prepare: Callable[[WorkItem], Any],
     run_batch: Callable[[list[Task]], list[dict[str, Any]]],
     batch_size: int = 1,
@@ -122,92 +107,82 @@ def run_items(
 ) -> list[dict[str, Any]]:
     """The resumable loop of a real-image run, over this process's shard of `items`.
 
-    outputs(item) -> {label: json file name}: an item's label is finished when its JSON
-    exists (JSONs are written last, atomically), and is then skipped. prepare(item) loads,
-    inverts and masks one image; the pending labels of prepared images queue up as Tasks,
-    and run_batch(tasks) runs up to `batch_size` of them in one engine batch, writes their
-    files and returns one summary entry per task. A bad file fails alone, in prepare; the
-    run goes on. summary.jsonl is rewritten after every image and batch (with several
-    shards: this shard's part, then the merge of all parts), in folder order.
-    Raises DiginError at the end when any item of this shard failed."""
-    return FolderRun(items, out, outputs, prepare, run_batch, batch_size, shard or Shard.from_environment()).run()
+    An item's label is one record, `<image name>_<label slug>`; it is skipped when its
+    record is finished with this run's settings. prepare(item) loads, inverts and masks
+    one image; the pending labels of prepared images queue up as Tasks, and
+    run_batch(tasks) runs up to `batch_size` of them in one engine batch, writes their
+    files and returns one record per task, which is written last. A bad image (unreadable,
+    missing, no mask) fails alone: its labels get failure records and the run goes on;
+    the next run retries them. summary.jsonl is rebuilt from the records on disk after
+    every image and batch. Returns every label's record in input order; raises DiginError
+    at the end when any item of this shard failed."""
+    return FolderRun(items, folder, labels, prepare, run_batch, batch_size, shard or Shard.current()).run()
 
 
 class FolderRun:
-    """The state of one run_items call: the summary so far, the failures, the queued tasks."""
+    """The state of one run_items call: the record names, the failures, the queued tasks."""
 
-    def __init__(self, items, out: Path, outputs, prepare, run_batch, batch_size: int, shard: Shard) -> None:
-        self.items, self.out, self.outputs = items, out, outputs
-        self.prepare, self.run_batch, self.batch_size, self.shard = prepare, run_batch, batch_size, shard
+    def __init__(self, items, folder: RunFolder, labels, prepare, run_batch, batch_size: int, shard: Shard) -> None:
+        self.folder, self.labels, self.prepare, self.run_batch = folder, labels, prepare, run_batch
+        self.batch_size, self.shard = batch_size, shard
+        self.image_names = dict(zip((str(item.path) for item in items), item_names(items)))
+        self.records = [self.record_name(item, label) for item in items for label in labels(item)]
         self.mine = shard.take(items)
-        self.position = {str(item.path): k for k, item in enumerate(items)}
-        self.summary: list[dict[str, Any]] = []
         self.failures: list[str] = []
         self.queue: list[Task] = []
 
+    def record_name(self, item: WorkItem, label: str) -> str:
+        return f"{self.image_names[str(item.path)]}_{slug(label)}"
+
     def run(self) -> list[dict[str, Any]]:
-        self.out.mkdir(parents=True, exist_ok=True)
         # 1. Every image of this shard: skip its finished labels, prepare it for the rest,
         #    and run full batches as they fill up.
         for item in self.mine:
             self._queue(item)
             while len(self.queue) >= self.batch_size:
                 self._flush()
-            self._write_summary()
         # 2. The last, partial batch.
         while self.queue:
             self._flush()
-        if not self.mine:
-            self._write_summary()  # a shard with nothing to do still leaves its (empty) part
+        records = self.folder.rebuild_summary(self.records)
         # 3. Failures are reported once, at the end.
         if self.failures:
             if len(self.mine) == 1:
                 raise DiginError(self.failures[0])
+            listed = "; ".join(self.failures[:3]) + ("; ..." if len(self.failures) > 3 else "")
             raise DiginError(
-                f"{len(self.failures)} of {len(self.mine)} images failed ({self.failures[0]}); the others are in {self.out}, "
-                "see summary.jsonl; rerun the same command to retry only the missing ones"
+                f"{len(self.failures)} of {len(self.mine)} images failed ({listed}); the others are in "
+                f"{self.folder.out}, see summary.jsonl; rerun the same command to retry only the failed ones"
             )
-        return self.summary
+        return records
 
     def _queue(self, item: WorkItem) -> None:
-        names = self.outputs(item)
-        pending = [label for label, name in names.items() if not (self.out / name).is_file()]
-        for label, name in names.items():
-            if label not in pending:
-                self.summary.append({"file": str(item.path), "label": label, "json": name, "status": "done earlier"})
+        pending = [label for label in self.labels(item) if self.folder.finished(self.record_name(item, label)) is None]
         if not pending:
             return
         try:
             prepared = self.prepare(item)
         except (ImageReadError, DiginError) as error:
-            self._fail(item.path, error)
+            self._fail(item, pending, error)
         else:
-            self.queue.extend(Task(item, prepared, label, slug(item.path.stem)) for label in pending)
+            self.queue.extend(Task(item, prepared, label, self.record_name(item, label)) for label in pending)
+        self.folder.rebuild_summary(self.records)
 
     def _flush(self) -> None:
         batch = self.queue[: self.batch_size]
         del self.queue[: self.batch_size]
         try:
-            entries = self.run_batch(batch)
+            records = self.run_batch(batch)
         except DiginError as error:
             for path in dict.fromkeys(task.item.path for task in batch):
-                self._fail(path, error)
+                tasks = [task for task in batch if task.item.path == path]
+                self._fail(tasks[0].item, [task.label for task in tasks], error)
         else:
-            self.summary.extend({"file": str(task.item.path), **entry} for task, entry in zip(batch, entries))
-        self._write_summary()
+            for record in records:  # last: a record marks its item finished
+                self.folder.write_item(record)
+        self.folder.rebuild_summary(self.records)
 
-    def _fail(self, path: Path, error: Exception) -> None:
-        self.failures.append(f"{path.name}: {error}")
-        self.summary.append({"file": str(path), "status": "failed", "error": str(error)})
-
-    def _in_order(self, entry: dict[str, Any]) -> int:
-        return self.position.get(entry["file"], len(self.items))
-
-    def _write_summary(self) -> None:
-        self.summary.sort(key=self._in_order)  # stable: an image's labels keep their order
-        if self.shard.count == 1:
-            write_jsonl(self.summary, self.out / "summary.jsonl")
-            return
-        parts = self.out / SUMMARY_PARTS
-        write_jsonl(self.summary, parts / f"{self.shard.index}-of-{self.shard.count}.jsonl")
-        merge_summary_parts(parts, self.out / "summary.jsonl", order=self._in_order)
+    def _fail(self, item: WorkItem, labels: list[str], error: Exception) -> None:
+        self.failures.append(f"{item.path.name}: {error}")
+        for label in labels:
+            self.folder.write_failure(self.folder.header["command"], self.record_name(item, label), {"file": str(item.path)}, str(error))

@@ -12,8 +12,8 @@ import torch
 
 from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig, initial_latents
 from digin_cli.errors import DiginError
-from digin_cli.io import write_json
 from digin_cli.models import Classifier, load_classifier, resolve_class
+from digin_cli.models.diffusion import check_model_path
 from digin_cli.objectives import FeatureMap, NeuronObjective
 from digin_cli.tasks.neuron_target import check_neuron_or_direction, neuron_target, target_label
 from digin_cli.tasks.runtime import (
@@ -24,8 +24,10 @@ from digin_cli.tasks.runtime import (
     check_prompt_template,
     open_engine,
     resolve_runtime,
+    run_config,
 )
-from digin_cli.tasks.seed_runs import ItemWriter, check_seeds, new_record, optimize_seeds
+from digin_cli.tasks.records import open_run_folder, rounded, run_result
+from digin_cli.tasks.seed_runs import ItemWriter, check_seeds, optimize_seeds
 
 
 @dataclass
@@ -76,7 +78,7 @@ def select_prompt(
 
 
 def _check_neuron(job: NeuronJob) -> None:
-    check_engine_options(job.out, job.sampler, job.optim, job.batch_size)
+    check_engine_options(job.out, job.sampler, job.optim, job.batch_size, job.runtime)
     check_neuron_or_direction(job.neuron, job.direction_file)
     check_prompt_template(job.prompt_template)
     check_seeds(job.seeds)
@@ -122,7 +124,7 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
         prompt, scores = select_prompt(engine, objective, prompts, selection_seeds, job.sampler)
     else:
         prompt, scores = prompts[0], {}
-    # 4. The run record, then every seed, written as it is done.
+    # 4. The run folder (resumed when it holds this run), then every seed, written as it is done.
     specific = {
         "classifier": job.classifier,
         "layer": job.layer or "pre-logits",
@@ -134,27 +136,27 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
         "selection_seeds": selection_seeds if scores else [],
         "selection_scores": scores,
         "prompt": prompt,
+        "seeds": job.seeds,
+        "batch_size": job.batch_size,
     }
-    record = new_record("neuron", device, job, engine.components.resolution, optim, specific)
+    config = run_config(job.runtime, specific, engine.components, job.sampler, optim)
+    folder = open_run_folder(job.out, "neuron", config, device, job.runtime)
 
     def labels(title: str, metrics: dict[str, float]) -> list[str]:
         top = classifier.class_names[int(metrics["top_class"])]
         return [title, f"activation {metrics['activation']:.3f}", f"top: {top} {metrics['top_p']:.2f}"]
 
+    def figures(metrics: dict[str, float]) -> dict[str, Any]:
+        # The class name behind the top class index, for readers of the record.
+        return {**rounded(metrics), "top_class_name": classifier.class_names[int(metrics["top_class"])]}
+
     mode = "max" if job.maximize else "min"
     target = f"neuron {job.neuron}" if direction is None else f"direction {job.direction_file.name}"
     sheet_title = f"{classifier.spec} {target} ({mode}imize)  '{prompt}'"
     stem = f"{target_label(job.neuron, job.direction_file)}_{mode}"
-    optimize_seeds(
-        engine, objective, prompt, job.seeds, job.batch_size, job.sampler, optim, progress,
-        ItemWriter(job.out, stem, sheet_title, labels, record, job.out / "neuron.json", started),
-    )  # fmt: skip
-    # 5. The class names behind the indices, for readers of the JSON.
-    for entry in record["images"]:
-        for key in ("initial", "optimized"):
-            entry[key]["top_class_name"] = classifier.class_names[int(entry[key]["top_class"])]
-    write_json(record, job.out / "neuron.json")
-    return record
+    writer = ItemWriter(folder, "neuron", stem, sheet_title, labels, classes={}, figures=figures)
+    records = optimize_seeds(engine, objective, prompt, job.seeds, job.batch_size, job.sampler, optim, progress, writer)
+    return run_result(folder, records, started)
 
 
 @dataclass
@@ -176,6 +178,7 @@ def find_neurons(job: NeuronSearchJob) -> dict[str, Any]:
     if job.samples < 1 or job.top < 1:
         raise DiginError("--samples and --top must be at least 1")
     check_prompt_template(job.prompt_template)
+    check_model_path(job.runtime.model)
     device, unet_dtype = resolve_runtime(job.runtime)
     # 2. The classifier, its last layer and the class.
     classifier = load_classifier(job.classifier, device)

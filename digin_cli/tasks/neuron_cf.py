@@ -16,7 +16,7 @@ import torch
 from digin_cli.drawing import labelled_sheet, mask_overlay
 from digin_cli.engine import HoldRegion, OptimConfig, OptimizationResult, SamplerConfig
 from digin_cli.errors import DiginError
-from digin_cli.io import save_png, write_json
+from digin_cli.io import save_png
 from digin_cli.masks import latent_cells, object_core
 from digin_cli.metrics import masked_psnr
 from digin_cli.models import Classifier, resolve_class
@@ -27,19 +27,21 @@ from digin_cli.tasks.real_images import (
     RealImageOptions,
     Session,
     batch_inputs,
-    check_mask_options,
+    check_real_image_options,
     inversion_record,
     open_session,
     plain_input,
 )
+from digin_cli.tasks.records import item_record, open_run_folder, rounded, run_result
 from digin_cli.tasks.runtime import (
     NoProgress,
     Progress,
     RuntimeOptions,
     check_engine_options,
+    check_number,
+    finite_losses,
+    item_history,
     run_config,
-    slug,
-    versions,
 )
 
 MODE_NAMES = {"max": "maximized", "min": "minimized"}
@@ -114,13 +116,15 @@ def spurious_verdict(
 
 def _check_neuron_cf(job: NeuronCfJob) -> list[str]:
     """Checks the options; returns the modes to run (max, min)."""
-    check_engine_options(job.out, job.sampler, job.optim, job.batch_size)
+    check_engine_options(job.out, job.sampler, job.optim, job.batch_size, job.runtime)
     check_neuron_or_direction(job.neuron, job.direction_file)
     if job.direction_mode not in ("max", "min", "both"):
         raise DiginError(f"--direction-mode must be max, min or both, got '{job.direction_mode}'")
-    if not job.object_error_ratio >= 1:
-        raise DiginError(f"--object-error-ratio must be 1 or more (1 = as close as the reconstruction), got {job.object_error_ratio}")
-    check_mask_options(job.real)
+    check_number("--object-error-ratio", job.object_error_ratio, low=1)
+    check_number("--drop-threshold", job.drop_threshold, low=0, high=1)
+    check_number("--w-latent", job.weight_latent, low=0)
+    check_number("--w-pixel", job.weight_pixel, low=0)
+    check_real_image_options(job.real, job.sampler)
     if job.from_other_class:
         if job.class_name is None:
             raise DiginError("--from-other-class needs --class: the class the neuron might trigger")
@@ -147,18 +151,13 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
     session = open_session(job.classifier, job.runtime, job.real, job.optim, check=check)
     run = NeuronCfRun(job, session, modes, fixed_class[0] if fixed_class else None, progress)
     # 3. The resumable loop over the images, batched.
-    summary = run_items(items, job.out, lambda item: {run.label: f"{slug(item.path.stem)}_{run.label}.json"},
-                        lambda item: session.prepare(item, job.real, job.sampler), run.run_batch, job.batch_size)  # fmt: skip
-    flagged = [e for e in summary if e.get("flagged")]
-    judged = [e for e in summary if "flagged" in e]
-    return {
-        "command": "neuron-cf",
-        "out": str(job.out),
-        "items": summary,
-        "flagged": len(flagged),
-        "judged": len(judged),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    records = run_items(items, run.folder, lambda item: [run.label], lambda item: session.prepare(item, job.real, job.sampler),
+                        run.run_batch, job.batch_size)  # fmt: skip
+    result = run_result(run.folder, records, started)
+    judged = [r for r in records if (r.get("verdict") or {}).get("flagged") is not None]
+    result["flagged"] = sum(r["verdict"]["flagged"] for r in judged)
+    result["judged"] = len(judged)
+    return result
 
 
 class NeuronCfRun:
@@ -184,7 +183,8 @@ class NeuronCfRun:
             "hold_object": job.hold_object,
             "real": job.real.record(),
         }
-        self.config = run_config(job.runtime, specific, engine.components.resolution, job.sampler, session.optim)
+        config = run_config(job.runtime, specific, engine.components, job.sampler, session.optim)
+        self.folder = open_run_folder(job.out, "neuron-cf", config, engine.device, job.runtime)
 
     def objective(self, class_indices: list[int], distance, maximize: bool = True) -> NeuronCounterfactual:
         neuron = NeuronObjective(self.feature_map, self.job.neuron, self.direction, maximize=maximize)
@@ -217,28 +217,27 @@ class NeuronCfRun:
             objective = self.objective(class_indices, batch.distance, maximize=mode == "max")
             self.progress.start(f"{names}: {mode} {self.label}", self.session.optim.steps)
             try:
-                results[mode] = engine.optimize(objective, batch.z_T, prompt_emb, batch.null_embs, job.sampler,
-                                                self.session.optim, on_step=self.progress.step, hold=hold)  # fmt: skip
+                with finite_losses():
+                    results[mode] = engine.optimize(objective, batch.z_T, prompt_emb, batch.null_embs, job.sampler,
+                                                    self.session.optim, on_step=self.progress.step, hold=hold)  # fmt: skip
             finally:
                 self.progress.finish()
-        # 4. Every image's verdict, files, record and summary entry.
+        # 4. Every image's verdict, files and record.
         share = (time.perf_counter() - t0) / len(tasks)  # each image's share of the batch
         return [
-            self._write_item(task, class_indices[b], {k: float(v[b]) for k, v in original.items()}, results, b, cores[b], share)
+            self._item_record(task, class_indices[b], {k: float(v[b]) for k, v in original.items()}, results, b, cores[b], share)
             for b, task in enumerate(tasks)
         ]
 
     def _measure(self, task: Task, results: dict[str, OptimizationResult], b: int, core: torch.Tensor) -> dict[str, Any]:
-        """Each mode's kept iterate of item b: its figures, its start's, and how well the object
-        (its core) and the background stayed."""
+        """Each mode's kept iterate of item b, by mode name (maximized, minimized): its figures,
+        and how well the object (its core) and the background stayed."""
         prepared = task.prepared
         measured = {}
         for mode in self.modes:
             image = results[mode].best_images[b]  # (3, H, W)
-            measured[mode] = {
-                **{k: round(v, 6) for k, v in results[mode].best(b).items()},
-                "start": {k: round(v, 6) for k, v in results[mode].initial(b).items()},
-                "best_step": results[mode].best_steps[b],
+            measured[MODE_NAMES[mode]] = {
+                **rounded(results[mode].best(b)),
                 "object_psnr_db": round(masked_psnr(image, prepared.image[0], core), 3),
                 "background_psnr_db": round(masked_psnr(image, prepared.image[0], 1 - prepared.mask.pixels[0]), 3),
             }
@@ -249,56 +248,36 @@ class NeuronCfRun:
         maximizing the neuron triggers the class."""
         job, prepared = self.job, task.prepared
         verdict = triggers = None
-        if "min" in measured and not job.from_other_class:
+        if "minimized" in measured and not job.from_other_class:
+            minimized = measured["minimized"]
             reconstruction_core_psnr = masked_psnr(prepared.reconstruction[0], prepared.image[0], core)
-            verdict = spurious_verdict(original["p_class"], measured["min"]["p_class"], measured["min"]["object_psnr_db"],
+            verdict = spurious_verdict(original["p_class"], minimized["p_class"], minimized["object_psnr_db"],
                                        reconstruction_core_psnr, job.drop_threshold, job.object_error_ratio)  # fmt: skip
         if job.from_other_class:
-            after = measured["max"]["p_class"]
+            after = measured["maximized"]["p_class"]
             triggers = {"triggers_class": bool(after >= 0.5 > original["p_class"]), "p_class_before": round(original["p_class"], 6),
                         "p_class_after": after}  # fmt: skip
         return verdict, triggers
 
-    def _write_item(self, task: Task, class_index: int, original: dict[str, float], results: dict, b: int,
-                    core: torch.Tensor, share: float) -> dict[str, Any]:  # fmt: skip
-        """Verdict, files, record and summary entry of item b of a batch."""
-        job, prepared = self.job, task.prepared
+    def _item_record(self, task: Task, class_index: int, original: dict[str, float], results: dict, b: int,
+                     core: torch.Tensor, share: float) -> dict[str, Any]:  # fmt: skip
+        """Verdict, files and record of item b of a batch; `after`, `start`, `best_step` and
+        `history` hold one entry per mode (maximized, minimized)."""
+        prepared = task.prepared
         class_name = self.session.classifier.class_names[class_index]
         measured = self._measure(task, results, b, core)
         verdict, triggers = self._judge(task, original, measured, core)
-        base = f"{task.stem}_{self.label}"
-        files = self._save_images(task, class_name, original, results, measured, b, verdict, base)
-        record = {
-            "command": "neuron-cf",
-            "versions": versions(),
-            "config": self.config,
-            "file": str(task.item.path),
-            "caption": prepared.caption,
-            "class_name": class_name,
-            "class_index": class_index,
-            "mask_source": prepared.mask.source,
-            "inversion": inversion_record(prepared),
-            "reconstruction_psnr_db": round(prepared.reconstruction_psnr, 3),
-            "original": {k: round(v, 6) for k, v in original.items()},
-            **{MODE_NAMES[mode]: measured[mode] for mode in self.modes},
-            "verdict": verdict,
-            "from_other_class": triggers,
-            "files": files,
-            "seconds": round(prepared.seconds + share, 3),
-            "batch_size": len(results[self.modes[0]].best_steps),
-        }
-        write_json(record, job.out / f"{base}.json")  # last: marks the item finished
-        entry = {"label": self.label, "json": f"{base}.json", "status": "ok", "class": class_name,
-                 "activation_before": round(original["activation"], 6), "p_class_before": round(original["p_class"], 6)}  # fmt: skip
-        for mode in self.modes:
-            entry[f"activation_{mode}"] = measured[mode]["activation"]
-            entry[f"p_class_{mode}"] = measured[mode]["p_class"]
-        if verdict is not None:
-            entry["flagged"] = verdict["flagged"]
-            entry["verdict"] = verdict["text"]
-        if triggers is not None:
-            entry["triggers_class"] = triggers["triggers_class"]
-        return entry
+        files = self._save_images(task, class_name, original, results, measured, b, verdict, task.name)
+        by_mode = lambda value: {MODE_NAMES[mode]: value(results[mode]) for mode in self.modes}  # noqa: E731
+        return item_record(
+            "neuron-cf", task.name, {"file": str(task.item.path)}, classes={"class": class_name},
+            before=rounded(original), after=measured, best_step=by_mode(lambda r: r.best_steps[b]),
+            history=by_mode(lambda r: item_history(r, b)), files=files, seconds=prepared.seconds + share,
+            verdict=verdict, from_other_class=triggers, start=by_mode(lambda r: rounded(r.initial(b))),
+            class_index=class_index, caption=prepared.caption, mask_source=prepared.mask.source,
+            inversion=inversion_record(prepared), reconstruction_psnr_db=round(prepared.reconstruction_psnr, 3),
+            batch_size=len(results[self.modes[0]].best_steps),
+        )  # fmt: skip
 
     def _save_images(self, task: Task, class_name: str, original: dict[str, float], results: dict, measured: dict,
                      b: int, verdict: dict | None, base: str) -> dict[str, str]:  # fmt: skip
@@ -313,7 +292,7 @@ class NeuronCfRun:
             name = MODE_NAMES[mode]
             files[name] = f"{base}_{name}.png"
             save_png(results[mode].best_images[b], out / files[name])
-            m = measured[mode]
+            m = measured[name]
             panels.append((results[mode].best_images[b], [name, f"act {m['activation']:.3f}", f"p({class_name}) {m['p_class']:.3f}"]))
         panels.append((overlay, [f"mask ({prepared.mask.source})", "kept"]))
         title = f"{prepared.name}: {self.label} of {self.job.classifier}, class '{class_name}'"

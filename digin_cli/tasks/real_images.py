@@ -26,7 +26,7 @@ from digin_cli.objectives import ObjectiveInput, RegionDistance
 from digin_cli.tasks.folder_runs import WorkItem
 from digin_cli.tasks.runtime import RuntimeOptions, open_engine, resolve_runtime
 
-INVERSION_FORMAT = 2  # bump when the cached content changes
+INVERSION_FORMAT = 3  # bump when the cached content or the key changes
 
 
 @dataclass
@@ -47,8 +47,12 @@ class RealImageOptions:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
-def check_mask_options(real: RealImageOptions) -> None:
-    """The mask options shared by uvce and neuron-cf."""
+def check_real_image_options(real: RealImageOptions, sampler: SamplerConfig) -> None:
+    """The real-image options shared by uvce and neuron-cf: the mask and the inversion."""
+    # Null-text inversion decays its learning rate as lr * (1 - i / 100) over the steps i
+    # (the reference's schedule): past 100 steps it would turn negative.
+    if sampler.num_steps > 100:
+        raise DiginError(f"--ddim-steps must be at most 100 for null-text inversion (its learning rate decays to 0 at step 100), got {sampler.num_steps}")
     if real.mask_file is not None and not real.mask_file.exists():
         raise DiginError(f"--mask {real.mask_file} does not exist; give a mask image, or a folder of masks named like the images")
     if real.mask_file is not None and real.sam_checkpoint is not None:
@@ -70,12 +74,15 @@ def item_options(real: RealImageOptions, item: WorkItem) -> RealImageOptions:
 # -- the inversion cache ---------------------------------------------------------------
 
 
-def inversion_key(image: torch.Tensor, model: str, caption: str, sampler: SamplerConfig, config: InversionConfig) -> str:
-    """Cache key: image content, model, caption, steps, guidance and the inversion settings."""
+def inversion_key(image: torch.Tensor, model: str, dtype: str, caption: str, sampler: SamplerConfig,
+                  config: InversionConfig) -> str:  # fmt: skip
+    """Cache key: image content, the model's identity (which weights, see DiffusionComponents),
+    the UNet dtype, caption, steps, guidance and the inversion settings."""
     digest = hashlib.sha256()
     pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     digest.update(pixels.tobytes())
-    digest.update(repr((INVERSION_FORMAT, model, caption, sampler.num_steps, sampler.guidance_scale, asdict(config))).encode())
+    settings = (INVERSION_FORMAT, model, dtype, caption, sampler.num_steps, sampler.guidance_scale, asdict(config))
+    digest.update(repr(settings).encode())
     return digest.hexdigest()[:32]
 
 
@@ -84,7 +91,7 @@ def invert_cached(
 ) -> tuple[Inversion, bool]:
     """Null-text inversion of (1, 3, H, W), from the cache when the same inversion was done before."""
     config = replace(config, lr=resolved_lr(engine, config))  # the key holds the lr actually used
-    key = inversion_key(image, engine.components.source, caption, sampler, config)
+    key = inversion_key(image, engine.components.identity, str(engine.unet_dtype), caption, sampler, config)
     path = cache_dir() / "inversions" / f"{key}.pt"
     cached = load_tensors(path)
     if cached is not None:

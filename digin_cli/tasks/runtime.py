@@ -3,19 +3,23 @@ checks of the engine options, and the run record's header."""
 
 from __future__ import annotations
 
-import os
+import math
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from digin_cli import __version__
-from digin_cli.engine import GuidedDDIM, OptimConfig, OptimizationResult, SamplerConfig, StepReport
+from digin_cli.engine import GuidedDDIM, NonFiniteLoss, OptimConfig, OptimizationResult, SamplerConfig, StepReport
 from digin_cli.errors import DiginError
 from digin_cli.models import DEFAULT_MODEL, load_diffusion
+from digin_cli.models.diffusion import check_model_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,6 +30,8 @@ class RuntimeOptions:
     device: str = "auto"  # auto | cpu | cuda | mps (cuda:N accepted)
     dtype: str = "fp32"  # UNet autocast dtype: bf16 on CUDA or CPU, fp16 on CUDA
     compile: bool = False  # torch.compile the UNet
+    overwrite: bool = False  # start the output folder's run again instead of resuming it
+    command_line: list[str] | None = None  # as the user typed it (the CLI sets it), for the run header
 
 
 class Progress(Protocol):
@@ -49,11 +55,19 @@ class NoProgress:
         pass
 
 
+def process_state():
+    """accelerate's view of the processes of this run (one, or those `accelerate launch` /
+    `torchrun` started): process_index, num_processes, local_process_index."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             # One process per GPU under accelerate launch / torchrun: each takes its own.
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            return torch.device("cuda", process_state().local_process_index % torch.cuda.device_count())
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -62,7 +76,10 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise DiginError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DiginError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise DiginError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise DiginError(f"--device {name}: there is no such GPU, this machine has {count} (cuda:0-{count - 1}); use one of them or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DiginError("--device mps was asked for but MPS is not available; use --device cpu or auto")
     if device.type not in ("cpu", "cuda", "mps"):
@@ -93,12 +110,43 @@ def open_engine(options: RuntimeOptions, device: torch.device, unet_dtype: torch
     return GuidedDDIM(load_diffusion(options.model), device=device, unet_dtype=unet_dtype, compile_unet=options.compile)
 
 
-def check_engine_options(out, sampler: SamplerConfig, optim: OptimConfig, batch_size: int) -> None:
+def check_number(option: str, value: float, low: float | None = None, high: float | None = None,
+                 low_inclusive: bool = True) -> None:  # fmt: skip
+    """A finite number within [low, high] (or (low, high] without `low_inclusive`), else one line naming the option."""
+    bad = not math.isfinite(value)
+    bad = bad or (low is not None and (value < low if low_inclusive else value <= low))
+    bad = bad or (high is not None and value > high)
+    if bad:
+        lower = "" if low is None else (f"at least {low:g}" if low_inclusive else f"above {low:g}")
+        upper = "" if high is None else f"at most {high:g}"
+        wanted = " and ".join(part for part in (lower, upper) if part) or "a finite number"
+        raise DiginError(f"{option} must be {wanted}, got {value}")
+
+
+def check_out(out: Path) -> None:
+    """The output folder exists or can be created (tried, then undone: nothing stays behind)."""
+    if out.exists():
+        if not out.is_dir():
+            raise DiginError(f"--out {out} exists and is not a folder; give a folder path")
+        return
+    missing = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        out.mkdir(parents=True)
+    except OSError as error:
+        raise DiginError(f"--out {out} cannot be created ({error.strerror or type(error).__name__}); give a folder you can write to") from None
+    for folder in missing:  # deepest first
+        folder.rmdir()
+
+
+def check_engine_options(out: Path, sampler: SamplerConfig, optim: OptimConfig, batch_size: int,
+                         runtime: RuntimeOptions | None = None) -> None:  # fmt: skip
     """Validate cheap options before anything heavy is loaded or any file is written."""
-    if out.exists() and not out.is_dir():
-        raise DiginError(f"--out {out} exists and is not a folder; give a folder path")
+    check_out(out)
+    if runtime is not None:
+        check_model_path(runtime.model)
     if sampler.num_steps < 1:
         raise DiginError("--ddim-steps must be at least 1")
+    check_number("--guidance", sampler.guidance_scale, low=0)
     if optim.steps < 0:
         raise DiginError("--steps must be 0 or more")
     if not 1 <= optim.loss_steps <= sampler.num_steps:
@@ -108,7 +156,7 @@ def check_engine_options(out, sampler: SamplerConfig, optim: OptimConfig, batch_
     if optim.num_cutouts < 1:
         raise DiginError("--cutouts must be at least 1")
     for option, lr in (("--lr-latent", optim.lr_latent), ("--lr-prompt", optim.lr_prompt), ("--lr-null", optim.lr_null)):
-        if lr is not None and not lr > 0:
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
             raise DiginError(f"{option} must be a positive learning rate, got {lr}")
     if batch_size < 1:
         raise DiginError("--batch-size must be at least 1")
@@ -117,6 +165,15 @@ def check_engine_options(out, sampler: SamplerConfig, optim: OptimConfig, batch_
 def check_prompt_template(template: str) -> None:
     if "{}" not in template:
         raise DiginError(f"--prompt-template must contain {{}} where the class name goes, got '{template}'")
+
+
+@contextmanager
+def finite_losses() -> Iterator[None]:
+    """Inside: an optimization whose loss turns NaN or infinite fails as one line that says what to do."""
+    try:
+        yield
+    except NonFiniteLoss as error:
+        raise DiginError(f"{error}; with --dtype fp16 the UNet can overflow: use --dtype bf16 or fp32, or lower the learning rates") from None
 
 
 def versions() -> dict[str, str]:
@@ -141,16 +198,17 @@ def slug(text: str) -> str:
 
 
 def run_config(
-    runtime: RuntimeOptions, specific: dict[str, Any], resolution: int, sampler: SamplerConfig, optim: OptimConfig
+    runtime: RuntimeOptions, specific: dict[str, Any], components, sampler: SamplerConfig, optim: OptimConfig
 ) -> dict[str, Any]:
-    """Everything needed to repeat a run: the runtime, the task's own settings, the
-    resolution, the sampler and the resolved optimization settings."""
+    """Everything needed to repeat a run: the runtime, the task's own settings, what the
+    model's weights are, the resolution, the sampler and the resolved optimization settings."""
     return {
         "model": runtime.model,
+        "model_identity": components.identity,
         "dtype": runtime.dtype,
         "compile": runtime.compile,
         **specific,
-        "resolution": resolution,
+        "resolution": components.resolution,
         "sampler": asdict(sampler),
         "optim": asdict(optim),
     }
@@ -167,3 +225,24 @@ def item_history(result: OptimizationResult, item: int) -> list[dict[str, float]
         {"step": step, **{name: round(values[item], 6) for name, values in entry.items()}}
         for step, entry in enumerate(result.history)
     ]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a run's items: index, index + count, index + 2 count, ...
+
+    `accelerate launch` (like torchrun) starts one process per GPU; accelerate's
+    PartialState says which one this is and how many there are. A plain run is the only
+    shard. Shards write into the same output folder; its summary is rebuilt from the
+    records on disk, so it holds every shard's items."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def current(cls) -> Shard:
+        state = process_state()
+        return cls(state.process_index, state.num_processes)
+
+    def take(self, items: list) -> list:
+        return items[self.index :: self.count]

@@ -22,7 +22,7 @@ from digin_cli.attention import AttentionControl, attach, find_word_tokens, toke
 from digin_cli.drawing import heat_map, labelled_sheet, mask_overlay
 from digin_cli.engine import OptimConfig, OptimizationResult, SamplerConfig
 from digin_cli.errors import DiginError
-from digin_cli.io import save_png, write_json
+from digin_cli.io import save_png
 from digin_cli.metrics import masked_psnr
 from digin_cli.models import Classifier, resolve_class
 from digin_cli.objectives import Counterfactual
@@ -32,20 +32,21 @@ from digin_cli.tasks.real_images import (
     RealImageOptions,
     Session,
     batch_inputs,
-    check_mask_options,
+    check_real_image_options,
     inversion_record,
     open_session,
     plain_input,
 )
+from digin_cli.tasks.records import item_record, open_run_folder, rounded, run_result
 from digin_cli.tasks.runtime import (
     NoProgress,
     Progress,
     RuntimeOptions,
     check_engine_options,
+    check_number,
+    finite_losses,
     item_history,
     run_config,
-    slug,
-    versions,
 )
 
 
@@ -67,14 +68,13 @@ class UvceJob:
 
 
 def _check_uvce(job: UvceJob) -> None:
-    check_engine_options(job.out, job.sampler, job.optim, job.batch_size)
+    check_engine_options(job.out, job.sampler, job.optim, job.batch_size, job.runtime)
     if not job.targets and job.csv_file is None:
         raise DiginError("give at least one --target class")
-    if not 0.0 <= job.real.p2p_fraction <= 1.0:
-        raise DiginError(f"--p2p-fraction must be between 0 and 1, got {job.real.p2p_fraction}")
-    if job.weight_latent < 0 or job.weight_pixel < 0:
-        raise DiginError("--w-latent and --w-pixel must be 0 or more")
-    check_mask_options(job.real)
+    check_number("--p2p-fraction", job.real.p2p_fraction, low=0, high=1)
+    check_number("--w-latent", job.weight_latent, low=0)
+    check_number("--w-pixel", job.weight_pixel, low=0)
+    check_real_image_options(job.real, job.sampler)
 
 
 def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
@@ -101,14 +101,14 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
         "weight_pixel": job.weight_pixel,
         "real": job.real.record(),
     }
-    config = run_config(job.runtime, specific, session.engine.components.resolution, job.sampler, session.optim)
+    config = run_config(job.runtime, specific, session.engine.components, job.sampler, session.optim)
+    folder = open_run_folder(job.out, "uvce", config, session.engine.device, job.runtime)
     # 3. The resumable loop over the images, image x target pairs batched.
-    summary = run_items(
-        items, job.out, lambda item: {t: f"{slug(item.path.stem)}_{slug(t)}.json" for t in item.targets},
-        lambda item: session.prepare(item, job.real, job.sampler),
-        lambda tasks: _counterfactuals(session, tasks, job, config, progress), job.batch_size,
+    records = run_items(
+        items, folder, lambda item: item.targets, lambda item: session.prepare(item, job.real, job.sampler),
+        lambda tasks: _counterfactuals(session, tasks, job, progress), job.batch_size,
     )  # fmt: skip
-    return {"command": "uvce", "out": str(job.out), "items": summary, "seconds": round(time.perf_counter() - started, 3)}
+    return run_result(folder, records, started)
 
 
 def swap_class(caption: str, source_name: str, target_name: str) -> str:
@@ -144,9 +144,7 @@ def _edit(components, classifier: Classifier, prepared: PreparedImage, target: s
     return Edit(target, target_index, target_name, source_name, target_caption, mapping)
 
 
-def _counterfactuals(
-    session: Session, tasks: list[Task], job: UvceJob, config: dict[str, Any], progress: Progress
-) -> list[dict[str, Any]]:
+def _counterfactuals(session: Session, tasks: list[Task], job: UvceJob, progress: Progress) -> list[dict[str, Any]]:
     """Counterfactuals of B tasks (image x target) in one engine batch: each starts from its own
     prompt-to-prompt edit and inversion, keeps its own background; writes every task's files."""
     started = time.perf_counter()
@@ -162,7 +160,7 @@ def _counterfactuals(
     label = ", ".join(f"{p.name} -> {e.target_name}" for p, e in zip(prepared, edits))
     progress.start(label if len(label) <= 60 else f"{len(tasks)} counterfactuals ({label[:40]}...)", session.optim.steps)
     try:
-        with attach(engine, control):
+        with attach(engine, control), finite_losses():
             result = engine.optimize(
                 objective,
                 batch.z_T,
@@ -174,72 +172,50 @@ def _counterfactuals(
             )
     finally:
         progress.finish()
-    # 3. The originals' figures, then every task's files, record and summary entry.
+    # 3. The originals' figures, then every task's files and record.
     with torch.no_grad():
         original = objective(plain_input(engine, batch.images)).metrics  # name -> (B,)
     share = (time.perf_counter() - started) / len(tasks)  # each task's share of the batch
     return [
-        _write_counterfactual(task, edit, {k: float(v[b]) for k, v in original.items()}, result, b, job, config,
-                              task.prepared.seconds + share)  # fmt: skip
+        _counterfactual_record(task, edit, {k: float(v[b]) for k, v in original.items()}, result, b, job,
+                               task.prepared.seconds + share)  # fmt: skip
         for b, (task, edit) in enumerate(zip(tasks, edits))
     ]
 
 
-def _write_counterfactual(
+def _counterfactual_record(
     task: Task,
     edit: Edit,
     original: dict[str, float],
     result: OptimizationResult,
     b: int,
     job: UvceJob,
-    config: dict[str, Any],
     seconds: float,
 ) -> dict[str, Any]:
-    """Files, record and summary entry of item b of a batch's result."""
+    """Files and record of item b of a batch's result."""
     prepared = task.prepared
-    base = f"{task.stem}_{slug(edit.target_name)}"
-    files = _save_images(prepared, edit, original, result, b, job, base)
+    files = _save_images(prepared, edit, original, result, b, job, task.name)
     best = result.best(b)
-    rounded = lambda metrics: {k: round(v, 6) for k, v in metrics.items()}  # noqa: E731
     background = 1 - prepared.mask.pixels[0]
-    record = {
-        "command": "uvce",
-        "versions": versions(),
-        "config": config,
-        "file": str(prepared.name),
-        "caption": prepared.caption,
-        "target_caption": edit.target_caption,
-        "source_class": edit.source_name,
-        "source_index": prepared.source_index,
-        "target_class": edit.target_name,
-        "target_index": edit.target_index,
-        "mask_source": prepared.mask.source,
-        "inversion": inversion_record(prepared),
-        "reconstruction_psnr_db": round(prepared.reconstruction_psnr, 3),
-        "background_psnr_db": round(masked_psnr(result.best_images[b], prepared.image[0], background), 3),
-        "original": rounded(original),
-        "p2p_start": rounded(result.initial(b)),
-        "counterfactual": rounded(best),
-        "best_step": result.best_steps[b],
-        "flipped": bool(best["p_target"] > best["p_source"]),
-        "history": item_history(result, b),
-        "files": files,
-        "seconds": round(seconds, 3),
-        "batch_size": len(result.best_steps),
-    }
-    write_json(record, job.out / f"{base}.json")  # last: its presence marks the item as finished
-    return {
-        "label": edit.label,
-        "target": edit.target_name,
-        "json": f"{base}.json",
-        "status": "ok",
-        "p_target_before": round(original["p_target"], 6),
-        "p_target_after": round(best["p_target"], 6),
-        "p_source_after": round(best["p_source"], 6),
-        "flipped": record["flipped"],
-        "background_psnr_db": record["background_psnr_db"],
-        "seconds": record["seconds"],
-    }
+    return item_record(
+        "uvce", task.name, {"file": str(task.item.path)},
+        classes={"source": edit.source_name, "target": edit.target_name},
+        before=rounded(original), after=rounded(best), best_step=result.best_steps[b], history=item_history(result, b),
+        files=files, seconds=seconds,
+        # Flipped as a reader (and peers' flip rate) takes it: the classifier's top class is the target.
+        flipped=int(best["top_class"]) == edit.target_index,
+        target_above_source=bool(best["p_target"] > best["p_source"]),
+        start=rounded(result.initial(b)),
+        caption=prepared.caption,
+        target_caption=edit.target_caption,
+        source_index=prepared.source_index,
+        target_index=edit.target_index,
+        mask_source=prepared.mask.source,
+        inversion=inversion_record(prepared),
+        reconstruction_psnr_db=round(prepared.reconstruction_psnr, 3),
+        background_psnr_db=round(masked_psnr(result.best_images[b], prepared.image[0], background), 3),
+        batch_size=len(result.best_steps),
+    )  # fmt: skip
 
 
 def _save_images(prepared: PreparedImage, edit: Edit, original: dict[str, float], result: OptimizationResult, b: int,
