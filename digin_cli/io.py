@@ -50,6 +50,14 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_text(text: str, path: Path) -> None:
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def write_bytes(data: bytes, path: Path) -> None:
+    _atomic_write(path, lambda handle: handle.write(data))
+
+
 def read_json(path: Path) -> Any:
     """A JSON file's content, or None when it is missing or unreadable (then it is redone)."""
     try:

@@ -142,6 +142,8 @@ def test_neuron_cli_direction_and_minimize(tmp_path):
         (["--direction", "/nonexistent/d.npy"], "direction file /nonexistent/d.npy does not exist"),
         ([], "give exactly one of --neuron N and --direction FILE"),
         (["--neuron", "1", "--layer", "nosuchlayer"], "has no layer 'nosuchlayer'"),
+        (["--neuron", "1", "--candidates", "0"], "--candidates must be at least 1"),
+        (["--neuron", "1", "--guidance", "inf"], "--guidance must be at least 0, got inf"),
     ],
 )
 def test_neuron_bad_input_is_one_clean_error_line(tmp_path, args, message):

@@ -90,7 +90,7 @@ def test_neuron_cf_cli_writes_both_directions(tmp_path):
     for name in record["files"].values():
         with Image.open(out / name) as png:
             assert png.mode == "RGB"
-    assert set(record["files"]) == {"original", "mask", "sheet", "maximized", "minimized"}
+    assert set(record["files"]) == {"original", "reconstruction", "mask", "object_mask", "sheet", "maximized", "minimized", "plot"}
     assert header["config"]["hold_object"] is True
 
 

@@ -67,7 +67,8 @@ def test_disagree_resumes_and_adds_seeds(tmp_path):
     assert result.exit_code == 0, result.output
     after = mtimes(out)
     assert {name: after[name] for name in before} == before, "the finished seeds are not redone"
-    assert sorted(set(after) - set(before)) == ["circle_seed2_init.png", "circle_seed2_optimized.png", "circle_seed2_sheet.png"]
+    new = ["circle_seed2_init.png", "circle_seed2_optimized.png", "circle_seed2_plot.png", "circle_seed2_sheet.png"]
+    assert sorted(set(after) - set(before)) == new
     header, items = read_run(out)
     assert [item["input"]["seed"] for item in items] == [0, 1, 2] and header["items"] == {"done": 3, "failed": 0}
 

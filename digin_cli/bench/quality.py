@@ -16,6 +16,7 @@ from digin_cli.bench.neuron_cf_row import neuron_cf_row
 from digin_cli.bench.neuron_row import neuron_row
 from digin_cli.bench.uvce_row import uvce_row
 from digin_cli.io import write_json
+from digin_cli.report.build import write_bench_page
 from digin_cli.tasks.runtime import Progress
 
 # The rows by the names `digin bench --rows` takes, in the order they run.
@@ -47,5 +48,6 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(result, config.out / "bench.json")
+    write_bench_page(config.out)  # each row's runs wrote their own pages
     result["json"] = str(config.out / "bench.json")
     return result

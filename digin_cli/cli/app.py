@@ -1,4 +1,4 @@
-"""The Typer app: one-line errors, the rich progress display, and calling a task."""
+"""The Typer app: one-line errors, calling a task with its progress bar, the closing line."""
 
 from __future__ import annotations
 
@@ -11,19 +11,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from typer.core import TyperGroup
 
 from digin_cli import __version__
 from digin_cli.errors import DiginError
+from digin_cli.progress import RichProgress
 
 try:  # typer >= 0.24 vendors its own copy of click, whose exceptions are not click's
     from typer._click import exceptions as click_exceptions
@@ -105,42 +97,6 @@ def wrote(result: dict[str, Any]) -> str:
     failed = len(items) - done
     out = result["out"]
     return f"Wrote {done} item(s){f' ({failed} failed)' if failed else ''}: {out}/run.json, {out}/summary.jsonl"
-
-
-class RichProgress:
-    """A rich progress bar over optimization steps, showing the live loss and metrics."""
-
-    def __init__(self, console: Console) -> None:
-        self.bar = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        self.task = None
-
-    def start(self, label: str, total_steps: int) -> None:
-        if self.task is None:
-            self.bar.start()
-        else:
-            self.bar.remove_task(self.task)
-        self.task = self.bar.add_task(label, total=total_steps, status="")
-
-    def step(self, report) -> None:
-        parts = [f"loss {report.loss.mean():+.3f}"]
-        parts += [f"{name} {values.mean():.3f}" for name, values in report.metrics.items()]
-        self.bar.update(self.task, completed=report.step, status="  ".join(parts))
-
-    def finish(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if self.task is not None:
-            self.bar.stop()
 
 
 def _version(value: bool) -> None:

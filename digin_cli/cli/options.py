@@ -63,8 +63,9 @@ def with_options(**groups: OptionGroup) -> Callable[[Callable[..., Any]], Callab
 def command_line() -> list[str] | None:
     """The command as the user typed it, for the run header (None when digin was not run
     from a shell, e.g. inside a test runner)."""
-    program = Path(sys.argv[0]).name if sys.argv else ""
-    return ["digin", *sys.argv[1:]] if program in ("digin", "__main__.py") else None
+    program = Path(sys.argv[0]) if sys.argv else Path()
+    ours = program.name == "digin" or (program.name == "__main__.py" and program.parent.name == "digin_cli")
+    return ["digin", *sys.argv[1:]] if ours else None
 
 
 def _engine():

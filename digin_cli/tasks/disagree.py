@@ -69,8 +69,8 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     optim = job.optim.resolved(engine.components, max(max(f.input_size), max(g.input_size)))
     # 3. The run folder (resumed when it holds this run), then every seed, written as it is done.
     specific = {
-        "classifier_f": job.classifier_f,
-        "classifier_g": job.classifier_g,
+        "classifier_f": f.spec,
+        "classifier_g": g.spec,
         "class_name": class_name,
         "class_index": class_index,
         "prompt_template": job.prompt_template,
@@ -84,7 +84,7 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     def labels(title: str, metrics: dict[str, float]) -> list[str]:
         return [title, f"p_f {metrics['p_f']:.3f}", f"p_g {metrics['p_g']:.3f}"]
 
-    sheet_title = f"'{class_name}'  f={job.classifier_f}  g={job.classifier_g}"
+    sheet_title = f"'{class_name}'  f={f.spec}  g={g.spec}"
     writer = ItemWriter(folder, "disagree", slug(class_name), sheet_title, labels, classes={"class": class_name})
     records = optimize_seeds(engine, objective, prompt, job.seeds, job.batch_size, job.sampler, optim, progress, writer)
     return run_result(folder, records, started)

@@ -22,6 +22,7 @@ from digin_cli.tasks.runtime import (
     RuntimeOptions,
     check_engine_options,
     check_prompt_template,
+    model_name,
     open_engine,
     resolve_runtime,
     run_config,
@@ -84,6 +85,8 @@ def _check_neuron(job: NeuronJob) -> None:
     check_seeds(job.seeds)
     if job.select_samples < 1:
         raise DiginError("--select-samples must be at least 1")
+    if job.num_candidates < 1:
+        raise DiginError("--candidates must be at least 1")
 
 
 def _candidate_prompts(job: NeuronJob, classifier: Classifier, direction: torch.Tensor | None) -> list[str]:
@@ -126,7 +129,7 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
         prompt, scores = prompts[0], {}
     # 4. The run folder (resumed when it holds this run), then every seed, written as it is done.
     specific = {
-        "classifier": job.classifier,
+        "classifier": classifier.spec,
         "layer": job.layer or "pre-logits",
         "layer_width": width,
         "neuron": job.neuron,
@@ -178,7 +181,7 @@ def find_neurons(job: NeuronSearchJob) -> dict[str, Any]:
     if job.samples < 1 or job.top < 1:
         raise DiginError("--samples and --top must be at least 1")
     check_prompt_template(job.prompt_template)
-    check_model_path(job.runtime.model)
+    check_model_path(model_name(job.runtime))
     device, unet_dtype = resolve_runtime(job.runtime)
     # 2. The classifier, its last layer and the class.
     classifier = load_classifier(job.classifier, device)
@@ -203,7 +206,7 @@ def find_neurons(job: NeuronSearchJob) -> dict[str, Any]:
     contribution = weight * mean_activation  # (D,): each neuron's share of the class logit
     order = contribution.argsort(descending=True)[: job.top].tolist()
     return {
-        "classifier": job.classifier,
+        "classifier": classifier.spec,
         "class_name": class_name,
         "class_index": class_index,
         "prompt": prompt,

@@ -171,7 +171,7 @@ class NeuronCfRun:
         self.direction = neuron_target(self.feature_map, self.feature_map.width(), job.neuron, job.direction_file, engine.device)
         self.label = target_label(job.neuron, job.direction_file)
         specific = {
-            "classifier": job.classifier,
+            "classifier": session.classifier.spec,
             "inputs": str(job.inputs),
             "layer": job.layer,
             "neuron": job.neuron,
@@ -283,8 +283,11 @@ class NeuronCfRun:
                      b: int, verdict: dict | None, base: str) -> dict[str, str]:  # fmt: skip
         """The original, each mode's kept image, the mask overlay and the labelled sheet."""
         out, prepared = self.job.out, task.prepared
-        files = {"original": f"{base}_original.png", "mask": f"{base}_mask.png", "sheet": f"{base}_sheet.png"}
+        files = {"original": f"{base}_original.png", "reconstruction": f"{base}_reconstruction.png", "mask": f"{base}_mask.png",
+                 "sheet": f"{base}_sheet.png", "object_mask": f"{base}_object-mask.png"}  # fmt: skip
         save_png(prepared.image[0], out / files["original"])
+        save_png(prepared.reconstruction[0], out / files["reconstruction"])
+        save_png(prepared.mask.pixels[0].expand(3, -1, -1), out / files["object_mask"])
         overlay = mask_overlay(prepared.image[0], prepared.mask.pixels[0])
         save_png(overlay, out / files["mask"])
         panels = [(prepared.image[0], ["original", f"act {original['activation']:.3f}", f"p({class_name}) {original['p_class']:.3f}"])]
@@ -295,7 +298,7 @@ class NeuronCfRun:
             m = measured[name]
             panels.append((results[mode].best_images[b], [name, f"act {m['activation']:.3f}", f"p({class_name}) {m['p_class']:.3f}"]))
         panels.append((overlay, [f"mask ({prepared.mask.source})", "kept"]))
-        title = f"{prepared.name}: {self.label} of {self.job.classifier}, class '{class_name}'"
+        title = f"{prepared.name}: {self.label} of {self.session.classifier.spec}, class '{class_name}'"
         if verdict is not None:
             title += f" - {verdict['text']}"
         save_png(labelled_sheet(panels, title=title), out / files["sheet"])

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from digin_cli.errors import DiginError
-from digin_cli.io import read_json, remove_file, write_json, write_jsonl
+from digin_cli.io import read_json, remove_file, write_bytes, write_json, write_jsonl
 from digin_cli.tasks.runtime import RuntimeOptions, process_state, started_at, versions
 
 RUN_FORMAT = "digin-run/1"
@@ -148,8 +148,15 @@ class RunFolder:
         return None
 
     def write_item(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Write a finished item's record (last, atomically: it marks the item done)."""
+        """Write a finished item's record (last, atomically: it marks the item done), after
+        the plot of its optimization, `<item>_plot.png`, next to its other files."""
+        from digin_cli.report.plots import has_history, plot_png
+
         record = {"format": ITEM_FORMAT, "fingerprint": self.fingerprint, **record}
+        if record.get("status") == "ok" and has_history(record):
+            name = f"{record['item']}_plot.png"
+            write_bytes(plot_png(record["history"], record.get("best_step"), title=record["item"]), self.out / name)
+            record["files"] = {**record["files"], "plot": name}
         write_json(record, self.record_path(record["item"]))
         return record
 
@@ -159,7 +166,10 @@ class RunFolder:
         return self.write_item(record)
 
     def rebuild_summary(self, items: list[str]) -> list[dict[str, Any]]:
-        """summary.jsonl from the records of `items` (in this order) that exist on disk."""
+        """summary.jsonl and the page index.html from the records of `items` (in this
+        order) that exist on disk."""
+        from digin_cli.report.pages import write_run_page
+
         with self.lock():
             records = [read_json(self.record_path(item)) for item in items]
             records = [r for r in records if isinstance(r, dict) and r.get("format") == ITEM_FORMAT]
@@ -170,10 +180,12 @@ class RunFolder:
                 "done": sum(r.get("status") == "ok" for r in records),
                 "failed": sum(r.get("status") == "failed" for r in records),
             }
+            header["complete"] = len(records) == len(items)
             header["seconds"] = round(header.get("seconds", 0.0) + time.perf_counter() - self._started, 3)
             self._started = time.perf_counter()
             write_json(header, self.out / RUN_FILE)
             self.header = header
+            write_run_page(self.out, header, records, complete=header["complete"])
         return records
 
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from digin_cli import __version__
+from digin_cli.components import DiffusionComponents
 from digin_cli.engine import GuidedDDIM, NonFiniteLoss, OptimConfig, OptimizationResult, SamplerConfig, StepReport
 from digin_cli.errors import DiginError
 from digin_cli.models import DEFAULT_MODEL, load_diffusion
@@ -26,7 +27,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class RuntimeOptions:
-    model: str = DEFAULT_MODEL
+    model: str | DiffusionComponents = DEFAULT_MODEL  # a name, or a model already loaded (the Python API)
     device: str = "auto"  # auto | cpu | cuda | mps (cuda:N accepted)
     dtype: str = "fp32"  # UNet autocast dtype: bf16 on CUDA or CPU, fp16 on CUDA
     compile: bool = False  # torch.compile the UNet
@@ -105,9 +106,15 @@ def resolve_runtime(options: RuntimeOptions) -> tuple[torch.device, torch.dtype]
     return device, resolve_dtype(options.dtype, device)
 
 
+def model_name(options: RuntimeOptions) -> str:
+    """The model as the records name it: as given, or where a loaded model came from."""
+    return options.model if isinstance(options.model, str) else options.model.source
+
+
 def open_engine(options: RuntimeOptions, device: torch.device, unet_dtype: torch.dtype) -> GuidedDDIM:
-    """Load the diffusion model and put the engine around it."""
-    return GuidedDDIM(load_diffusion(options.model), device=device, unet_dtype=unet_dtype, compile_unet=options.compile)
+    """Load the diffusion model (unless it is loaded already) and put the engine around it."""
+    components = load_diffusion(options.model) if isinstance(options.model, str) else options.model
+    return GuidedDDIM(components, device=device, unet_dtype=unet_dtype, compile_unet=options.compile)
 
 
 def check_number(option: str, value: float, low: float | None = None, high: float | None = None,
@@ -143,7 +150,7 @@ def check_engine_options(out: Path, sampler: SamplerConfig, optim: OptimConfig, 
     """Validate cheap options before anything heavy is loaded or any file is written."""
     check_out(out)
     if runtime is not None:
-        check_model_path(runtime.model)
+        check_model_path(model_name(runtime))
     if sampler.num_steps < 1:
         raise DiginError("--ddim-steps must be at least 1")
     check_number("--guidance", sampler.guidance_scale, low=0)
@@ -203,7 +210,7 @@ def run_config(
     """Everything needed to repeat a run: the runtime, the task's own settings, what the
     model's weights are, the resolution, the sampler and the resolved optimization settings."""
     return {
-        "model": runtime.model,
+        "model": model_name(runtime),
         "model_identity": components.identity,
         "dtype": runtime.dtype,
         "compile": runtime.compile,

@@ -94,7 +94,7 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
     # 2. The classifier, the engine (and SAM-HQ, the captioner), once.
     session = open_session(job.classifier, job.runtime, job.real, job.optim, check=resolve_targets)
     specific = {
-        "classifier": job.classifier,
+        "classifier": session.classifier.spec,
         "inputs": str(job.inputs),
         "targets": job.targets,
         "weight_latent": job.weight_latent,
@@ -178,7 +178,7 @@ def _counterfactuals(session: Session, tasks: list[Task], job: UvceJob, progress
     share = (time.perf_counter() - started) / len(tasks)  # each task's share of the batch
     return [
         _counterfactual_record(task, edit, {k: float(v[b]) for k, v in original.items()}, result, b, job,
-                               task.prepared.seconds + share)  # fmt: skip
+                               task.prepared.seconds + share, classifier.spec)  # fmt: skip
         for b, (task, edit) in enumerate(zip(tasks, edits))
     ]
 
@@ -191,10 +191,11 @@ def _counterfactual_record(
     b: int,
     job: UvceJob,
     seconds: float,
+    classifier_spec: str,
 ) -> dict[str, Any]:
     """Files and record of item b of a batch's result."""
     prepared = task.prepared
-    files = _save_images(prepared, edit, original, result, b, job, task.name)
+    files = _save_images(prepared, edit, original, result, b, job, task.name, classifier_spec)
     best = result.best(b)
     background = 1 - prepared.mask.pixels[0]
     return item_record(
@@ -219,7 +220,7 @@ def _counterfactual_record(
 
 
 def _save_images(prepared: PreparedImage, edit: Edit, original: dict[str, float], result: OptimizationResult, b: int,
-                 job: UvceJob, base: str) -> dict[str, str]:  # fmt: skip
+                 job: UvceJob, base: str, session_spec: str) -> dict[str, str]:  # fmt: skip
     """The PNGs of one counterfactual and its labelled sheet; returns their file names."""
     counterfactual = result.best_images[b]  # (3, H, W)
     files = {
@@ -228,6 +229,7 @@ def _save_images(prepared: PreparedImage, edit: Edit, original: dict[str, float]
         "p2p_start": f"{base}_p2p.png",
         "counterfactual": f"{base}_counterfactual.png",
         "mask": f"{base}_mask.png",
+        "object_mask": f"{base}_object-mask.png",
         "difference": f"{base}_difference.png",
         "sheet": f"{base}_sheet.png",
     }
@@ -235,7 +237,7 @@ def _save_images(prepared: PreparedImage, edit: Edit, original: dict[str, float]
     difference = heat_map(counterfactual, prepared.image[0])
     for key, image in (("original", prepared.image[0]), ("reconstruction", prepared.reconstruction[0]),
                        ("p2p_start", result.initial_images[b]), ("counterfactual", counterfactual), ("mask", overlay),
-                       ("difference", difference)):  # fmt: skip
+                       ("object_mask", prepared.mask.pixels[0].expand(3, -1, -1)), ("difference", difference)):  # fmt: skip
         save_png(image, job.out / files[key])
 
     def lines(title: str, metrics: dict[str, float]) -> list[str]:
@@ -249,7 +251,7 @@ def _save_images(prepared: PreparedImage, edit: Edit, original: dict[str, float]
             (overlay, [f"mask ({prepared.mask.source})"]),
             (difference, ["difference"]),
         ],
-        title=f"{prepared.name}: {edit.source_name} -> {edit.target_name}  ({job.classifier})",
+        title=f"{prepared.name}: {edit.source_name} -> {edit.target_name}  ({session_spec})",
     )
     save_png(sheet, job.out / files["sheet"])
     return files

@@ -44,9 +44,12 @@ LOADERS: dict[str, Callable[[str, str, dict[str, str], torch.device], Classifier
 }
 
 
-def load_classifier(spec: str, device: torch.device | str = "cpu") -> Classifier:
-    """Load the frozen classifier named by ``spec`` onto ``device`` (see the module docstring)."""
+def load_classifier(spec: str | Classifier, device: torch.device | str = "cpu") -> Classifier:
+    """Load the frozen classifier named by ``spec`` onto ``device`` (see the module docstring);
+    a classifier already loaded is moved there."""
     device = torch.device(device)
+    if isinstance(spec, Classifier):
+        return spec.to(device)
     kind = spec.partition(":")[0].strip()
     if kind in BUILTIN_CLASSIFIER_LOADERS and kind not in LOADERS:
         classifier = BUILTIN_CLASSIFIER_LOADERS[kind](spec, device)

@@ -1,0 +1,233 @@
+"""The HTML page of a run folder, `index.html`: one self-contained file (inline CSS, a little
+inline script), images by relative path, no network request of any kind, so it opens from
+file:// and from any static web server and the folder can be zipped and mailed.
+
+At the top the run's command line and settings; then a grid of the items, each with its
+images before and after, its classes, its figures before -> after and its outcome as a
+badge, filterable by class and outcome and sortable; each item opens to its sheet, mask,
+difference map and optimization plot. Failures are listed with their error. While a run
+goes the page reloads itself every 15 s.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from digin_cli.io import write_text
+
+# Per command: the figures a card shows (record key, label) and the images before / after.
+FIGURES = {
+    "disagree": [("p_f", "p_f"), ("p_g", "p_g")],
+    "neuron": [("activation", "activation"), ("top_p", "top p")],
+    "uvce": [("p_target", "p(target)"), ("p_source", "p(source)")],
+    "neuron-cf": [("activation", "activation"), ("p_class", "p(class)")],
+}
+IMAGES = {
+    "disagree": [("initial", "start"), ("optimized", "optimized")],
+    "neuron": [("initial", "start"), ("optimized", "optimized")],
+    "uvce": [("original", "original"), ("counterfactual", "counterfactual")],
+    "neuron-cf": [("original", "original"), ("maximized", "maximized"), ("minimized", "minimized")],
+}
+DETAILS = [("sheet", "sheet"), ("mask", "mask"), ("difference", "difference"), ("plot", "optimization")]
+DISAGREE_P_F, DISAGREE_P_G = 0.5, 0.2  # the bench's success rule, shown on disagree cards
+
+
+def outcome(record: dict[str, Any], config: dict[str, Any]) -> tuple[str, str]:
+    """The item's outcome as a badge: (text, kind), kind one of good, bad, neutral, failed."""
+    if record.get("status") != "ok":
+        return "failed", "failed"
+    command, before, after = record["command"], record["before"], record["after"]
+    if command == "disagree":
+        yes = after["p_f"] >= DISAGREE_P_F and after["p_g"] <= DISAGREE_P_G
+        return ("f sees it, g does not", "good") if yes else ("no disagreement", "neutral")
+    if command == "neuron":
+        raised = after["activation"] > before["activation"]
+        wanted = config.get("mode", "maximize") == "maximize"
+        text = "raised" if raised else "lowered" if after["activation"] < before["activation"] else "unchanged"
+        return text, "good" if raised == wanted and text != "unchanged" else "neutral"
+    if command == "uvce":
+        if record.get("flipped") is None:  # a record from before the top-class rule (see legacy)
+            return ("p(target) > p(source)", "good") if record.get("target_above_source") else ("not flipped", "neutral")
+        return ("flipped", "good") if record["flipped"] else ("not flipped", "neutral")
+    verdict, triggers = record.get("verdict"), record.get("from_other_class")
+    if verdict:
+        if verdict["flagged"]:
+            return "spurious feature", "bad"
+        return ("not flagged", "good") if verdict["object_kept"] else ("inconclusive", "neutral")
+    if triggers:
+        return ("triggers the class", "bad") if triggers["triggers_class"] else ("does not trigger the class", "good")
+    return "done", "neutral"
+
+
+def class_label(record: dict[str, Any]) -> str:
+    classes = record.get("classes") or {}
+    if "source" in classes or "target" in classes:
+        return f"{classes.get('source', '?')} -> {classes.get('target', '?')}"
+    if "class" in classes:
+        return classes["class"]
+    return str((record.get("after") or {}).get("top_class_name", ""))
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else html.escape(str(value))
+
+
+def _img(folder_prefix: str, name: str | None, alt: str, css: str = "") -> str:
+    if not name:
+        return ""
+    return f'<img src="{folder_prefix}{quote(name)}" alt="{html.escape(alt)}" loading="lazy" class="{css}">'
+
+
+def _figures_rows(record: dict[str, Any]) -> tuple[str, float]:
+    """The card's figure table, and the change of its first figure (for sorting)."""
+    command, before, after = record["command"], record.get("before") or {}, record.get("after") or {}
+    afters = after if command == "neuron-cf" else {"after": after}
+    head = "".join(f"<th>{html.escape(mode)}</th>" for mode in afters)
+    rows, change = [], 0.0
+    for key, label in FIGURES.get(command, []):
+        if key not in before:
+            continue
+        cells = [f'<td class="num" data-key="{key}" data-when="before" data-value="{before[key]}">{_number(before[key])}</td>']
+        for mode, figures in afters.items():
+            if key in figures:
+                cells.append(f'<td class="num" data-key="{key}" data-when="{mode}" data-value="{figures[key]}">'
+                             f"{_number(figures[key])}</td>")  # fmt: skip
+        rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}</tr>")
+        if not change and afters:
+            first = next(iter(afters.values()))
+            if isinstance(first.get(key), (int, float)):
+                change = float(first[key]) - float(before[key])
+    table = f'<table class="figures"><tr><th></th><th>before</th>{head}</tr>{"".join(rows)}</table>'
+    return table, change
+
+
+def item_card(record: dict[str, Any], config: dict[str, Any], order: int) -> str:
+    text, kind = outcome(record, config)
+    label = class_label(record)
+    name = html.escape(record.get("item", ""))
+    source = record.get("input") or {}
+    where = f"seed {source['seed']}" if "seed" in source else html.escape(Path(str(source.get("file", ""))).name)
+    files = record.get("files") or {}
+    if record.get("status") != "ok":
+        return (f'<article class="card failed" data-class="{html.escape(label)}" data-outcome="failed" data-order="{order}" '
+                f'data-name="{name}" data-change="0"><h3>{name}</h3><p class="where">{where}</p>'
+                f'<span class="badge failed">failed</span><p class="error">{html.escape(str(record.get("error")))}</p></article>')  # fmt: skip
+    images = "".join(
+        f"<figure>{_img('', files.get(key), caption)}<figcaption>{caption}</figcaption></figure>"
+        for key, caption in IMAGES.get(record["command"], []) if files.get(key)
+    )  # fmt: skip
+    table, change = _figures_rows(record)
+    details = "".join(
+        f"<figure>{_img('', files[key], caption, 'wide' if key in ('sheet', 'plot') else '')}<figcaption>{caption}</figcaption></figure>"
+        for key, caption in DETAILS if files.get(key)
+    )  # fmt: skip
+    verdict = (record.get("verdict") or {}).get("text")
+    best = record.get("best_step")
+    best_text = ", ".join(f"{k} {v}" for k, v in best.items()) if isinstance(best, dict) else str(best)
+    return f"""<article class="card" data-class="{html.escape(label)}" data-outcome="{html.escape(text)}" data-order="{order}"
+ data-name="{name}" data-change="{change:.6f}">
+<h3>{name}</h3><p class="where">{where} &middot; <span class="cls">{html.escape(label)}</span></p>
+<span class="badge {kind}">{html.escape(text)}</span>
+<div class="images">{images}</div>
+{table}
+<p class="small">kept step {html.escape(best_text)}{f" &middot; {html.escape(verdict)}" if verdict else ""}</p>
+<details><summary>sheet, plot and record</summary><div class="details">{details}</div>
+<p><a href="{quote(record.get('item', '') + '.json')}">record (JSON)</a></p></details>
+</article>"""
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [pair for key, inner in value.items() for pair in _flatten(inner, f"{prefix}{key}.")]
+    return [(prefix.rstrip("."), value)]
+
+
+def run_page(header: dict[str, Any], records: list[dict[str, Any]], complete: bool) -> str:
+    """The page of a run folder from its header and its records (in input order)."""
+    config = header.get("config") or {}
+    command = header.get("command", "run")
+    cards = "\n".join(item_card(record, config, order) for order, record in enumerate(records))
+    failures = [r for r in records if r.get("status") != "ok"]
+    failed_list = "".join(f"<li><b>{html.escape(r.get('item', ''))}</b>: {html.escape(str(r.get('error')))}</li>" for r in failures)
+    classes = sorted({class_label(r) for r in records})
+    outcomes = sorted({outcome(r, config)[0] for r in records})
+    options = lambda values: "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in values)  # noqa: E731
+    settings = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in _flatten(config))
+    versions = ", ".join(f"{k} {v}" for k, v in (header.get("versions") or {}).items())
+    command_line = " ".join(header.get("command_line") or []) or f"digin {command} (command line not recorded)"
+    counts = header.get("items") or {}
+    refresh = "" if complete else '<meta http-equiv="refresh" content="15">'
+    state = "complete" if complete else "running (this page reloads every 15 s)"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+{refresh}<title>digin {html.escape(command)}: {html.escape(header.get('started', ''))}</title>
+<style>{CSS}</style></head>
+<body>
+<header><h1>digin {html.escape(command)}</h1>
+<p class="state">{state} &middot; {counts.get('done', 0)} done, {counts.get('failed', 0)} failed &middot;
+started {html.escape(str(header.get('started', '')))} &middot; {float(header.get('seconds', 0.0)):.0f} s on {html.escape(str(header.get('device', '')))}
+({html.escape(str(header.get('dtype', '')))})</p>
+<pre class="command">{html.escape(command_line)}</pre>
+<details><summary>settings</summary><table class="settings">{settings}</table><p class="small">{html.escape(versions)}</p></details>
+</header>
+{f'<section class="failures"><h2>Failed</h2><ul>{failed_list}</ul></section>' if failures else ''}
+<nav><label>class <select id="class"><option value="">all</option>{options(classes)}</select></label>
+<label>outcome <select id="outcome"><option value="">all</option>{options(outcomes)}</select></label>
+<label>sort <select id="sort"><option value="order">input order</option><option value="name">name</option>
+<option value="change">change of the first figure</option></select></label> <span id="shown"></span></nav>
+<main id="grid">
+{cards}
+</main>
+<script>{SCRIPT}</script>
+</body></html>
+"""
+
+
+def write_run_page(out: Path, header: dict[str, Any], records: list[dict[str, Any]], complete: bool) -> Path:
+    path = Path(out) / "index.html"
+    write_text(run_page(header, records, complete), path)
+    return path
+
+
+CSS = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#1d2230;background:#f5f6f8}
+header,nav,section{padding:12px 20px;background:#fff;border-bottom:1px solid #dde1e7}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:0 0 6px} h3{font-size:14px;margin:0;word-break:break-all}
+.state,.small,.where{color:#5b6475;margin:2px 0} .small{font-size:12px}
+pre.command{white-space:pre-wrap;word-break:break-all;background:#f0f2f5;padding:8px;border-radius:6px;font-size:12px}
+table.settings{border-collapse:collapse;font-size:12px} table.settings th{text-align:left;padding:1px 10px 1px 0;color:#5b6475;font-weight:500}
+nav{display:flex;flex-wrap:wrap;gap:12px;align-items:center;position:sticky;top:0;z-index:1}
+#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(290px,1fr));gap:14px;padding:16px 20px}
+.card{background:#fff;border:1px solid #dde1e7;border-radius:10px;padding:12px;display:flex;flex-direction:column;gap:6px}
+.card.failed{border-color:#d93b3b}
+.images{display:flex;gap:6px} figure{margin:0;flex:1;min-width:0} figure img{width:100%;image-rendering:pixelated;border-radius:4px;display:block}
+figcaption{font-size:11px;color:#5b6475;text-align:center}
+.badge{align-self:flex-start;border-radius:999px;padding:2px 10px;font-size:12px;font-weight:600}
+.badge.good{background:#dcf5e3;color:#17632f} .badge.bad{background:#fde2e2;color:#9c1c1c}
+.badge.neutral{background:#e8ebf0;color:#3b4354} .badge.failed{background:#d93b3b;color:#fff}
+table.figures{border-collapse:collapse;font-size:13px} table.figures th,table.figures td{padding:1px 8px 1px 0;text-align:left}
+td.num{font-variant-numeric:tabular-nums}
+.error{color:#9c1c1c;word-break:break-word}
+.details{display:flex;flex-direction:column;gap:8px} .details img.wide{image-rendering:auto}
+"""
+
+SCRIPT = """
+(function(){
+  const grid=document.getElementById('grid'), cards=[...grid.querySelectorAll('.card')];
+  const pick=id=>document.getElementById(id);
+  function update(){
+    const cls=pick('class').value, out=pick('outcome').value, sort=pick('sort').value;
+    const key=c=>sort==='name'?c.dataset.name:sort==='change'?-parseFloat(c.dataset.change):parseInt(c.dataset.order);
+    cards.sort((a,b)=>{const x=key(a),y=key(b);return x<y?-1:x>y?1:0;});
+    let shown=0;
+    for(const c of cards){const ok=(!cls||c.dataset.class===cls)&&(!out||c.dataset.outcome===out);
+      c.style.display=ok?'':'none'; shown+=ok; grid.appendChild(c);}
+    pick('shown').textContent=shown+' of '+cards.length+' items';
+  }
+  ['class','outcome','sort'].forEach(id=>pick(id).addEventListener('change',update)); update();
+})();
+"""
