@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler
 
 from digin_cli.engine import REFERENCE_LR_EMBEDDING, GuidedDDIM, SamplerConfig
+from digin_cli.engine.guided_ddim import uses_guidance
 from digin_cli.metrics import psnr
 
 
@@ -93,31 +94,15 @@ def null_text_inversion(
     z_T = trajectory[-1]
     timesteps = engine.timesteps(T)  # descending, as the forward sampler uses them
 
-    null_embs = []
-    current = z_T
-    null = null_emb.detach().clone()
-    for i, t in enumerate(timesteps):
-        target = trajectory[T - i - 1]
+    if uses_guidance(guidance):
+        null_embs_t, current = _optimize_null_embeddings(engine, trajectory, prompt_emb, null_emb, timesteps, guidance, lr, config)
+    else:
+        # Without guidance the sampler never reads a null embedding (one conditional UNet call
+        # a step): plain DDIM inversion is the inversion, its PSNR reported as both.
+        null_embs_t = null_emb.detach().expand(T, -1, -1, -1).clone()  # (T, 1, L, D)
         with torch.no_grad():
-            noise_cond = engine.predict_noise(current, t, prompt_emb)
-        null = null.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([null], lr=lr * (1.0 - i / 100.0))
-        for _ in range(config.inner_steps):
-            noise_uncond = engine.predict_noise(current, t, null)
-            guided = noise_uncond + guidance * (noise_cond - noise_uncond)
-            previous = engine.components.scheduler.step(guided, t, current, eta=0.0).prev_sample
-            loss = F.mse_loss(previous, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if loss.item() < config.early_stop + i * 2e-5:
-                break
-        null = null.detach()
-        null_embs.append(null)
-        with torch.no_grad():
-            current, _ = engine.denoise_step(current, t, prompt_emb, null, guidance, i)
+            current, _ = engine.run_chain(z_T, prompt_emb.expand(T, -1, -1, -1), null_embs_t, guidance)
 
-    null_embs_t = torch.stack(null_embs)  # (T, 1, L, D)
     with torch.no_grad():
         # Plain DDIM inversion sampled back under the same guidance, for comparison.
         plain, _ = engine.run_chain(z_T, prompt_emb.expand(T, -1, -1, -1), null_emb.expand(T, -1, -1, -1), guidance)
@@ -135,3 +120,37 @@ def null_text_inversion(
         latent_mse_null_text=latent_mse_null_text,
         seconds=time.perf_counter() - started,
     )
+
+
+def _optimize_null_embeddings(engine: GuidedDDIM, trajectory: list[torch.Tensor], prompt_emb: torch.Tensor,
+                              null_emb: torch.Tensor, timesteps: list[int], guidance: float, lr: float,
+                              config: InversionConfig) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Null-text inversion proper: per DDIM step, Adam on the null embedding until the guided
+    step lands on the DDIM-inversion trajectory. Returns ((T, 1, L, D) null embeddings, z_0)."""
+    T = len(timesteps)
+    z_T = trajectory[-1]
+    null_embs = []
+    current = z_T
+    null = null_emb.detach().clone()
+    for i, t in enumerate(timesteps):
+        target = trajectory[T - i - 1]
+        with torch.no_grad():
+            noise_cond = engine.predict_noise(current, t, prompt_emb)
+        null = null.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([null], lr=lr * (1.0 - i / 100.0))
+        for _ in range(config.inner_steps):
+            noise_uncond = engine.predict_noise(current, t, null)
+            guided = noise_uncond + guidance * (noise_cond - noise_uncond)
+            previous, _ = engine.ddim_step(guided, i, current)
+            loss = F.mse_loss(previous, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if loss.item() < config.early_stop + i * 2e-5:
+                break
+        null = null.detach()
+        null_embs.append(null)
+        with torch.no_grad():
+            current, _ = engine.denoise_step(current, t, prompt_emb, null, guidance, i)
+
+    return torch.stack(null_embs), current  # (T, 1, L, D), (1, C, h, w)

@@ -217,3 +217,84 @@ def test_compiled_unet_runs_only_inside_optimize_without_attention_control(tiny_
     assert len(calls) == used
     engine.sample(z_T, prompt, null, sampler)
     assert len(calls) == used
+
+
+# -- the sampler step in digin's own hands (engine/ddim.py) ---------------------------------
+
+
+def test_trailing_spacing_takes_the_previous_timestep_from_the_schedule(tiny_components):
+    components = tiny_components
+    components.scheduler = DDIMScheduler.from_config(components.scheduler.config, timestep_spacing="trailing")
+    engine = GuidedDDIM(components)
+    timesteps = engine.timesteps(7)
+    # DDIMScheduler.step would go from 999 to 999 - 1000 // 7 = 857, which is not in the schedule.
+    assert timesteps[:2] == [999, 856]
+    alphas = components.scheduler.alphas_cumprod
+    x, eps = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    z, x0 = engine.ddim_step(eps, 0, x)
+    a_t, a_prev = alphas[999], alphas[856]
+    assert torch.allclose(x0, (x - (1 - a_t).sqrt() * eps) / a_t.sqrt(), atol=1e-5)
+    assert torch.allclose(z, a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, atol=1e-5)
+    assert not torch.allclose(z, components.scheduler.step(eps, 999, x).prev_sample, atol=1e-4)
+    # The last step lands on the final alpha, as the schedule ends there.
+    z_last, x0_last = engine.ddim_step(eps, len(timesteps) - 1, x)
+    final = components.scheduler.final_alpha_cumprod
+    assert torch.allclose(z_last, final.sqrt() * x0_last + (1 - final).sqrt() * eps, atol=1e-5)
+
+
+def test_an_euler_config_samples_without_clamping(tiny_folder, tmp_path):
+    """SD-Turbo and SDXL folders ship an Euler scheduler config without clip_sample, which
+    DDIMScheduler would default to True (x0 clamped to [-1, 1] in latent space)."""
+    import json
+    import shutil
+
+    from diffusers import EulerDiscreteScheduler
+
+    from digin_cli.models import load_diffusion
+
+    folder = tmp_path / "euler"
+    shutil.copytree(tiny_folder, folder)
+    euler = {  # as SD-Turbo ships it
+        "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
+        "timestep_spacing": "trailing", "use_karras_sigmas": False,
+    }  # fmt: skip
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(euler))
+    EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")  # a valid Euler folder
+    components = load_diffusion(str(folder))
+    assert components.scheduler.config.clip_sample is False and components.scheduler.config.timestep_spacing == "trailing"
+    engine = GuidedDDIM(components)
+    timesteps = engine.timesteps(3)
+    x, eps = 4 * torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    _, x0 = engine.ddim_step(eps, 1, x)
+    assert x0.abs().max() > 1.5, "x0 is not clamped"
+    clamping = DDIMScheduler.from_config(components.scheduler.config, clip_sample=True)
+    clamping.set_timesteps(3)
+    assert clamping.step(eps, timesteps[1], x).pred_original_sample.abs().max() <= 1.0  # what was there before
+
+
+def test_guidance_zero_is_the_conditional_prediction_with_one_unet_call(tiny_components):
+    components = tiny_components
+    engine = GuidedDDIM(components)
+    prompts = ["a photograph of a circle", "a photograph of a star"]
+    z_T = initial_latents(components, [0, 1])
+    batches = []
+    hook = components.unet.register_forward_hook(lambda _m, inputs, _o: batches.append(inputs[0].shape[0]))
+    try:
+        ours = engine.sample(z_T, engine.encode_text(prompts), engine.encode_text([""] * 2), SamplerConfig(4, guidance_scale=0.0))
+    finally:
+        hook.remove()
+    assert batches == [2, 2, 2, 2], "one conditional UNet call a step, not the batched pair"
+    reference = _pipeline(components)(prompts, num_inference_steps=4, guidance_scale=0.0, latents=z_T.clone(),
+                                      output_type="pt").images  # fmt: skip
+    assert (ours - reference).abs().max() < 1e-4
+
+
+def test_without_guidance_the_null_embedding_is_no_variable(tiny_components, tiny_classifiers):
+    engine = GuidedDDIM(tiny_components)
+    f, g = tiny_classifiers
+    z_T = initial_latents(tiny_components, [0])
+    null = engine.encode_text([""])
+    result = engine.optimize(Disagreement(f, g, 0), z_T, engine.encode_text(["a circle"]), null, SamplerConfig(3, guidance_scale=1.0),
+                             OptimConfig(steps=2, loss_steps=1, num_cutouts=2))  # fmt: skip
+    assert len(result.history) == 3 and result.best_latents.shape == z_T.shape

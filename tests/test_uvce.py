@@ -170,6 +170,16 @@ def test_null_text_inversion_beats_ddim_inversion(model, tmp_path):
     assert abs(psnr(again, image) - result.psnr_null_text) < 0.01
 
 
+def test_without_guidance_the_inversion_is_plain_ddim_inversion(tiny_components, tmp_path):
+    engine = GuidedDDIM(tiny_components)
+    image = load_image(scene_image(tmp_path / "scene.png"), 64)[None]
+    null = engine.encode_text([""])
+    result = null_text_inversion(engine, image, engine.encode_text(["a red square"]), null, SamplerConfig(4, guidance_scale=1.0))
+    # No null embedding is optimized (the sampler never reads one), and the reconstruction is plain DDIM's.
+    assert torch.equal(result.null_embs, null.expand(4, -1, -1, -1).cpu())
+    assert result.psnr_null_text == result.psnr_ddim and result.latent_mse_null_text == result.latent_mse_ddim
+
+
 def test_inversion_cache_hits_on_the_second_call(tiny_components, tmp_path, monkeypatch):
     monkeypatch.setenv("DIGIN_CACHE", str(tmp_path / "cache"))
     engine = GuidedDDIM(tiny_components)

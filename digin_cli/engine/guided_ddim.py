@@ -18,6 +18,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from digin_cli.components import DiffusionComponents
+from digin_cli.engine.ddim import ddim_update, previous_alpha_cumprod
 from digin_cli.engine.configs import (
     NonFiniteLoss,
     OptimConfig,
@@ -29,6 +30,11 @@ from digin_cli.engine.configs import (
 from digin_cli.engine.hold import HeldTrajectory, HoldRegion
 from digin_cli.engine.loop import AugmentedLoss, BestIterates, Variables, composite, per_step
 from digin_cli.objectives import Objective, ObjectiveInput, ObjectiveOutput
+
+
+def uses_guidance(guidance_scale: float) -> bool:
+    """Classifier-free guidance as diffusers' pipelines apply it: only above 1."""
+    return guidance_scale > 1
 
 
 class GuidedDDIM:
@@ -52,6 +58,7 @@ class GuidedDDIM:
         # grad modes and attention processors would each trigger a recompile.
         self.compiled_unet = torch.compile(components.unet) if compile_unet else None
         self._use_compiled = False
+        self._timesteps: list[int] = []  # the schedule of the last timesteps() call
         # Told the step index at the start of every DDIM step (prompt-to-prompt attention
         # control, see attention.py); None when nothing needs to know.
         self.step_observer = None
@@ -77,8 +84,10 @@ class GuidedDDIM:
         return text_encoder(tokens.input_ids.to(self.device), attention_mask=attention_mask)[0].float()
 
     def timesteps(self, num_steps: int) -> list[int]:
+        """The schedule of `num_steps` DDIM steps, descending (the scheduler's own spacing)."""
         self.components.scheduler.set_timesteps(num_steps)
-        return [int(t) for t in self.components.scheduler.timesteps]
+        self._timesteps = [int(t) for t in self.components.scheduler.timesteps]
+        return self._timesteps
 
     def _unet_autocast(self):
         if self.unet_dtype is None or self.unet_dtype == torch.float32:
@@ -111,22 +120,32 @@ class GuidedDDIM:
         guidance_scale: float,
         step_index: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One guided DDIM step z_t -> (z_{t-1}, x0-prediction), both (B, C, h, w).
+        """One guided DDIM step z_t -> (z_{t-1}, x0-prediction), both (B, C, h, w); `step_index`
+        is the step's place in the schedule of the last `timesteps` call.
 
-        The conditional and unconditional predictions come from one batched UNet call.
+        As diffusers' pipelines: with guidance above 1 the conditional and unconditional
+        predictions come from one batched UNet call; at 1 or below (the Turbo models' 0)
+        the conditional prediction alone, one UNet call, and `null_emb` is not used.
         """
         if self.step_observer is not None:
             # Inside the (checkpointed) step, so a recomputation in backward sees the right index.
             self.step_observer.begin_step(step_index)
+        if uses_guidance(guidance_scale):
+            embeddings = torch.cat([null_emb, prompt_emb])  # (2B, L, D)
+            noise_pred = self.predict_noise(torch.cat([latents, latents]), timestep, embeddings)  # [uncond; cond]
+            noise_uncond, noise_cond = noise_pred.chunk(2)  # (B, C, h, w) each
+            guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+        else:
+            guided = self.predict_noise(latents, timestep, prompt_emb)  # (B, C, h, w)
+        return self.ddim_step(guided, step_index, latents)
+
+    def ddim_step(self, model_output: torch.Tensor, step_index: int, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The DDIM update of step `step_index` (engine/ddim.py): (z_prev, x0), both (B, C, h, w)."""
         scheduler = self.components.scheduler
-        embeddings = torch.cat([null_emb, prompt_emb])  # (2B, L, D)
-        noise_pred = self.predict_noise(torch.cat([latents, latents]), timestep, embeddings)  # [uncond; cond]
-        noise_uncond, noise_cond = noise_pred.chunk(2)  # (B, C, h, w) each
-        guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-        # DDIMScheduler.step is plain tensor code, hence differentiable; it honours
-        # the scheduler's prediction_type (epsilon, v_prediction, sample).
-        out = scheduler.step(guided, timestep, latents, eta=0.0)
-        return out.prev_sample, out.pred_original_sample
+        timesteps = self._timesteps
+        alpha_t = scheduler.alphas_cumprod[timesteps[step_index]]
+        alpha_prev = previous_alpha_cumprod(scheduler, timesteps, step_index)
+        return ddim_update(model_output, latents, alpha_t, alpha_prev, scheduler.config.prediction_type)
 
     def run_chain(
         self,
@@ -233,7 +252,7 @@ class GuidedDDIM:
         if not 1 <= config.loss_steps <= T:
             raise ValueError(f"loss_steps must be between 1 and the number of DDIM steps ({T})")
         # 2. The variables and their optimizer.
-        variables = Variables.create(z_T, prompt_emb, null_emb, T, config, self.device)
+        variables = Variables.create(z_T, prompt_emb, null_emb, T, config, self.device, uses_guidance(sampler.guidance_scale))
         # 3. The loss: its placement on the last K x0-predictions and its augmentations.
         loss = AugmentedLoss.create(objective, config, batch=z_T.shape[0])
         # 4. The held region's reference trajectory. Computed eagerly, before the compiled

@@ -32,18 +32,21 @@ class Variables:
     project_latent: bool
 
     @classmethod
-    def create(cls, z_T, prompt_emb, null_emb, num_steps: int, config: OptimConfig, device) -> Variables:
+    def create(cls, z_T, prompt_emb, null_emb, num_steps: int, config: OptimConfig, device, guided: bool = True) -> Variables:
+        """Without guidance (a scale of 1 or less) the null embeddings are never used, so
+        their deltas are no variable."""
         prompt_base = per_step(prompt_emb.to(device), num_steps)  # (T, B, L, D)
         null_base = per_step(null_emb.to(device), num_steps)  # (T, B, L, D)
         latent = z_T.detach().to(device).clone().requires_grad_(config.optimize_latent)
         prompt_delta = torch.zeros(prompt_base.shape, device=device, requires_grad=config.optimize_prompt)
-        null_delta = torch.zeros(null_base.shape, device=device, requires_grad=config.optimize_null)
+        optimize_null = config.optimize_null and guided
+        null_delta = torch.zeros(null_base.shape, device=device, requires_grad=optimize_null)
         groups = [
             {"params": [p], "lr": lr}
             for p, lr, on in (
                 (latent, config.lr_latent, config.optimize_latent),
                 (prompt_delta, config.lr_prompt, config.optimize_prompt),
-                (null_delta, config.lr_null, config.optimize_null),
+                (null_delta, config.lr_null, optimize_null),
             )
             if on
         ]

@@ -72,7 +72,9 @@ def load_diffusion(model: str) -> DiffusionComponents:
         vae = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=torch.float32)
         tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
-        scheduler = DDIMScheduler.from_pretrained(location, subfolder="scheduler")
+        # Whatever the stored config says, x0 is never clipped or thresholded: the engine's own
+        # DDIM update (engine/ddim.py) does neither, and the scheduler object says so too.
+        scheduler = DDIMScheduler.from_pretrained(location, subfolder="scheduler", clip_sample=False, thresholding=False)
     except (OSError, ValueError, KeyError, TypeError) as error:
         where = "the local folder" if local.is_dir() else "the Hugging Face hub (or its local cache)"
         reason = str(error).strip().splitlines()[0].rstrip('.') if str(error).strip() else type(error).__name__
