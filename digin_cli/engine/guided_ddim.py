@@ -1,12 +1,6 @@
-"""GuidedDDIM: differentiable guided DDIM sampling, and the DiG-IN optimization that runs on it.
-
-This module knows nothing of files, terminals or argument parsing. It receives
-diffusers components, an objective (see ``objectives.py``) and configs, and
-returns tensors and numbers. Progress is reported through a callback.
-
-Notation follows the paper: z_T is the initial latent, C_t the per-step prompt
-embedding, null_t the per-step null-text embedding, and the image is D(z_0).
-"""
+"""GuidedDDIM: differentiable guided DDIM sampling over diffusers components (text
+encoding, the UNet with autocast or compiled, the DDIM step, the chain with checkpointing,
+decoding), and `optimize`, the DiG-IN loop that runs on it in numbered phases."""
 
 from __future__ import annotations
 

@@ -19,11 +19,10 @@ from digin_cli.tasks.runtime import (
     check_prompt_template,
     open_engine,
     resolve_runtime,
-    run_config,
     slug,
 )
-from digin_cli.tasks.records import open_run_folder, run_result
-from digin_cli.tasks.seed_runs import ItemWriter, check_seeds, optimize_seeds
+from digin_cli.tasks.records import run_result
+from digin_cli.tasks.seed_runs import ItemWriter, check_seeds, open_seed_run, optimize_seeds
 
 
 @dataclass
@@ -75,11 +74,8 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
         "class_index": class_index,
         "prompt_template": job.prompt_template,
         "prompt": prompt,
-        "seeds": job.seeds,
-        "batch_size": job.batch_size,
     }
-    config = run_config(job.runtime, specific, engine.components, job.sampler, optim)
-    folder = open_run_folder(job.out, "disagree", config, device, job.runtime)
+    folder = open_seed_run("disagree", job, specific, engine.components, optim, device)
 
     def labels(title: str, metrics: dict[str, float]) -> list[str]:
         return [title, f"p_f {metrics['p_f']:.3f}", f"p_g {metrics['p_g']:.3f}"]

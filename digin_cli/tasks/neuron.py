@@ -25,10 +25,9 @@ from digin_cli.tasks.runtime import (
     model_name,
     open_engine,
     resolve_runtime,
-    run_config,
 )
-from digin_cli.tasks.records import open_run_folder, rounded, run_result
-from digin_cli.tasks.seed_runs import ItemWriter, check_seeds, optimize_seeds
+from digin_cli.tasks.records import rounded, run_result
+from digin_cli.tasks.seed_runs import ItemWriter, check_seeds, open_seed_run, optimize_seeds
 
 
 @dataclass
@@ -139,11 +138,8 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
         "selection_seeds": selection_seeds if scores else [],
         "selection_scores": scores,
         "prompt": prompt,
-        "seeds": job.seeds,
-        "batch_size": job.batch_size,
     }
-    config = run_config(job.runtime, specific, engine.components, job.sampler, optim)
-    folder = open_run_folder(job.out, "neuron", config, device, job.runtime)
+    folder = open_seed_run("neuron", job, specific, engine.components, optim, device)
 
     def labels(title: str, metrics: dict[str, float]) -> list[str]:
         top = classifier.class_names[int(metrics["top_class"])]

@@ -15,8 +15,15 @@ from digin_cli.drawing import labelled_sheet
 from digin_cli.engine import GuidedDDIM, OptimConfig, OptimizationResult, SamplerConfig, initial_latents
 from digin_cli.errors import DiginError
 from digin_cli.io import save_png
-from digin_cli.tasks.records import RunFolder, item_record, rounded
-from digin_cli.tasks.runtime import Progress, Shard, finite_losses, item_history
+from digin_cli.tasks.records import RunFolder, item_record, open_run_folder, rounded
+from digin_cli.tasks.runtime import Progress, Shard, finite_losses, item_history, run_config
+
+
+def open_seed_run(command: str, job, specific: dict[str, Any], components, optim: OptimConfig, device) -> RunFolder:
+    """The run folder of a run from seeds: the task's own settings, the seeds and the batch size in its config."""
+    config = run_config(job.runtime, {**specific, "seeds": job.seeds, "batch_size": job.batch_size}, components,
+                        job.sampler, optim)  # fmt: skip
+    return open_run_folder(job.out, command, config, device, job.runtime)
 
 
 def check_seeds(seeds: list[int]) -> None:
