@@ -179,3 +179,27 @@ def test_report_rebuilds_a_page_and_a_bench_page(browser, runs, tmp_path):
 def test_report_of_a_folder_without_a_run_is_one_line(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1 and result.stderr.startswith(f"Error: {tmp_path} holds no digin run")
+
+
+def test_report_reads_run_folders_of_earlier_versions(tmp_path):
+    """Before the record format, disagree wrote one disagree.json and uvce one JSON per item."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("circle_seed3_init.png", "circle_seed3_optimized.png", "circle_seed3_sheet.png"):
+        Image.new("RGB", (64, 64), "green").save(old / name)
+    (old / "disagree.json").write_text(json.dumps({
+        "command": "disagree", "started": "2026-11-01T10:00:00+00:00", "versions": {"digin": "0.1.0"}, "device": "cpu",
+        "config": {"class_name": "circle", "dtype": "fp32"}, "seconds": 12.0,
+        "images": [{"seed": 3, "prompt": "a photograph of a circle", "best_step": 2,
+                    "files": {"initial": "circle_seed3_init.png", "optimized": "circle_seed3_optimized.png",
+                              "sheet": "circle_seed3_sheet.png"},
+                    "initial": {"loss": 0.1, "p_f": 0.125, "p_g": 0.25}, "optimized": {"loss": -0.5, "p_f": 0.875, "p_g": 0.0625},
+                    "history": [{"step": 0, "loss": 0.1, "p_f": 0.125, "p_g": 0.25}]}],
+    }))  # fmt: skip
+    result = runner.invoke(app, ["report", str(old)])
+    assert result.exit_code == 0, result.output
+    page = (old / "index.html").read_text()
+    assert 'data-name="circle_seed3"' in page and "f sees it, g does not" in page
+    for key, when, value in (("p_f", "before", 0.125), ("p_f", "after", 0.875), ("p_g", "after", 0.0625)):
+        assert f'data-key="{key}" data-when="{when}" data-value="{value}">{value:.3f}<' in page
+    assert 'src="circle_seed3_optimized.png"' in page

@@ -96,7 +96,7 @@ def wrote(result: dict[str, Any]) -> str:
     done = sum(item.get("status") == "ok" for item in items)
     failed = len(items) - done
     out = result["out"]
-    return f"Wrote {done} item(s){f' ({failed} failed)' if failed else ''}: {out}/run.json, {out}/summary.jsonl"
+    return f"Wrote {done} item(s){f' ({failed} failed)' if failed else ''} to {out}; open {out}/index.html for the report"
 
 
 def _version(value: bool) -> None:
