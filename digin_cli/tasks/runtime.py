@@ -138,11 +138,14 @@ def check_out(out: Path) -> None:
         return
     missing = [p for p in [out, *out.parents] if not p.exists()]
     try:
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)  # exist_ok: another process of the run may make it first
     except OSError as error:
         raise DiginError(f"--out {out} cannot be created ({error.strerror or type(error).__name__}); give a folder you can write to") from None
-    for folder in missing:  # deepest first
-        folder.rmdir()
+    for folder in missing:  # deepest first; a folder another process has written into stays
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def check_engine_options(out: Path, sampler: SamplerConfig, optim: OptimConfig, batch_size: int,
