@@ -263,3 +263,40 @@ def test_seed_runs_spread_over_two_processes(tmp_path):
     assert [item["input"]["seed"] for item in items] == [0, 1, 2] and header["items"]["done"] == 3
     # Each seed was optimized once, by one process, alone in its batch (process 0: seeds 0 and 2).
     assert [item["batch_size"] for item in items] == [1, 1, 1]
+
+
+# -- model families digin does not sample (yet) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("class_name", "what"),
+    [
+        ("StableDiffusionXLPipeline", "is an SDXL pipeline"),
+        ("StableDiffusion3Pipeline", "is a Stable Diffusion 3 pipeline (an MMDiT transformer, no UNet)"),
+        ("FluxPipeline", "is a FLUX pipeline"),
+        ("StableDiffusionInpaintPipeline", "is an inpainting pipeline"),
+        ("DDPMPipeline", "is an unconditional pipeline"),
+    ],
+)
+def test_unsupported_families_are_one_line(tiny_folder, tmp_path, class_name, what):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
+    result = runner.invoke(app, ["disagree", "--model", str(folder), "-f", "tiny:f", "-g", "tiny:g", "--class", "circle",
+                                 "--out", str(tmp_path / "out"), *FAST])  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"Error: --model {folder} {what}") and "digin supports Stable Diffusion 1.x / 2.x" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_unet_with_other_input_channels_is_refused(tiny_folder, tmp_path):
+    folder = tmp_path / "inpaint"
+    shutil.copytree(tiny_folder, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_config({**config, "in_channels": 9}).save_pretrained(folder / "unet")
+    result = runner.invoke(app, disagree(tmp_path / "out", "--model", str(folder)))
+    assert result.exit_code == 1 and "has a 9-channel UNet for 4-channel latents (an inpainting" in result.stderr

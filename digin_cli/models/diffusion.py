@@ -58,6 +58,7 @@ def load_diffusion(model: str) -> DiffusionComponents:
     local = Path(location).expanduser()
     if local.is_dir():
         location = str(local)
+        check_family(model, local / "model_index.json")
         missing = [name for name in SUBFOLDERS if not (local / name).is_dir()]
         if missing:
             raise DiginError(
@@ -87,7 +88,12 @@ def load_diffusion(model: str) -> DiffusionComponents:
             f"offline model: --model {_builtin_names()}."
         ) from error
     if not hasattr(unet.config, "cross_attention_dim") or unet.config.cross_attention_dim is None:
-        raise DiginError(f"'{model}' has no text-conditioned UNet; digin needs a Stable-Diffusion-style model.")
+        raise DiginError(f"--model {model} has no text-conditioned UNet (an unconditional model); digin supports {SUPPORTED}")
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise DiginError(
+            f"--model {model} has a {unet.config.in_channels}-channel UNet for {vae.config.latent_channels}-channel latents "
+            f"(an inpainting or image-conditioned model); digin supports {SUPPORTED}"
+        )
     settings = {}
     if local.is_dir() and (local / SETTINGS_FILE).is_file():
         try:
@@ -109,6 +115,35 @@ def model_identity(folder: Path) -> str:
     stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in unet.iterdir() if p.is_file())
     digest = hashlib.sha256(repr(stats).encode()).hexdigest()[:12]
     return f"{folder}@{digest}"
+
+
+# Pipelines digin cannot sample exactly (yet), by diffusers' class name, as one line says what they are.
+UNSUPPORTED_FAMILIES = {
+    "StableDiffusionXLPipeline": "an SDXL pipeline (two text encoders, pooled and time-id conditions)",
+    "StableDiffusionXLImg2ImgPipeline": "an SDXL pipeline (two text encoders, pooled and time-id conditions)",
+    "StableDiffusion3Pipeline": "a Stable Diffusion 3 pipeline (an MMDiT transformer, no UNet)",
+    "FluxPipeline": "a FLUX pipeline (a transformer, no UNet)",
+    "StableDiffusionInpaintPipeline": "an inpainting pipeline (a 9-channel UNet)",
+    "DDPMPipeline": "an unconditional pipeline (no text encoder)",
+    "DDIMPipeline": "an unconditional pipeline (no text encoder)",
+    "LDMPipeline": "an unconditional latent pipeline (no text encoder)",
+}
+SUPPORTED = "Stable Diffusion 1.x / 2.x-style text-to-image pipelines (StableDiffusionPipeline: one CLIP text encoder, a 4-channel UNet)"
+
+
+def check_family(model: str, model_index: Path) -> None:
+    """Refuse, in one line, a pipeline folder of a family the engine does not sample exactly;
+    it would otherwise fail at its first UNet call or be sampled wrong."""
+    try:
+        index = json.loads(model_index.read_text())
+    except (OSError, ValueError):
+        return  # no model_index.json: the sub-folder checks speak
+    name = index.get("_class_name", "")
+    what = UNSUPPORTED_FAMILIES.get(name)
+    if what is None and "transformer" in index and "unet" not in index:
+        what = f"a transformer pipeline ({name})"
+    if what is not None:
+        raise DiginError(f"--model {model} is {what}; digin supports {SUPPORTED}")
 
 
 def _hub_identity(model: str) -> str:
