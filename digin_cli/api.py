@@ -18,6 +18,7 @@ removed once its images are read back. Models and classifiers may be passed in l
 from __future__ import annotations
 
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,8 +193,9 @@ def _run(task, make_job, out: str | Path | None, progress: bool) -> Run:
     from digin_cli.tasks.runtime import NoProgress
 
     bar = _progress() if progress else NoProgress()
-    with tempfile.TemporaryDirectory(prefix="digin-") as scratch:
-        folder = Path(out) if out is not None else Path(scratch) / "run"
+    scratch = tempfile.TemporaryDirectory(prefix="digin-") if out is None else nullcontext()
+    with scratch as where:
+        folder = Path(out) if out is not None else Path(where) / "run"
         try:
             result = task(make_job(folder), bar)
         finally:

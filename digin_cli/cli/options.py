@@ -12,7 +12,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -200,10 +200,8 @@ class CommonOptions:
 
     def job_fields(self, seed: int | None = None) -> dict[str, Any]:
         """The fields every job dataclass has, the cutouts seeded by `seed` (else --seed)."""
-        from dataclasses import replace
-
-        cutouts = self.cutout_seed if seed is None else seed
-        optim = replace(self.optim, seed=cutouts or 0)
+        cutout_seed = self.cutout_seed if seed is None else seed
+        optim = replace(self.optim, seed=cutout_seed or 0)
         return {"out": self.out, "batch_size": self.batch_size, "runtime": self.runtime, "sampler": self.sampler, "optim": optim}
 
 

@@ -11,8 +11,8 @@ from digin_cli.errors import DiginError
 from digin_cli.io import read_json, read_jsonl, write_text
 from digin_cli.report.legacy import SEED_RECORDS, read_legacy
 from digin_cli.report.pages import CSS, write_run_page
+from digin_cli.tasks.records import ITEM_FORMAT, RUN_FILE, SUMMARY_FILE
 
-RUN_FILE, SUMMARY_FILE, ITEM_FORMAT = "run.json", "summary.jsonl", "digin-item/1"  # as tasks/records.py writes them
 
 
 def read_run_folder(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 from digin_cli.io import write_text
+from digin_cli.tasks.records import flatten
 
 # Per command: the figures a card shows (record key, label) and the images before / after.
 FIGURES = {
@@ -76,10 +77,10 @@ def _number(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else html.escape(str(value))
 
 
-def _img(folder_prefix: str, name: str | None, alt: str, css: str = "") -> str:
+def _img(name: str | None, alt: str, css: str = "") -> str:
     if not name:
         return ""
-    return f'<img src="{folder_prefix}{quote(name)}" alt="{html.escape(alt)}" loading="lazy" class="{css}">'
+    return f'<img src="{quote(name)}" alt="{html.escape(alt)}" loading="lazy" class="{css}">'
 
 
 def _figures_rows(record: dict[str, Any]) -> tuple[str, float]:
@@ -117,12 +118,12 @@ def item_card(record: dict[str, Any], config: dict[str, Any], order: int) -> str
                 f'data-name="{name}" data-change="0"><h3>{name}</h3><p class="where">{where}</p>'
                 f'<span class="badge failed">failed</span><p class="error">{html.escape(str(record.get("error")))}</p></article>')  # fmt: skip
     images = "".join(
-        f"<figure>{_img('', files.get(key), caption)}<figcaption>{caption}</figcaption></figure>"
+        f"<figure>{_img(files.get(key), caption)}<figcaption>{caption}</figcaption></figure>"
         for key, caption in IMAGES.get(record["command"], []) if files.get(key)
     )  # fmt: skip
     table, change = _figures_rows(record)
     details = "".join(
-        f"<figure>{_img('', files[key], caption, 'wide' if key in ('sheet', 'plot') else '')}<figcaption>{caption}</figcaption></figure>"
+        f"<figure>{_img(files[key], caption, 'wide' if key in ('sheet', 'plot') else '')}<figcaption>{caption}</figcaption></figure>"
         for key, caption in DETAILS if files.get(key)
     )  # fmt: skip
     verdict = (record.get("verdict") or {}).get("text")
@@ -140,12 +141,6 @@ def item_card(record: dict[str, Any], config: dict[str, Any], order: int) -> str
 </article>"""
 
 
-def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(value, dict):
-        return [pair for key, inner in value.items() for pair in _flatten(inner, f"{prefix}{key}.")]
-    return [(prefix.rstrip("."), value)]
-
-
 def run_page(header: dict[str, Any], records: list[dict[str, Any]], complete: bool) -> str:
     """The page of a run folder from its header and its records (in input order)."""
     config = header.get("config") or {}
@@ -156,7 +151,7 @@ def run_page(header: dict[str, Any], records: list[dict[str, Any]], complete: bo
     classes = sorted({class_label(r) for r in records})
     outcomes = sorted({outcome(r, config)[0] for r in records})
     options = lambda values: "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in values)  # noqa: E731
-    settings = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in _flatten(config))
+    settings = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in flatten(config).items())
     versions = ", ".join(f"{k} {v}" for k, v in (header.get("versions") or {}).items())
     command_line = " ".join(header.get("command_line") or []) or f"digin {command} (command line not recorded)"
     counts = header.get("items") or {}

@@ -164,9 +164,9 @@ class FolderRun:
             prepared = self.prepare(item)
         except (ImageReadError, DiginError) as error:
             self._fail(item, pending, error)
+            self.folder.rebuild_summary(self.records)  # its failure records; a prepared image changes nothing on disk
         else:
             self.queue.extend(Task(item, prepared, label, self.record_name(item, label)) for label in pending)
-        self.folder.rebuild_summary(self.records)
 
     def _flush(self) -> None:
         batch = self.queue[: self.batch_size]
@@ -185,4 +185,4 @@ class FolderRun:
     def _fail(self, item: WorkItem, labels: list[str], error: Exception) -> None:
         self.failures.append(f"{item.path.name}: {error}")
         for label in labels:
-            self.folder.write_failure(self.folder.header["command"], self.record_name(item, label), {"file": str(item.path)}, str(error))
+            self.folder.write_failure(self.record_name(item, label), {"file": str(item.path)}, str(error))

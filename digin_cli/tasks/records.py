@@ -39,7 +39,7 @@ RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.jsonl"
 LOCK_FILE = ".digin.lock"
 # Config keys that choose which items run or how fast, not what an item's result is.
-NOT_FINGERPRINTED = ("seeds", "inputs", "csv_file", "batch_size", "compile")
+NOT_FINGERPRINTED = ("seeds", "inputs", "batch_size", "compile")
 
 
 def fingerprint_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -51,18 +51,19 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys, in their order: {"optim": {"steps": 2}} -> {"optim.steps": 2}."""
     if isinstance(value, dict):
         flat: dict[str, Any] = {}
         for key, inner in value.items():
-            flat.update(_flatten(inner, f"{prefix}{key}."))
+            flat.update(flatten(inner, f"{prefix}{key}."))
         return flat
     return {prefix.rstrip("."): value}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The fingerprinted settings that differ, as 'key: old -> new'."""
-    a, b = _flatten(fingerprint_settings(old)), _flatten(fingerprint_settings(new))
+    a, b = flatten(fingerprint_settings(old)), flatten(fingerprint_settings(new))
     return [f"{key}: {a.get(key, '(none)')} -> {b.get(key, '(none)')}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
@@ -160,9 +161,9 @@ class RunFolder:
         write_json(record, self.record_path(record["item"]))
         return record
 
-    def write_failure(self, command: str, item: str, input_: dict[str, Any], error: str) -> dict[str, Any]:
+    def write_failure(self, item: str, input_: dict[str, Any], error: str) -> dict[str, Any]:
         """A failed item's record: listed in the summary, retried by the next run."""
-        record = item_record(command, item, input_, status="failed", error=error)
+        record = item_record(self.header["command"], item, input_, status="failed", error=error)
         return self.write_item(record)
 
     def rebuild_summary(self, items: list[str]) -> list[dict[str, Any]]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 import platform
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -149,11 +149,10 @@ def check_out(out: Path) -> None:
 
 
 def check_engine_options(out: Path, sampler: SamplerConfig, optim: OptimConfig, batch_size: int,
-                         runtime: RuntimeOptions | None = None) -> None:  # fmt: skip
+                         runtime: RuntimeOptions) -> None:  # fmt: skip
     """Validate cheap options before anything heavy is loaded or any file is written."""
     check_out(out)
-    if runtime is not None:
-        check_model_path(model_name(runtime))
+    check_model_path(model_name(runtime))
     if sampler.num_steps < 1:
         raise DiginError("--ddim-steps must be at least 1")
     check_number("--guidance", sampler.guidance_scale, low=0)
