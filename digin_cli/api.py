@@ -31,7 +31,8 @@ from digin_cli.errors import DiginError
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"  # the same as models.DEFAULT_MODEL (a test keeps them equal)
 
 # The engine options every optimizing task takes, as keyword arguments (the CLI's names).
-SAMPLER_OPTIONS = {"ddim_steps": "num_steps", "guidance": "guidance_scale"}
+SAMPLER_OPTIONS = {"ddim_steps": "num_steps", "guidance": "guidance_scale", "spacing": "timestep_spacing",
+                   "resolution": "resolution"}  # fmt: skip
 OPTIM_OPTIONS = {
     "steps": "steps", "lr_latent": "lr_latent", "lr_prompt": "lr_prompt", "lr_null": "lr_null",
     "optimize_latent": "optimize_latent", "optimize_prompt": "optimize_prompt", "optimize_null": "optimize_null",
@@ -140,11 +141,15 @@ class Run:
         return f"<table><tr><th>item</th><th>before</th><th>after</th><th>figures</th></tr>{rows}</table>"
 
 
-def load_model(model: str = DEFAULT_MODEL) -> DiffusionComponents:
-    """A diffusion model (hub id, diffusers folder or built-in name), loaded once to pass as `model=`."""
+def load_model(model: str = DEFAULT_MODEL, *, lora: str | list[str] | None = None, revision: str | None = None,
+               variant: str | None = None) -> DiffusionComponents:  # fmt: skip
+    """A diffusion model (hub id, diffusers folder or built-in name), loaded once to pass as
+    `model=`; `lora` ("PATH_OR_ID[:SCALE]", or several) fused in, `revision` and `variant` as
+    --lora, --revision and --variant."""
     from digin_cli.models import load_diffusion
 
-    return load_diffusion(model)
+    loras = (lora,) if isinstance(lora, str) else tuple(lora or ())
+    return load_diffusion(model, revision=revision, variant=variant, loras=loras)
 
 
 def load_classifier(spec: str, device: str = "cpu"):
@@ -162,8 +167,10 @@ def _engine(options: dict[str, Any], seed: int):
     if unknown:
         known = ", ".join([*SAMPLER_OPTIONS, *OPTIM_OPTIONS])
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; the engine options are {known}")
-    sampler = SamplerConfig(**{SAMPLER_OPTIONS[k]: v for k, v in options.items() if k in SAMPLER_OPTIONS})
-    optim = OptimConfig(seed=seed, **{OPTIM_OPTIONS[k]: v for k, v in options.items() if k in OPTIM_OPTIONS})
+    # What is not given is the model family's default, as on the command line.
+    sampler = SamplerConfig(**{"num_steps": None, "guidance_scale": None,
+                               **{SAMPLER_OPTIONS[k]: v for k, v in options.items() if k in SAMPLER_OPTIONS}})  # fmt: skip
+    optim = OptimConfig(seed=seed, **{"loss_steps": None, **{OPTIM_OPTIONS[k]: v for k, v in options.items() if k in OPTIM_OPTIONS}})
     return sampler, optim
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMInverseScheduler
 
 from digin_cli.engine import REFERENCE_LR_EMBEDDING, GuidedDDIM, SamplerConfig
 from digin_cli.engine.guided_ddim import uses_guidance
@@ -58,13 +57,18 @@ def encode_image(engine: GuidedDDIM, image: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_inversion(engine: GuidedDDIM, latents: torch.Tensor, prompt_emb: torch.Tensor, num_steps: int) -> list[torch.Tensor]:
-    """Trajectory z_0 ... z_T (num_steps + 1 latents, each (1, C, h, w)) by inverse DDIM, guidance 1."""
-    inverse = DDIMInverseScheduler.from_config(engine.components.scheduler.config)
-    inverse.set_timesteps(num_steps)
+    """Trajectory z_0 ... z_T (num_steps + 1 latents, each (1, C, h, w)) by inverse DDIM, guidance 1.
+
+    The forward schedule walked backwards, each step the inverse of the forward step
+    (engine.inverse_ddim_step), so every spacing the sampler takes (leading, trailing,
+    linspace) inverts; diffusers' DDIMInverseScheduler has no linspace spacing and takes
+    t - 1000 // N as the step it comes from. Where that is right, the values are its own.
+    """
+    timesteps = engine.timesteps(num_steps)  # descending
     trajectory = [latents]
-    for t in inverse.timesteps:
-        noise = engine.predict_noise(trajectory[-1], int(t), prompt_emb)
-        trajectory.append(inverse.step(noise, int(t), trajectory[-1]).prev_sample)
+    for index in reversed(range(num_steps)):
+        noise = engine.predict_noise(trajectory[-1], timesteps[index], prompt_emb)
+        trajectory.append(engine.inverse_ddim_step(noise, index, trajectory[-1]))
     return trajectory
 
 

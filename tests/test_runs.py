@@ -265,13 +265,13 @@ def test_seed_runs_spread_over_two_processes(tmp_path):
     assert [item["batch_size"] for item in items] == [1, 1, 1]
 
 
-# -- model families digin does not sample (yet) --------------------------------------------
+# -- model families digin does not sample ----------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("class_name", "what"),
     [
-        ("StableDiffusionXLPipeline", "is an SDXL pipeline"),
+        ("StableDiffusionXLImg2ImgPipeline", "is an SDXL image-to-image / refiner pipeline"),
         ("StableDiffusion3Pipeline", "is a Stable Diffusion 3 pipeline (an MMDiT transformer, no UNet)"),
         ("FluxPipeline", "is a FLUX pipeline"),
         ("StableDiffusionInpaintPipeline", "is an inpainting pipeline"),
@@ -287,7 +287,7 @@ def test_unsupported_families_are_one_line(tiny_folder, tmp_path, class_name, wh
                                  "--out", str(tmp_path / "out"), *FAST])  # fmt: skip
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1, result.output
-    assert lines[0].startswith(f"Error: --model {folder} {what}") and "digin supports Stable Diffusion 1.x / 2.x" in lines[0]
+    assert lines[0].startswith(f"Error: --model {folder} {what}") and "digin supports SD 1.x, SD 2.x, SDXL, SD-Turbo and SDXL-Turbo" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -299,4 +299,4 @@ def test_a_unet_with_other_input_channels_is_refused(tiny_folder, tmp_path):
 
     UNet2DConditionModel.from_config({**config, "in_channels": 9}).save_pretrained(folder / "unet")
     result = runner.invoke(app, disagree(tmp_path / "out", "--model", str(folder)))
-    assert result.exit_code == 1 and "has a 9-channel UNet for 4-channel latents (an inpainting" in result.stderr
+    assert result.exit_code == 1 and "with a 9-channel UNet for 4-channel latents (an inpainting" in result.stderr

@@ -15,9 +15,13 @@ within the run, so they mean the same on any machine):
   the loss, bf16 autocast of the UNet, and torch.compile of the UNet (with the time its
   first calls take to compile, and after how many steps that is paid back).
 
-Pipelines: the built-in shapes model, and a randomly initialised pipeline with Stable
-Diffusion 1.x's architecture (UNet 860M parameters, SD VAE, 12-layer CLIP text encoder),
-built from configs with no download, at a reduced resolution on CPU.
+- the few-step row: seconds per optimization step at 1, 2, 4 and 20 DDIM steps, with and
+  without guidance, on one architecture and resolution: what a few-step (Turbo) model buys.
+
+Pipelines: the built-in shapes model, and randomly initialised pipelines with Stable
+Diffusion 1.x's architecture (UNet 860M parameters, SD VAE, 12-layer CLIP text encoder)
+and SDXL's (UNet 2.6B parameters, two text encoders of SDXL's widths, pooled embedding
+and time ids), built from configs with no download, at a reduced resolution on CPU.
 
 The objective is the mean of the cutout views: the chain, not a classifier, is
 measured (a classifier adds the same cost to every step).
@@ -41,12 +45,15 @@ from digin_cli.components import DiffusionComponents
 from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig, initial_latents
 from digin_cli.errors import DiginError
 from digin_cli.io import write_json
-from digin_cli.models.sd_parts import build_sd1_random
+from digin_cli.models.sd_parts import build_sd1_random, build_sdxl_random
 from digin_cli.objectives import ObjectiveInput, ObjectiveOutput
 from digin_cli.tasks.runtime import resolve_device
 
 SD1_RANDOM = "sd1-random"
+SDXL_RANDOM = "sdxl-random"
+RANDOM_PIPELINES = {SD1_RANDOM: build_sd1_random, SDXL_RANDOM: build_sdxl_random}
 PIPELINES = ("shapes", SD1_RANDOM)
+FEW_STEPS = (1, 2, 4, 20)  # DDIM steps of the few-step row
 
 
 @dataclass
@@ -60,6 +67,8 @@ class PerfConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
     memory_factor: int = 4  # memory is measured at T and at memory_factor * T steps
     feature_pipelines: list[str] = field(default_factory=lambda: list(PIPELINES))  # speed features vs their absence
+    few_step_pipeline: str | None = SD1_RANDOM  # the few-step row's pipeline; None: no row
+    few_step_resolution: int | None = None  # its image side; None: 512 on CUDA, 64 elsewhere
 
     def check(self) -> None:
         """One-line errors for impossible settings, before anything is measured."""
@@ -71,6 +80,8 @@ class PerfConfig:
             raise DiginError("--repeats must be at least 1")
         if self.sd_resolution is not None and (self.sd_resolution < 64 or self.sd_resolution % 64):
             raise DiginError(f"--perf-resolution must be a multiple of 64, got {self.sd_resolution}")
+        if self.few_step_resolution is not None and (self.few_step_resolution < 64 or self.few_step_resolution % 64):
+            raise DiginError(f"--few-step-resolution must be a multiple of 64, got {self.few_step_resolution}")
         if self.ddim_steps is not None and self.ddim_steps < 3:
             raise DiginError("--perf-steps must be at least 3 (the loss reads the last 3 steps)")
 
@@ -81,8 +92,8 @@ def brightness(inputs: ObjectiveInput) -> ObjectiveOutput:
 
 
 def load_components(name: str, resolution: int) -> DiffusionComponents:
-    if name == SD1_RANDOM:
-        return build_sd1_random(resolution)
+    if name in RANDOM_PIPELINES:
+        return RANDOM_PIPELINES[name](resolution)
     from digin_cli.models import load_diffusion
 
     return load_diffusion(name)
@@ -90,7 +101,14 @@ def load_components(name: str, resolution: int) -> DiffusionComponents:
 
 def default_steps(name: str, device: torch.device) -> int:
     # On a CPU an SD-sized UNet call takes seconds: 5 steps keep a repeat under a minute.
-    return 5 if name == SD1_RANDOM and device.type != "cuda" else 20
+    return 5 if name in RANDOM_PIPELINES and device.type != "cuda" else 20
+
+
+def default_resolution(name: str, device: torch.device) -> int:
+    """512 px on CUDA (1024 for SDXL, its own); on a CPU 128, where an SD-sized UNet call takes seconds."""
+    if device.type == "cuda":
+        return 1024 if name == SDXL_RANDOM else 512
+    return 128
 
 
 def _sync(device: torch.device) -> None:
@@ -101,7 +119,7 @@ def _sync(device: torch.device) -> None:
 def _inputs(engine: GuidedDDIM, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     z_T = initial_latents(engine.components, list(range(batch)))
     prompt = engine.encode_text(["a photograph of a red circle on sand"] * batch)
-    null = engine.encode_text([""] * batch)
+    null = engine.null_embedding(batch)
     return z_T, prompt, null
 
 
@@ -120,7 +138,7 @@ def time_forward(engine: GuidedDDIM, steps: int, batch: int, repeats: int) -> li
 
 
 def time_optimization_step(
-    engine: GuidedDDIM, steps: int, batch: int, repeats: int, optim: OptimConfig | None = None
+    engine: GuidedDDIM, steps: int, batch: int, repeats: int, optim: OptimConfig | None = None, guidance: float = 3.0
 ) -> list[float]:
     """Seconds of one full optimization step, `repeats` of them.
 
@@ -131,7 +149,7 @@ def time_optimization_step(
     first; then one run of `repeats` + 1 steps gives `repeats` intervals (the last
     iterate is a forward pass only and is not counted)."""
     z_T, prompt, null = _inputs(engine, batch)
-    sampler = SamplerConfig(num_steps=steps)
+    sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance)
     optim = replace(optim or OptimConfig(), loss_steps=min(3, steps))
     engine.optimize(brightness, z_T, prompt, null, sampler, replace(optim, steps=1))  # warm-up
     marks: list[float] = []
@@ -196,7 +214,7 @@ def _median(values: list[float]) -> float:
 
 
 def pipeline_rows(name: str, config: PerfConfig, device: torch.device, log) -> dict[str, Any]:
-    resolution = config.sd_resolution or (512 if device.type == "cuda" else 128)
+    resolution = config.sd_resolution or default_resolution(name, device)
     steps = config.ddim_steps or default_steps(name, device)
     components = load_components(name, resolution)
     engine = GuidedDDIM(components, device=device)
@@ -301,6 +319,26 @@ def feature_rows(name, engine: GuidedDDIM, resolution, steps, config: PerfConfig
     return {"fused_attention": attention, "decode_checkpointing": decode, "bf16_autocast": bf16, "compile": compiled}
 
 
+def few_step_row(config: PerfConfig, device: torch.device, log) -> dict[str, Any]:
+    """Seconds per optimization step at 1, 2, 4 and 20 DDIM steps, guided (3.0: two UNet
+    calls a step) and not (0: one), on one pipeline at one resolution; and the ratio of the
+    4-step unguided step (a Turbo model's setting) to the 20-step guided one (the paper's)."""
+    name = config.few_step_pipeline
+    resolution = config.few_step_resolution or (512 if device.type == "cuda" else 64)
+    engine = GuidedDDIM(load_components(name, resolution), device=device)
+    log(f"few-step row on {name} at {engine.components.resolution} px")
+    seconds: dict[str, dict[str, float]] = {}
+    for steps in FEW_STEPS:
+        seconds[str(steps)] = {}
+        for label, guidance in (("guided", 3.0), ("unguided", 0.0)):
+            seconds[str(steps)][label] = _median(time_optimization_step(engine, steps, 1, config.repeats, guidance=guidance))
+        log(f"  T = {steps}: {seconds[str(steps)]['guided']:.3f} s guided, {seconds[str(steps)]['unguided']:.3f} s unguided")
+    ratio = round(seconds["4"]["unguided"] / seconds["20"]["guided"], 4)
+    log(f"  4 steps unguided / 20 steps guided: {ratio:.3f} (target <= 0.2)")
+    return {"pipeline": name, "resolution": engine.components.resolution, "seconds_per_step": seconds,
+            "four_unguided_over_twenty_guided": ratio, "target": 0.2}  # fmt: skip
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     import platform
 
@@ -322,11 +360,13 @@ def run_perf(config: PerfConfig, log=lambda message: None) -> dict[str, Any]:
     device = resolve_device(config.device)
     started = time.perf_counter()
     rows = [pipeline_rows(name, config, device, log) for name in config.pipelines]
+    few_steps = few_step_row(config, device, log) if config.few_step_pipeline else None
     result = {
-        "benchmark": "performance: optimization step vs forward sample, memory vs steps, batch throughput",
+        "benchmark": "performance: optimization step vs forward sample, memory vs steps, batch throughput, few steps",
         "machine": machine(device),
-        "targets": {"step_over_forward": 3.0, "memory_ratio_4T_over_T": 1.1},
+        "targets": {"step_over_forward": 3.0, "memory_ratio_4T_over_T": 1.1, "four_unguided_over_twenty_guided": 0.2},
         "rows": rows,
+        "few_steps": few_steps,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(result, config.out / "perf.json")

@@ -46,17 +46,27 @@ def bench(
     ] = None,
     repeats: Annotated[int, typer.Option(help="Timed repeats per figure (after one warm-up).", rich_help_panel=PERF)] = 3,
     pipelines: Annotated[
-        str, typer.Option(help="Comma-separated pipelines: shapes, sd1-random, or a model folder / hub id.", rich_help_panel=PERF)
+        str, typer.Option(help="Comma-separated pipelines: shapes, sd1-random, sdxl-random, or a model folder / hub id.",
+                          rich_help_panel=PERF)
     ] = "shapes,sd1-random",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes for throughput.", rich_help_panel=PERF)] = "1,2,4",
     feature_pipelines: Annotated[
         str, typer.Option(help="Pipelines on which to time the speed features against their absence.", rich_help_panel=PERF)
     ] = "shapes,sd1-random",
+    few_step_pipeline: Annotated[
+        str, typer.Option(help="Pipeline of the few-step row (1, 2, 4, 20 DDIM steps, guided and not); none: no row.",
+                          rich_help_panel=PERF)
+    ] = "sd1-random",
+    few_step_resolution: Annotated[
+        int | None, typer.Option(help="Image side of the few-step row [default: 512 on CUDA, else 64].", rich_help_panel=PERF)
+    ] = None,
 ) -> None:
     """Quality benchmark on the built-in shapes world, judged by ground truth (fixed seeds);
     with --perf, the performance benchmark."""
     if perf:
-        _perf(out, device, perf_resolution, perf_steps, repeats, pipelines, batch_sizes, feature_pipelines, quiet)
+        few_steps = None if few_step_pipeline.strip().lower() == "none" else few_step_pipeline.strip()
+        _perf(out, device, perf_resolution, perf_steps, repeats, pipelines, batch_sizes, feature_pipelines, quiet,
+              few_steps, few_step_resolution)  # fmt: skip
         return
     from digin_cli.bench.config import BenchConfig
     from digin_cli.bench.quality import run_bench
@@ -81,7 +91,8 @@ def _bench_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _perf(out: Path, device: str, resolution: int | None, steps: int | None, repeats: int, pipelines: str,
-          batch_sizes: str, feature_pipelines: str, quiet: bool) -> None:  # fmt: skip
+          batch_sizes: str, feature_pipelines: str, quiet: bool, few_step_pipeline: str | None,
+          few_step_resolution: int | None) -> None:  # fmt: skip
     from digin_cli.bench.perf import PerfConfig, run_perf
 
     try:
@@ -89,7 +100,8 @@ def _perf(out: Path, device: str, resolution: int | None, steps: int | None, rep
     except ValueError:
         fail(f"--batch-sizes must be comma-separated integers, got '{batch_sizes}'")
     config = PerfConfig(out=out, device=device, pipelines=_names(pipelines), sd_resolution=resolution, ddim_steps=steps,
-                        repeats=repeats, batch_sizes=batches, feature_pipelines=_names(feature_pipelines))  # fmt: skip
+                        repeats=repeats, batch_sizes=batches, feature_pipelines=_names(feature_pipelines),
+                        few_step_pipeline=few_step_pipeline, few_step_resolution=few_step_resolution)  # fmt: skip
     log = (lambda message: None) if quiet else (lambda message: stderr.print(message, highlight=False))
     result = call(run_perf, config, log)
     table = Table(title=f"digin bench --perf on {result['machine']['device']} ({result['machine']['cpu']})")
@@ -101,4 +113,9 @@ def _perf(out: Path, device: str, resolution: int | None, steps: int | None, rep
                       f"{row['optimization_step_seconds']:.3f}", f"{row['step_over_forward']:.2f}",
                       f"{row['memory']['ratio_above_loaded']:.2f}", throughput)  # fmt: skip
     stdout.print(table)
+    few = result["few_steps"]
+    if few is not None:
+        cells = ", ".join(f"T={t}: {v['guided']:.2f}/{v['unguided']:.2f} s" for t, v in few["seconds_per_step"].items())
+        stdout.print(f"Few steps on {few['pipeline']} at {few['resolution']} px (guided/unguided step): {cells}; "
+                     f"4 unguided / 20 guided = {few['four_unguided_over_twenty_guided']:.3f} (target <= 0.2)", highlight=False)  # fmt: skip
     stdout.print(f"Wrote {result['json']} ({result['seconds']:.0f} s)", highlight=False)

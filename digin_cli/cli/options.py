@@ -104,10 +104,18 @@ LayerOpt = Annotated[str | None, typer.Option(help="Named module to read (defaul
 SAMPLER = "Sampler"
 SAMPLER_OPTIONS = OptionGroup(
     (
-        _option("ddim_steps", int, 20, "--ddim-steps", help="DDIM sampling steps.", panel=SAMPLER),
-        _option("guidance", float, 3.0, "--guidance", help="Classifier-free guidance scale.", panel=SAMPLER),
+        _option("ddim_steps", int | None, None, "--ddim-steps", panel=SAMPLER,
+                help="DDIM sampling steps [default: the model family's: 20, Turbo models 4; `digin models --family`]."),
+        _option("guidance", float | None, None, "--guidance", panel=SAMPLER,
+                help="Classifier-free guidance scale; 1 or less samples the conditional branch alone [default: the family's: 3.0, Turbo 0]."),
+        _option("spacing", str | None, None, "--spacing", panel=SAMPLER,
+                help="Timestep spacing: leading, trailing or linspace [default: the scheduler config's; Turbo: trailing]."),
+        _option("resolution", int | None, None, "--resolution", panel=SAMPLER,
+                help="Sampling resolution in pixels [default: the UNet's own; Turbo: 512]."),
+    ),  # fmt: skip
+    lambda ddim_steps, guidance, spacing, resolution: _engine().SamplerConfig(
+        num_steps=ddim_steps, guidance_scale=guidance, timestep_spacing=spacing, resolution=resolution
     ),
-    lambda ddim_steps, guidance: _engine().SamplerConfig(num_steps=ddim_steps, guidance_scale=guidance),
 )
 
 OPTIM = "Optimization"
@@ -122,7 +130,8 @@ OPTIM_OPTIONS = OptionGroup(
         _option("optimize_latent", bool, True, "--optimize-latent/--freeze-latent", help="Optimize z_T.", panel=OPTIM),
         _option("optimize_prompt", bool, True, "--optimize-prompt/--freeze-prompt", help="Optimize prompt deltas.", panel=OPTIM),
         _option("optimize_null", bool, True, "--optimize-null/--freeze-null", help="Optimize null-text deltas.", panel=OPTIM),
-        _option("loss_steps", int, 3, "--loss-steps", help="Put the loss on the last K DDIM steps.", panel=OPTIM),
+        _option("loss_steps", int | None, None, "--loss-steps", panel=OPTIM,
+                help="Put the loss on the last K DDIM steps [default: 3, or all of fewer]."),
         _option("cutouts", int, 16, "--cutouts", help="Augmented classifier views per image.", panel=OPTIM),
     ),  # fmt: skip
     # The cutout seed is set by each command (--seed means more than that for runs from seeds).
@@ -141,14 +150,20 @@ def runtime_options(compile_unet: bool = True) -> OptionGroup:
         _option("device", str, "auto", "--device", help="auto, cpu, cuda, cuda:N or mps.", panel=RUNTIME),
         _option("dtype", str, "fp32", "--dtype", panel=RUNTIME,
                 help="UNet autocast: fp32, bf16 (CUDA or CPU) or fp16 (CUDA); optimization stays fp32."),
+        _option("lora", list[str] | None, None, "--lora", panel=RUNTIME,
+                help="LoRA weights PATH_OR_ID[:SCALE] fused into the model (diffusers' load_lora_weights); repeatable."),
+        _option("revision", str | None, None, "--revision", help="Hub model: branch, tag or commit.", panel=RUNTIME),
+        _option("variant", str | None, None, "--variant", help="Weight-file variant, e.g. fp16.", panel=RUNTIME),
     ]  # fmt: skip
     if compile_unet:
         parameters.append(_option("compile_unet", bool, False, "--compile", panel=RUNTIME,
                                   help="torch.compile the UNet: slower start (compiling), faster steps; pays off on longer runs."))  # fmt: skip
-    def build(model: str, device: str, dtype: str, compile_unet: bool = False):
+    def build(model: str, device: str, dtype: str, lora: list[str] | None, revision: str | None, variant: str | None,
+              compile_unet: bool = False):  # fmt: skip
         from digin_cli.tasks.runtime import RuntimeOptions
 
-        return RuntimeOptions(model=model, device=device, dtype=dtype, compile=compile_unet, command_line=command_line())
+        return RuntimeOptions(model=model, device=device, dtype=dtype, compile=compile_unet, loras=tuple(lora or ()),
+                              revision=revision, variant=variant, command_line=command_line())  # fmt: skip
 
     return OptionGroup(tuple(parameters), build)
 

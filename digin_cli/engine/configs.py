@@ -12,8 +12,24 @@ from digin_cli.components import DiffusionComponents
 
 @dataclass
 class SamplerConfig:
-    num_steps: int = 20  # DDIM steps; the reference uses 20 with eta = 0
-    guidance_scale: float = 3.0  # classifier-free guidance; reference 3.0
+    """How the DDIM chain is sampled. The tasks leave the fields None where the user gave no
+    option and fill them from the model family's defaults (families.py, `resolved`); the
+    engine itself reads `num_steps` and `guidance_scale` only."""
+
+    num_steps: int | None = 20  # DDIM steps; the reference uses 20 with eta = 0
+    guidance_scale: float | None = 3.0  # classifier-free guidance; reference 3.0
+    timestep_spacing: str | None = None  # leading | trailing | linspace; None: the scheduler config's
+    resolution: int | None = None  # pixels; None: the UNet's own (sample_size x the VAE factor)
+
+    def resolved(self, family) -> SamplerConfig:
+        """A copy with every field left None taken from `family` (a families.Family)."""
+        return replace(
+            self,
+            num_steps=family.ddim_steps if self.num_steps is None else self.num_steps,
+            guidance_scale=family.guidance if self.guidance_scale is None else self.guidance_scale,
+            timestep_spacing=self.timestep_spacing or family.spacing,
+            resolution=self.resolution or family.resolution,
+        )
 
 
 # The reference's Adam lr for every text-embedding variable (SD 1.x): the prompt and null-text
@@ -32,7 +48,7 @@ class OptimConfig:
     optimize_latent: bool = True
     optimize_prompt: bool = True
     optimize_null: bool = True
-    loss_steps: int = 3  # loss on the x0-prediction of the last K DDIM steps, weights 1:2:...:K
+    loss_steps: int | None = 3  # (None: the tasks take min(3, T)) loss on the x0-prediction of the last K DDIM steps, weights 1:2:...:K
     num_cutouts: int = 16  # augmented classifier views per item while optimizing
     cutout_min_scale: float = 0.5  # smallest cutout side as a share of the image side
     cutout_noise_std: float = 0.005  # Gaussian noise added to each cutout

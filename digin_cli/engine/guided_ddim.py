@@ -12,6 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from digin_cli.components import DiffusionComponents
+from digin_cli.engine.conditioning import encode_prompts, null_condition, unet_conditions
 from digin_cli.engine.ddim import ddim_update, previous_alpha_cumprod
 from digin_cli.engine.configs import (
     NonFiniteLoss,
@@ -56,26 +57,21 @@ class GuidedDDIM:
         # Told the step index at the start of every DDIM step (prompt-to-prompt attention
         # control, see attention.py); None when nothing needs to know.
         self.step_observer = None
-        for module in (components.unet, components.vae, components.text_encoder):
+        for module in (components.unet, components.vae, *components.text_encoders):
             module.to(self.device).eval().requires_grad_(False)
 
     # -- building blocks -------------------------------------------------
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP text embeddings exactly as StableDiffusionPipeline computes them: (B, L, D)."""
-        tokenizer, text_encoder = self.components.tokenizer, self.components.text_encoder
-        tokens = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        attention_mask = None
-        if getattr(text_encoder.config, "use_attention_mask", False):
-            attention_mask = tokens.attention_mask.to(self.device)
-        return text_encoder(tokens.input_ids.to(self.device), attention_mask=attention_mask)[0].float()
+        """Text embeddings exactly as the family's diffusers pipeline computes them, packed
+        (engine/conditioning.py): (B, L, D)."""
+        return encode_prompts(self.components, prompts, self.device)
+
+    @torch.no_grad()
+    def null_embedding(self, batch: int = 1) -> torch.Tensor:
+        """The unconditional embedding of classifier-free guidance, (batch, L, D)."""
+        return null_condition(self.components, batch, self.device)
 
     def timesteps(self, num_steps: int) -> list[int]:
         """The schedule of `num_steps` DDIM steps, descending (the scheduler's own spacing)."""
@@ -101,9 +97,10 @@ class GuidedDDIM:
         """The UNet's output for (N, C, h, w) latents and (N, L, D) embeddings, in fp32."""
         model_input = self.components.scheduler.scale_model_input(latents, timestep)
         t = torch.tensor(timestep, device=latents.device)
+        states, added = unet_conditions(self.components, embeddings)
         with self._unet_autocast():
             unet = self.compiled_unet if self._use_compiled else self.components.unet
-            return unet(model_input, t, encoder_hidden_states=embeddings).sample.float()
+            return unet(model_input, t, encoder_hidden_states=states, added_cond_kwargs=added).sample.float()
 
     def denoise_step(
         self,
@@ -140,6 +137,14 @@ class GuidedDDIM:
         alpha_t = scheduler.alphas_cumprod[timesteps[step_index]]
         alpha_prev = previous_alpha_cumprod(scheduler, timesteps, step_index)
         return ddim_update(model_output, latents, alpha_t, alpha_prev, scheduler.config.prediction_type)
+
+    def inverse_ddim_step(self, model_output: torch.Tensor, step_index: int, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of forward step `step_index`: from the latents it lands on to those at its
+        timestep (B, C, h, w), with the model's output at that timestep (DDIM inversion)."""
+        scheduler = self.components.scheduler
+        alpha_from = previous_alpha_cumprod(scheduler, self._timesteps, step_index)
+        alpha_to = scheduler.alphas_cumprod[self._timesteps[step_index]]
+        return ddim_update(model_output, latents, alpha_from, alpha_to, scheduler.config.prediction_type)[0]
 
     def run_chain(
         self,

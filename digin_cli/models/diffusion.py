@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from digin_cli.components import DiffusionComponents
 from digin_cli.errors import DiginError
+from digin_cli.families import SUPPORTED, Family, UnsupportedFamily, folder_reader, recognise
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
@@ -46,20 +48,28 @@ def quiet_library_output() -> None:
     hub_logging.set_verbosity_error()  # connection retries; the final error is reported by digin
 
 
-def load_diffusion(model: str) -> DiffusionComponents:
-    """Load UNet, VAE, CLIP text encoder + tokenizer and a DDIM scheduler from `model`.
+def load_diffusion(model: str, revision: str | None = None, variant: str | None = None,
+                   loras: tuple[str, ...] = ()) -> DiffusionComponents:  # fmt: skip
+    """Load the parts of `model`'s pipeline and a DDIM scheduler, with diffusers' loaders.
 
-    The scheduler's own config (betas, prediction_type, timestep spacing) is kept; only
-    its class becomes DDIM, as the method needs a deterministic sampler.
+    SD 1.x / 2.x: UNet, VAE, CLIP text encoder + tokenizer; SDXL and SDXL-Turbo also the
+    second text encoder (with projection) and tokenizer. The scheduler's own config (betas,
+    prediction_type, timestep spacing) is kept; only its class becomes DDIM, as the method
+    needs a deterministic sampler. `revision` and `variant` are from_pretrained's (a hub
+    branch or commit; "fp16" weight files); `loras` are "PATH_OR_ID[:SCALE]" LoRA weights,
+    fused into the UNet (and text encoders) at their scales.
     """
+    # 1. Where the files are, and which family they are.
     quiet_library_output()
     builtin = BUILTIN_DIFFUSION_MODELS.get(model)
     location = str(builtin()) if builtin is not None else model
     local = Path(location).expanduser()
     if local.is_dir():
         location = str(local)
-        check_family(model, local / "model_index.json")
-        missing = [name for name in SUBFOLDERS if not (local / name).is_dir()]
+    family = detect_family(model, location, revision)
+    if local.is_dir():
+        wanted = SUBFOLDERS + (("text_encoder_2", "tokenizer_2") if family.dual_text_encoder else ())
+        missing = [name for name in wanted if not (local / name).is_dir()]
         if missing:
             raise DiginError(
                 f"'{model}' is a folder but not a Stable-Diffusion-style diffusers model: it lacks "
@@ -67,43 +77,127 @@ def load_diffusion(model: str) -> DiffusionComponents:
                 "StableDiffusionPipeline.save_pretrained, a hub id such as "
                 f"{DEFAULT_MODEL}, or the built-in offline model with --model {_builtin_names()}."
             )
+    # 2. The parts, in fp32 whatever the stored dtype: the engine optimizes in fp32 and
+    #    autocasts the UNet on CUDA.
+    where = {"revision": revision, "variant": variant}
     try:
-        # fp32 whatever the stored dtype: the engine optimizes in fp32 and autocasts the UNet on CUDA.
-        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=torch.float32)
-        tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
-        # Whatever the stored config says, x0 is never clipped or thresholded: the engine's own
-        # DDIM update (engine/ddim.py) does neither, and the scheduler object says so too.
-        scheduler = DDIMScheduler.from_pretrained(location, subfolder="scheduler", clip_sample=False, thresholding=False)
+        parts = {
+            "unet": UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=torch.float32, **where),
+            "vae": AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=torch.float32, **where),
+            "text_encoder": CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=torch.float32, **where),
+            "tokenizer": CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", revision=revision),
+            # Whatever the stored config says, x0 is never clipped or thresholded: the engine's own
+            # DDIM update (engine/ddim.py) does neither, and the scheduler object says so too.
+            "scheduler": DDIMScheduler.from_pretrained(location, subfolder="scheduler", revision=revision,
+                                                       clip_sample=False, thresholding=False),
+        }  # fmt: skip
+        if family.dual_text_encoder:
+            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                location, subfolder="text_encoder_2", dtype=torch.float32, **where
+            )
+            parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", revision=revision)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        where = "the local folder" if local.is_dir() else "the Hugging Face hub (or its local cache)"
-        reason = str(error).strip().splitlines()[0].rstrip('.') if str(error).strip() else type(error).__name__
-        raise DiginError(
-            f"could not load the diffusion model '{model}' from {where}: {reason}. "
-            f"A hub model must be downloaded once with network access (for example "
-            f"`hf download {model if '/' in model else DEFAULT_MODEL}`) and is then read "
-            "from the cache, also with HF_HUB_OFFLINE=1; a local folder must hold a diffusers "
-            f"Stable Diffusion model ({', '.join(SUBFOLDERS)}). With no network, use the built-in "
-            f"offline model: --model {_builtin_names()}."
-        ) from error
-    if not hasattr(unet.config, "cross_attention_dim") or unet.config.cross_attention_dim is None:
-        raise DiginError(f"--model {model} has no text-conditioned UNet (an unconditional model); digin supports {SUPPORTED}")
-    if unet.config.in_channels != vae.config.latent_channels:
-        raise DiginError(
-            f"--model {model} has a {unet.config.in_channels}-channel UNet for {vae.config.latent_channels}-channel latents "
-            f"(an inpainting or image-conditioned model); digin supports {SUPPORTED}"
-        )
+        raise _load_error(model, local, error) from error
+    # 3. Checks of what was loaded, digin's settings, LoRA weights.
+    if parts["unet"].config.in_channels != parts["vae"].config.latent_channels:
+        raise DiginError(f"--model {model} has a {parts['unet'].config.in_channels}-channel UNet for "
+                         f"{parts['vae'].config.latent_channels}-channel latents; digin supports {SUPPORTED}")  # fmt: skip
     settings = {}
     if local.is_dir() and (local / SETTINGS_FILE).is_file():
         try:
             settings = json.loads((local / SETTINGS_FILE).read_text())
         except (OSError, ValueError) as error:
             raise DiginError(f"{local / SETTINGS_FILE} is not valid JSON ({error}); fix or delete it") from None
-    return DiffusionComponents(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, source=model,
-        identity=model_identity(local) if local.is_dir() else _hub_identity(model), settings=settings,
+    index = _read_config(location, "model_index.json", revision) or {}
+    components = DiffusionComponents(
+        **parts, source=model, family=family.name,
+        identity=model_identity(local) if local.is_dir() else _hub_identity(model, revision),
+        settings=settings, force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
     )  # fmt: skip
+    for lora in loras:
+        fuse_lora(components, lora)
+    return components
+
+
+def _load_error(model: str, local: Path, error: Exception) -> DiginError:
+    where = "the local folder" if local.is_dir() else "the Hugging Face hub (or its local cache)"
+    reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+    return DiginError(
+        f"could not load the diffusion model '{model}' from {where}: {reason}. "
+        f"A hub model must be downloaded once with network access (for example "
+        f"`hf download {model if '/' in model else DEFAULT_MODEL}`) and is then read "
+        "from the cache, also with HF_HUB_OFFLINE=1; a local folder must hold a diffusers "
+        f"Stable Diffusion model ({', '.join(SUBFOLDERS)}). With no network, use the built-in "
+        f"offline model: --model {_builtin_names()}."
+    )
+
+
+def _read_config(location: str, file: str, revision: str | None = None) -> dict | None:
+    """A config file of a local folder or a hub model (from the cache, else fetched: a few
+    kB, so the family is known before the weights are downloaded); None when absent."""
+    folder = Path(location)
+    if folder.is_dir():
+        return folder_reader(folder)(file)
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        found = try_to_load_from_cache(location, file, revision=revision)
+        if not isinstance(found, str):
+            found = hf_hub_download(location, file, revision=revision)
+    except (OSError, ValueError, HfHubHTTPError, OfflineModeIsEnabled):  # not a hub id, offline, no such file
+        return None
+    try:
+        return json.loads(Path(found).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def detect_family(model: str, location: str | None = None, revision: str | None = None) -> Family:
+    """The family of `model` (a built-in name, a folder or a hub id) from its config files,
+    read without loading any weights; one line naming what it is when digin does not sample it."""
+    if location is None:
+        builtin = BUILTIN_DIFFUSION_MODELS.get(model)
+        location = str(builtin()) if builtin is not None else str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
+    try:
+        return recognise(location, lambda file: _read_config(location, file, revision))
+    except UnsupportedFamily as error:
+        raise DiginError(f"--model {model} is {error}; digin supports {SUPPORTED}") from None
+
+
+def fuse_lora(components: DiffusionComponents, spec: str) -> None:
+    """Fuse the LoRA weights of `spec` ("PATH_OR_ID[:SCALE]", scale 1 by default) into the
+    components' UNet and text encoders, with diffusers' own LoRA loader (peft underneath)."""
+    path, scale = parse_lora(spec)
+    pipeline = components.as_pipeline()
+    try:
+        pipeline.load_lora_weights(path, adapter_name="digin")
+        pipeline.fuse_lora(lora_scale=scale, adapter_names=["digin"])
+        pipeline.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    except (OSError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DiginError(f"--lora {spec}: could not load LoRA weights ({reason}); give a .safetensors file, "
+                         "a folder with pytorch_lora_weights.safetensors, or a hub id") from None  # fmt: skip
+    components.identity += f"+lora:{Path(path).resolve() if Path(path).exists() else path}:{scale:g}"
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """'PATH_OR_ID[:SCALE]' -> (path, scale); one line naming the option when it is malformed."""
+    path, _, scale = spec.rpartition(":") if ":" in spec and _is_number(spec.rpartition(":")[2]) else (spec, "", "1")
+    value = float(scale)
+    if not path or not math.isfinite(value):
+        raise DiginError(f"--lora {spec}: give PATH_OR_ID or PATH_OR_ID:SCALE with a finite SCALE, e.g. style.safetensors:0.8")
+    if Path(path).suffix in (".safetensors", ".bin") and not Path(path).expanduser().is_file():
+        raise DiginError(f"--lora {spec}: no such file; give an existing .safetensors file, a folder or a hub id")
+    return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path, value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def model_identity(folder: Path) -> str:
@@ -117,40 +211,11 @@ def model_identity(folder: Path) -> str:
     return f"{folder}@{digest}"
 
 
-# Pipelines digin cannot sample exactly (yet), by diffusers' class name, as one line says what they are.
-UNSUPPORTED_FAMILIES = {
-    "StableDiffusionXLPipeline": "an SDXL pipeline (two text encoders, pooled and time-id conditions)",
-    "StableDiffusionXLImg2ImgPipeline": "an SDXL pipeline (two text encoders, pooled and time-id conditions)",
-    "StableDiffusion3Pipeline": "a Stable Diffusion 3 pipeline (an MMDiT transformer, no UNet)",
-    "FluxPipeline": "a FLUX pipeline (a transformer, no UNet)",
-    "StableDiffusionInpaintPipeline": "an inpainting pipeline (a 9-channel UNet)",
-    "DDPMPipeline": "an unconditional pipeline (no text encoder)",
-    "DDIMPipeline": "an unconditional pipeline (no text encoder)",
-    "LDMPipeline": "an unconditional latent pipeline (no text encoder)",
-}
-SUPPORTED = "Stable Diffusion 1.x / 2.x-style text-to-image pipelines (StableDiffusionPipeline: one CLIP text encoder, a 4-channel UNet)"
-
-
-def check_family(model: str, model_index: Path) -> None:
-    """Refuse, in one line, a pipeline folder of a family the engine does not sample exactly;
-    it would otherwise fail at its first UNet call or be sampled wrong."""
-    try:
-        index = json.loads(model_index.read_text())
-    except (OSError, ValueError):
-        return  # no model_index.json: the sub-folder checks speak
-    name = index.get("_class_name", "")
-    what = UNSUPPORTED_FAMILIES.get(name)
-    if what is None and "transformer" in index and "unet" not in index:
-        what = f"a transformer pipeline ({name})"
-    if what is not None:
-        raise DiginError(f"--model {model} is {what}; digin supports {SUPPORTED}")
-
-
-def _hub_identity(model: str) -> str:
+def _hub_identity(model: str, revision: str | None = None) -> str:
     """A hub model's identity: its cached snapshot folder, whose name is the revision."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(model, "unet/config.json")
+    found = try_to_load_from_cache(model, "unet/config.json", revision=revision)
     return model_identity(Path(found).parent.parent) if isinstance(found, str) else model
 
 

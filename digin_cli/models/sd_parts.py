@@ -175,3 +175,87 @@ def build_sd1_random(resolution: int, seed: int = 0) -> DiffusionComponents:
     )  # fmt: skip
     return DiffusionComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
                                scheduler=sd_v1_scheduler(), source=f"sd1-random@{resolution}")  # fmt: skip
+
+
+def sdxl_text_encoders(hidden_sizes: tuple[int, int], projection_dim: int, num_layers: int = 2, num_heads: int = 4):
+    """SDXL's two text encoders at the given widths: a CLIPTextModel (CLIP ViT-L's place) and a
+    CLIPTextModelWithProjection (OpenCLIP bigG's, whose projected pooled output SDXL uses)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    first = clip_text_encoder(hidden_sizes[0], 2 * hidden_sizes[0], num_layers, num_heads)
+    second = CLIPTextModelWithProjection(
+        CLIPTextConfig(vocab_size=49408, hidden_size=hidden_sizes[1], intermediate_size=2 * hidden_sizes[1],
+                       num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=77,
+                       projection_dim=projection_dim, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407,
+                       pad_token_id=49407)
+    )  # fmt: skip
+    return first, second
+
+
+def sdxl_scheduler():
+    """SDXL's noise schedule as its Euler config states it (leading spacing, no clip_sample key)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                  timestep_spacing="leading")  # fmt: skip
+
+
+def build_sdxl_pipeline(unet_kwargs: dict, vae, text_widths: tuple[int, int], projection_dim: int, num_layers: int = 2,
+                        num_heads: int = 4):  # fmt: skip
+    """A StableDiffusionXLPipeline of SDXL's conditioning (two encoders, pooled embedding and time
+    ids) around a UNet of `unet_kwargs`, random weights, ready for save_pretrained."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    text_encoder, text_encoder_2 = sdxl_text_encoders(text_widths, projection_dim, num_layers, num_heads)
+    unet_kwargs = dict(unet_kwargs)
+    time_embed_dim = unet_kwargs.pop("addition_time_embed_dim", 256)
+    unet = UNet2DConditionModel(
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,  # 6 time ids + pooled
+        cross_attention_dim=sum(text_widths),
+        use_linear_projection=True,
+        **unet_kwargs,
+    )
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet,
+                                     scheduler=sdxl_scheduler(), add_watermarker=False)  # fmt: skip
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """An SDXL pipeline small enough for tests: 16x16 latents, 64 px, text widths 32 + 32, pooled 32."""
+    torch.manual_seed(seed)
+    unet_kwargs = dict(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), addition_time_embed_dim=8, norm_num_groups=16,
+    )  # fmt: skip
+    return build_sdxl_pipeline(unet_kwargs, small_vae((32, 32, 64)), (32, 32), projection_dim=32)
+
+
+def build_sdxl_random(resolution: int, seed: int = 0) -> DiffusionComponents:
+    """SDXL's architecture with random weights, from configs (no download): the 2.6B-parameter
+    UNet (320/640/1280 channels, transformer depths 0/2/10, 2048-wide cross-attention), the two
+    text encoders (768 and 1280 wide, pooled 1280) and SDXL's VAE."""
+    from diffusers import AutoencoderKL
+
+    if resolution % 32:
+        raise ValueError(f"the SDXL-sized pipeline needs a resolution divisible by 32, got {resolution}")
+    torch.manual_seed(seed)
+    unet_kwargs = dict(
+        sample_size=resolution // 8, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), addition_time_embed_dim=256,
+    )  # fmt: skip
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                        sample_size=resolution, scaling_factor=0.13025)  # fmt: skip
+    # SDXL's encoders: CLIP ViT-L (12 layers, 768) and OpenCLIP bigG (32 layers, 1280); here both
+    # at their widths, with fewer layers: their cost is once per prompt, not per DDIM step.
+    pipeline = build_sdxl_pipeline(unet_kwargs, vae, (768, 1280), projection_dim=1280, num_layers=2, num_heads=8)
+    parts = {name: getattr(pipeline, name) for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False)
+    return DiffusionComponents(**parts, scheduler=scheduler, family="sdxl", source=f"sdxl-random@{resolution}")

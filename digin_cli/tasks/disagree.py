@@ -18,6 +18,7 @@ from digin_cli.tasks.runtime import (
     check_engine_options,
     check_prompt_template,
     open_engine,
+    with_family_defaults,
     resolve_runtime,
     slug,
 )
@@ -52,6 +53,7 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     progress = progress or NoProgress()
     started = time.perf_counter()
     # 1. Check the options before anything heavy is loaded.
+    job = with_family_defaults(job)
     check_engine_options(job.out, job.sampler, job.optim, job.batch_size, job.runtime)
     check_prompt_template(job.prompt_template)
     check_seeds(job.seeds)
@@ -63,7 +65,7 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     class_index = resolve_class(f, job.class_name)
     class_name = f.class_names[class_index]
     prompt = job.prompt_template.format(class_name)
-    engine = open_engine(job.runtime, device, unet_dtype)
+    engine = open_engine(job.runtime, device, unet_dtype, job.sampler)
     objective = Disagreement(f, g, class_index)
     optim = job.optim.resolved(engine.components, max(max(f.input_size), max(g.input_size)))
     # 3. The run folder (resumed when it holds this run), then every seed, written as it is done.

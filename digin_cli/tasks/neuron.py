@@ -24,6 +24,7 @@ from digin_cli.tasks.runtime import (
     check_prompt_template,
     model_name,
     open_engine,
+    with_family_defaults,
     resolve_runtime,
 )
 from digin_cli.tasks.records import rounded, run_result
@@ -68,7 +69,7 @@ def select_prompt(
 ) -> tuple[str, dict[str, float]]:
     """Sample `seeds` images per prompt and return the prompt with the highest mean activation."""
     scores: dict[str, float] = {}
-    null = engine.encode_text([""]).expand(len(seeds), -1, -1)
+    null = engine.null_embedding(len(seeds))
     z_T = initial_latents(engine.components, seeds)
     for prompt in prompts:
         images = engine.sample(z_T, engine.encode_text([prompt]).expand(len(seeds), -1, -1), null, sampler)
@@ -109,6 +110,7 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
     progress = progress or NoProgress()
     started = time.perf_counter()
     # 1. Check the options before anything heavy is loaded.
+    job = with_family_defaults(job)
     _check_neuron(job)
     device, unet_dtype = resolve_runtime(job.runtime)
     # 2. The classifier, the neuron (or direction) and the objective.
@@ -119,7 +121,7 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
     objective = NeuronObjective(feature_map, neuron=job.neuron, direction=direction, maximize=job.maximize)
     prompts = _candidate_prompts(job, classifier, direction)
     # 3. The diffusion model; the start prompt with the highest mean activation.
-    engine = open_engine(job.runtime, device, unet_dtype)
+    engine = open_engine(job.runtime, device, unet_dtype, job.sampler)
     optim = job.optim.resolved(engine.components, max(classifier.input_size))
     selection_seeds = [10_000 + i for i in range(job.select_samples)]  # apart from the run's own seeds
     if len(prompts) > 1:
@@ -178,6 +180,7 @@ def find_neurons(job: NeuronSearchJob) -> dict[str, Any]:
         raise DiginError("--samples and --top must be at least 1")
     check_prompt_template(job.prompt_template)
     check_model_path(model_name(job.runtime))
+    job = with_family_defaults(job)
     device, unet_dtype = resolve_runtime(job.runtime)
     # 2. The classifier, its last layer and the class.
     classifier = load_classifier(job.classifier, device)
@@ -188,12 +191,12 @@ def find_neurons(job: NeuronSearchJob) -> dict[str, Any]:
     class_name = classifier.class_names[class_index]
     prompt = job.prompt_template.format(class_name)
     # 3. Images of the class, and each neuron's share of its logit.
-    engine = open_engine(job.runtime, device, unet_dtype)
+    engine = open_engine(job.runtime, device, unet_dtype, job.sampler)
     seeds = list(range(job.seed, job.seed + job.samples))
     images = engine.sample(
         initial_latents(engine.components, seeds),
         engine.encode_text([prompt]).expand(len(seeds), -1, -1),
-        engine.encode_text([""]).expand(len(seeds), -1, -1),
+        engine.null_embedding(len(seeds)),
         job.sampler,
     )
     features, logits = classifier.features_and_logits(images)  # (N, D), (N, C)

@@ -38,6 +38,7 @@ from digin_cli.tasks.runtime import (
     Progress,
     RuntimeOptions,
     check_engine_options,
+    with_family_defaults,
     check_number,
     finite_losses,
     item_history,
@@ -139,6 +140,7 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
     progress = progress or NoProgress()
     started = time.perf_counter()
     # 1. Check the options and list the work before anything heavy is loaded.
+    job = with_family_defaults(job)
     modes = _check_neuron_cf(job)
     items = work_items(job.inputs, job.csv_file, job.source_class if job.from_other_class else job.class_name, [], need_target=False)
     fixed_class: list[int] = []  # --class, resolved before the heavy loads
@@ -148,7 +150,7 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
             fixed_class.append(resolve_class(classifier, job.class_name))
 
     # 2. The classifier, the engine (and SAM-HQ, the captioner) once; the neuron or direction.
-    session = open_session(job.classifier, job.runtime, job.real, job.optim, check=check)
+    session = open_session(job.classifier, job.runtime, job.real, job.sampler, job.optim, check=check)
     run = NeuronCfRun(job, session, modes, fixed_class[0] if fixed_class else None, progress)
     # 3. The resumable loop over the images, batched.
     records = run_items(items, run.folder, lambda item: [run.label], lambda item: session.prepare(item, job.real, job.sampler),

@@ -26,7 +26,7 @@ from digin_cli.objectives import ObjectiveInput, RegionDistance
 from digin_cli.tasks.folder_runs import WorkItem
 from digin_cli.tasks.runtime import RuntimeOptions, open_engine, resolve_runtime
 
-INVERSION_FORMAT = 3  # bump when the cached content or the key changes
+INVERSION_FORMAT = 4  # bump when the cached content or the key changes
 
 
 @dataclass
@@ -75,13 +75,13 @@ def item_options(real: RealImageOptions, item: WorkItem) -> RealImageOptions:
 
 
 def inversion_key(image: torch.Tensor, model: str, dtype: str, caption: str, sampler: SamplerConfig,
-                  config: InversionConfig) -> str:  # fmt: skip
+                  config: InversionConfig, spacing: str = "leading") -> str:  # fmt: skip
     """Cache key: image content, the model's identity (which weights, see DiffusionComponents),
-    the UNet dtype, caption, steps, guidance and the inversion settings."""
+    the UNet dtype, caption, steps, guidance, timestep spacing and the inversion settings."""
     digest = hashlib.sha256()
     pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     digest.update(pixels.tobytes())
-    settings = (INVERSION_FORMAT, model, dtype, caption, sampler.num_steps, sampler.guidance_scale, asdict(config))
+    settings = (INVERSION_FORMAT, model, dtype, caption, sampler.num_steps, sampler.guidance_scale, spacing, asdict(config))
     digest.update(repr(settings).encode())
     return digest.hexdigest()[:32]
 
@@ -91,13 +91,14 @@ def invert_cached(
 ) -> tuple[Inversion, bool]:
     """Null-text inversion of (1, 3, H, W), from the cache when the same inversion was done before."""
     config = replace(config, lr=resolved_lr(engine, config))  # the key holds the lr actually used
-    key = inversion_key(image, engine.components.identity, str(engine.unet_dtype), caption, sampler, config)
+    key = inversion_key(image, engine.components.identity, str(engine.unet_dtype), caption, sampler, config,
+                        engine.components.scheduler.config.timestep_spacing)  # fmt: skip
     path = cache_dir() / "inversions" / f"{key}.pt"
     cached = load_tensors(path)
     if cached is not None:
         return Inversion(**cached), True
     prompt_emb = engine.encode_text([caption])
-    null_emb = engine.encode_text([""])
+    null_emb = engine.null_embedding()
     inversion = null_text_inversion(engine, image, prompt_emb, null_emb, sampler, config)
     save_tensors(asdict(inversion), path)
     return inversion, False
@@ -238,14 +239,15 @@ class Session:
 
 
 def open_session(
-    classifier_spec: str, runtime: RuntimeOptions, real: RealImageOptions, optim: OptimConfig, check=None
+    classifier_spec: str, runtime: RuntimeOptions, real: RealImageOptions, sampler: SamplerConfig, optim: OptimConfig,
+    check=None,
 ) -> Session:
     """Load everything once; `check(classifier)` validates class names before the heavy loads."""
     device, unet_dtype = resolve_runtime(runtime)
     classifier = load_classifier(classifier_spec, device)
     if check is not None:
         check(classifier)
-    engine = open_engine(runtime, device, unet_dtype)
+    engine = open_engine(runtime, device, unet_dtype, sampler)
     sam_predictor = None
     if real.sam_checkpoint is not None:
         from digin_cli.models.segmenter import load_sam_hq

@@ -8,21 +8,24 @@ import platform
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from diffusers import DDIMScheduler
 
 from digin_cli import __version__
 from digin_cli.components import DiffusionComponents
 from digin_cli.engine import GuidedDDIM, NonFiniteLoss, OptimConfig, OptimizationResult, SamplerConfig, StepReport
 from digin_cli.errors import DiginError
 from digin_cli.models import DEFAULT_MODEL, load_diffusion
-from digin_cli.models.diffusion import check_model_path
+from digin_cli.families import FAMILIES, Family
+from digin_cli.models.diffusion import check_model_path, detect_family, parse_lora
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SPACINGS = ("leading", "trailing", "linspace")  # DDIMScheduler's timestep spacings
 
 
 @dataclass
@@ -32,6 +35,9 @@ class RuntimeOptions:
     dtype: str = "fp32"  # UNet autocast dtype: bf16 on CUDA or CPU, fp16 on CUDA
     compile: bool = False  # torch.compile the UNet
     overwrite: bool = False  # start the output folder's run again instead of resuming it
+    loras: tuple[str, ...] = ()  # "PATH_OR_ID[:SCALE]" LoRA weights fused into the model
+    revision: str | None = None  # hub branch, tag or commit
+    variant: str | None = None  # weight-file variant, e.g. "fp16"
     command_line: list[str] | None = None  # as the user typed it (the CLI sets it), for the run header
 
 
@@ -111,10 +117,52 @@ def model_name(options: RuntimeOptions) -> str:
     return options.model if isinstance(options.model, str) else options.model.source
 
 
-def open_engine(options: RuntimeOptions, device: torch.device, unet_dtype: torch.dtype) -> GuidedDDIM:
-    """Load the diffusion model (unless it is loaded already) and put the engine around it."""
-    components = load_diffusion(options.model) if isinstance(options.model, str) else options.model
-    return GuidedDDIM(components, device=device, unet_dtype=unet_dtype, compile_unet=options.compile)
+def model_family(options: RuntimeOptions) -> Family:
+    """The family of the model the options name (from its config files: no weights are
+    loaded), or of the model already loaded."""
+    if isinstance(options.model, DiffusionComponents):
+        return FAMILIES[options.model.family]
+    return detect_family(options.model, revision=options.revision)
+
+
+def with_family_defaults(job):
+    """`job` (any task's job: it has runtime, sampler, optim) with the model family's defaults
+    in every sampler option left open, and the loss on the last min(3, T) steps unless given."""
+    check_model_path(model_name(job.runtime))  # a missing folder is named as such, not as a hub id
+    sampler = job.sampler.resolved(model_family(job.runtime))
+    optim = getattr(job, "optim", None)
+    if optim is None:
+        return replace(job, sampler=sampler)
+    if optim.loss_steps is None:
+        optim = replace(optim, loss_steps=min(3, max(sampler.num_steps, 1)))
+    return replace(job, sampler=sampler, optim=optim)
+
+
+def open_engine(options: RuntimeOptions, device: torch.device, unet_dtype: torch.dtype, sampler: SamplerConfig) -> GuidedDDIM:
+    """Load the diffusion model (unless it is loaded already) and put the engine around it,
+    sampling at the sampler's resolution and timestep spacing."""
+    if isinstance(options.model, str):
+        components = load_diffusion(options.model, options.revision, options.variant, options.loras)
+    else:
+        components = options.model
+    return GuidedDDIM(sampling_components(components, sampler), device=device, unet_dtype=unet_dtype,
+                      compile_unet=options.compile)  # fmt: skip
+
+
+def sampling_components(components: DiffusionComponents, sampler: SamplerConfig) -> DiffusionComponents:
+    """The same modules with the sampler's resolution and a scheduler of its spacing (a copy:
+    a model the Python API hands in stays as it was)."""
+    changes: dict[str, Any] = {}
+    if sampler.resolution is not None and sampler.resolution != components.resolution:
+        # The latents must go through every down-sampling of the UNet.
+        multiple = components.vae_scale_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+        if sampler.resolution % multiple:
+            raise DiginError(f"--resolution {sampler.resolution}: this model samples multiples of {multiple} pixels")
+        changes["resolution_override"] = sampler.resolution
+    spacing = sampler.timestep_spacing
+    if spacing is not None and spacing != components.scheduler.config.timestep_spacing:
+        changes["scheduler"] = DDIMScheduler.from_config(components.scheduler.config, timestep_spacing=spacing)
+    return replace(components, **changes) if changes else components
 
 
 def check_number(option: str, value: float, low: float | None = None, high: float | None = None,
@@ -156,6 +204,12 @@ def check_engine_options(out: Path, sampler: SamplerConfig, optim: OptimConfig, 
     if sampler.num_steps < 1:
         raise DiginError("--ddim-steps must be at least 1")
     check_number("--guidance", sampler.guidance_scale, low=0)
+    if sampler.timestep_spacing not in (None, *SPACINGS):
+        raise DiginError(f"--spacing must be one of {', '.join(SPACINGS)}, got '{sampler.timestep_spacing}'")
+    if sampler.resolution is not None and sampler.resolution < 8:
+        raise DiginError(f"--resolution must be at least 8 pixels, got {sampler.resolution}")
+    for lora in runtime.loras:
+        parse_lora(lora)
     if optim.steps < 0:
         raise DiginError("--steps must be 0 or more")
     if not 1 <= optim.loss_steps <= sampler.num_steps:
@@ -214,11 +268,15 @@ def run_config(
     return {
         "model": model_name(runtime),
         "model_identity": components.identity,
+        "family": FAMILIES[components.family].as_record(),
+        "loras": list(runtime.loras),
+        "revision": runtime.revision,
+        "variant": runtime.variant,
         "dtype": runtime.dtype,
         "compile": runtime.compile,
         **specific,
         "resolution": components.resolution,
-        "sampler": asdict(sampler),
+        "sampler": {**asdict(sampler), "timestep_spacing": components.scheduler.config.timestep_spacing},
         "optim": asdict(optim),
     }
 

@@ -93,7 +93,7 @@ def optimize_seeds(
     items = [writer.item(seed) for seed in seeds]
     pending = [seed for seed in shard.take(seeds) if writer.folder.finished(writer.item(seed)) is None]
     prompt_emb = engine.encode_text([prompt])  # (1, L, D)
-    null_emb = engine.encode_text([""])  # (1, L, D)
+    null_emb = engine.null_embedding()  # (1, L, D)
     for start in range(0, len(pending), batch_size):
         chunk = pending[start : start + batch_size]
         batch = len(chunk)

@@ -43,6 +43,7 @@ from digin_cli.tasks.runtime import (
     Progress,
     RuntimeOptions,
     check_engine_options,
+    with_family_defaults,
     check_number,
     finite_losses,
     item_history,
@@ -82,6 +83,7 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
     progress = progress or NoProgress()
     started = time.perf_counter()
     # 1. Check the options and list the work before anything heavy is loaded.
+    job = with_family_defaults(job)
     _check_uvce(job)
     items = work_items(job.inputs, job.csv_file, job.source_class, job.targets)
 
@@ -92,7 +94,7 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
             item.targets = [classifier.class_names[resolve_class(classifier, t)] for t in item.targets]
 
     # 2. The classifier, the engine (and SAM-HQ, the captioner), once.
-    session = open_session(job.classifier, job.runtime, job.real, job.optim, check=resolve_targets)
+    session = open_session(job.classifier, job.runtime, job.real, job.sampler, job.optim, check=resolve_targets)
     specific = {
         "classifier": session.classifier.spec,
         "inputs": str(job.inputs),

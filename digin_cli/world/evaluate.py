@@ -37,7 +37,7 @@ def evaluate_generation(seeds_per_prompt: int = 2, sampler: SamplerConfig | None
     oracle = load_classifier("shapes:oracle")
     combos = list(itertools.product(SHAPES, COLOURS, BACKGROUNDS))
     jobs = [(combo, seed) for combo in combos for seed in range(seeds_per_prompt)]
-    null = engine.encode_text([""])
+    null = engine.null_embedding()
     shape_ok = colour_ok = background_ok = 0
     started = time.perf_counter()
     for start in range(0, len(jobs), batch):
