@@ -70,3 +70,39 @@ def test_peak_memory_is_flat_in_ddim_steps(tiny_folder):
     assert stored[1] > 2.0 * stored[0], stored
     # ...while per-call checkpointing grows by well under 2x.
     assert checkpointed[1] < 1.5 * checkpointed[0], checkpointed
+
+
+def test_auto_checkpointing_follows_the_measured_activations_and_changes_no_value(tiny_components, monkeypatch):
+    """Auto: the chain is checkpointed only where T x one step's saved activations (plus the
+    loss decodes') would pass the budget; either way the optimization computes the same values."""
+    import torch
+
+    from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig, configs, guided_ddim, initial_latents
+    from digin_cli.objectives import ObjectiveOutput
+
+    engine = GuidedDDIM(tiny_components)
+    z_T = initial_latents(tiny_components, [0, 1])
+    prompt, null = engine.encode_text(["a photograph of a circle"] * 2), engine.null_embedding(2)
+
+    def brightness(inputs):
+        return ObjectiveOutput(loss=inputs.views.mean(dim=(1, 2, 3, 4)))
+
+    used = []
+    original = guided_ddim.GuidedDDIM.run_chain
+
+    def spy(self, *args, **kwargs):
+        used.append(kwargs.get("use_checkpoint", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(guided_ddim.GuidedDDIM, "run_chain", spy)
+    results = {}
+    for label, budget in (("small budget", 1), ("default budget", configs.CHECKPOINT_BUDGET_BYTES)):
+        monkeypatch.setattr(guided_ddim, "CHECKPOINT_BUDGET_BYTES", budget)
+        used.clear()
+        results[label] = engine.optimize(brightness, z_T, prompt, null, SamplerConfig(4),
+                                         OptimConfig(steps=2, loss_steps=2, num_cutouts=2))  # fmt: skip
+        # The updating passes (iterates 0 and 1) checkpoint or not; the last one is a plain forward.
+        assert used == ([True, True, False] if budget == 1 else [False, False, False]), label
+    a, b = results["small budget"], results["default budget"]
+    assert torch.allclose(a.best_images, b.best_images, atol=1e-5)
+    assert all(abs(x - y) < 1e-5 for x, y in zip(a.history[-1]["loss"], b.history[-1]["loss"]))

@@ -170,12 +170,15 @@ def _status_kib(field_name: str) -> int:
         return next(int(line.split()[1]) for line in handle if line.startswith(field_name + ":"))
 
 
-def memory_probe(name: str, resolution: int, steps: int, device_name: str, checkpoint_decode: bool) -> dict[str, Any]:
-    """Peak memory of one optimization step above the loaded models (runs in its own process)."""
+def memory_probe(name: str, resolution: int, steps: int, device_name: str, checkpoint_decode: bool,
+                 checkpointing: bool | None = True) -> dict[str, Any]:  # fmt: skip
+    """Peak memory of one optimization step above the loaded models (runs in its own process).
+    With checkpointing on (the memory-vs-T claim), or None: as the engine decides (auto)."""
     device = torch.device(device_name)
     engine = GuidedDDIM(load_components(name, resolution), device=device)
     z_T, prompt, null = _inputs(engine, 1)
-    optim = OptimConfig(steps=1, loss_steps=min(3, steps), checkpoint_decode=checkpoint_decode)
+    optim = OptimConfig(steps=1, loss_steps=min(3, steps), checkpoint_decode=checkpoint_decode,
+                        gradient_checkpointing=checkpointing)  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -194,9 +197,10 @@ def memory_probe(name: str, resolution: int, steps: int, device_name: str, check
     return {"steps": steps, "peak_bytes": peak, "above_loaded_bytes": max(peak - base, 1), "measure": measure}
 
 
-def measure_memory(name: str, resolution: int, steps: int, device: torch.device, checkpoint_decode: bool = True) -> dict:
+def measure_memory(name: str, resolution: int, steps: int, device: torch.device, checkpoint_decode: bool = True,
+                   checkpointing: str = "on") -> dict:  # fmt: skip
     command = [sys.executable, "-m", "digin_cli.bench.perf", name, str(resolution), str(steps), str(device),
-               "1" if checkpoint_decode else "0"]  # fmt: skip
+               "1" if checkpoint_decode else "0", checkpointing]  # fmt: skip
     # A fixed mmap threshold makes glibc hand large freed blocks back at once, so the peak
     # RSS follows the tensors that are alive rather than heap fragmentation.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -277,17 +281,31 @@ def feature_rows(name, engine: GuidedDDIM, resolution, steps, config: PerfConfig
     }
     log(f"  fused attention: forward x{attention['forward_speedup']}, step x{attention['step_speedup']} faster than classic")
 
+    # The decode checkpointing applies where the chain is checkpointed: both timed with it on.
+    checkpointed_step = time_optimization_step(engine, steps, 1, config.repeats, OptimConfig(gradient_checkpointing=True))
     no_decode_checkpoint = measure_memory(name, resolution, steps, device, checkpoint_decode=False)
     with_checkpoint = measure_memory(name, resolution, steps, device)
-    plain_decode_step = time_optimization_step(engine, steps, 1, config.repeats, OptimConfig(checkpoint_decode=False))
+    plain_decode_step = time_optimization_step(engine, steps, 1, config.repeats,
+                                               OptimConfig(checkpoint_decode=False, gradient_checkpointing=True))  # fmt: skip
     decode = {
         "above_loaded_bytes_with": with_checkpoint["above_loaded_bytes"],
         "above_loaded_bytes_without": no_decode_checkpoint["above_loaded_bytes"],
         "memory_saved_share": round(1 - with_checkpoint["above_loaded_bytes"] / no_decode_checkpoint["above_loaded_bytes"], 3),
-        "step_slowdown": round(statistics.median(fused_step) / statistics.median(plain_decode_step), 3),
+        "step_slowdown": round(statistics.median(checkpointed_step) / statistics.median(plain_decode_step), 3),
     }
     log(f"  VAE decode checkpointing saves {decode['memory_saved_share']:.0%} of the step's memory, "
         f"step x{decode['step_slowdown']} the time")  # fmt: skip
+
+    # Checkpointing as the engine decides it (auto: off where the chain's activations fit
+    # CHECKPOINT_BUDGET_BYTES) against always on: the time it saves, the memory it costs.
+    auto_memory = measure_memory(name, resolution, steps, device, checkpointing="auto")
+    auto = {
+        "step_speedup": round(statistics.median(checkpointed_step) / statistics.median(fused_step), 3),
+        "above_loaded_bytes_auto": auto_memory["above_loaded_bytes"],
+        "above_loaded_bytes_on": with_checkpoint["above_loaded_bytes"],
+    }
+    log(f"  auto checkpointing: step x{auto['step_speedup']} vs always on, memory "
+        f"{auto['above_loaded_bytes_auto'] / 2**20:.0f} vs {auto['above_loaded_bytes_on'] / 2**20:.0f} MiB")  # fmt: skip
 
     bf16_engine = GuidedDDIM(engine.components, device=device, unet_dtype=torch.bfloat16)
     bf16_step = time_optimization_step(bf16_engine, steps, 1, config.repeats)
@@ -304,7 +322,8 @@ def feature_rows(name, engine: GuidedDDIM, resolution, steps, config: PerfConfig
     except Exception as error:  # TorchInductor needs a C++ compiler (and Triton on CUDA): say so, go on
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         log(f"  torch.compile of the UNet failed: {reason}")
-        return {"fused_attention": attention, "decode_checkpointing": decode, "bf16_autocast": bf16, "compile": {"error": reason}}
+        return {"fused_attention": attention, "decode_checkpointing": decode, "auto_checkpointing": auto, "bf16_autocast": bf16,
+                "compile": {"error": reason}}  # fmt: skip
     first_calls = time.perf_counter() - started
     eager_step = time_optimization_step(engine, steps, 1, config.repeats)  # adjacent, as the machine drifts
     compiled_step = time_optimization_step(compiled_engine, steps, 1, config.repeats)
@@ -316,7 +335,8 @@ def feature_rows(name, engine: GuidedDDIM, resolution, steps, config: PerfConfig
     }
     log(f"  torch.compile of the UNet: step x{compiled['step_speedup']}, first calls {compiled['first_calls_seconds']} s "
         f"(paid back after {compiled['break_even_steps']} steps)")  # fmt: skip
-    return {"fused_attention": attention, "decode_checkpointing": decode, "bf16_autocast": bf16, "compile": compiled}
+    return {"fused_attention": attention, "decode_checkpointing": decode, "auto_checkpointing": auto, "bf16_autocast": bf16,
+            "compile": compiled}  # fmt: skip
 
 
 def few_step_row(config: PerfConfig, device: torch.device, log) -> dict[str, Any]:
@@ -374,6 +394,7 @@ def run_perf(config: PerfConfig, log=lambda message: None) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":  # the memory probe: python -m digin_cli.bench.perf NAME RESOLUTION STEPS DEVICE DECODE_CKPT
-    name, resolution, steps, device_name, decode = sys.argv[1:6]
-    print(json.dumps(memory_probe(name, int(resolution), int(steps), device_name, decode == "1")))
+if __name__ == "__main__":  # the memory probe: python -m digin_cli.bench.perf NAME RESOLUTION STEPS DEVICE DECODE_CKPT on|auto
+    name, resolution, steps, device_name, decode, checkpointing = sys.argv[1:7]
+    print(json.dumps(memory_probe(name, int(resolution), int(steps), device_name, decode == "1",
+                                  True if checkpointing == "on" else None)))

@@ -5,8 +5,9 @@ decoding), and `optimize`, the DiG-IN loop that runs on it in numbered phases.""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -15,6 +16,7 @@ from digin_cli.components import DiffusionComponents
 from digin_cli.engine.conditioning import encode_prompts, null_condition, unet_conditions
 from digin_cli.engine.ddim import ddim_update, previous_alpha_cumprod
 from digin_cli.engine.configs import (
+    CHECKPOINT_BUDGET_BYTES,
     NonFiniteLoss,
     OptimConfig,
     OptimizationResult,
@@ -25,6 +27,23 @@ from digin_cli.engine.configs import (
 from digin_cli.engine.hold import HeldTrajectory, HoldRegion
 from digin_cli.engine.loop import AugmentedLoss, BestIterates, Variables, composite, per_step
 from digin_cli.objectives import Objective, ObjectiveInput, ObjectiveOutput
+
+
+def saved_activation_bytes(forward: Callable[[], object], components: DiffusionComponents) -> int:
+    """Bytes of the tensors autograd keeps for backward while `forward` runs (each storage
+    once, the frozen weights not counted: they are there anyway)."""
+    weights = {p.untyped_storage().data_ptr() for m in (components.unet, components.vae) for p in m.parameters()}
+    sizes: dict[int, int] = {}  # storage address -> bytes
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(sizes.values())
 
 
 def uses_guidance(guidance_scale: float) -> bool:
@@ -252,8 +271,11 @@ class GuidedDDIM:
             raise ValueError(f"loss_steps must be between 1 and the number of DDIM steps ({T})")
         # 2. The variables and their optimizer.
         variables = Variables.create(z_T, prompt_emb, null_emb, T, config, self.device, uses_guidance(sampler.guidance_scale))
-        # 3. The loss: its placement on the last K x0-predictions and its augmentations.
+        # 3. The loss: its placement on the last K x0-predictions and its augmentations; whether
+        #    the chain is checkpointed (auto: where its activations would not fit the budget).
         loss = AugmentedLoss.create(objective, config, batch=z_T.shape[0])
+        if config.gradient_checkpointing is None:
+            config = replace(config, gradient_checkpointing=self._needs_checkpointing(variables, sampler, config))
         # 4. The held region's reference trajectory. Computed eagerly, before the compiled
         #    UNet is switched on: a no-grad call would make it compile a second graph.
         held = None
@@ -304,8 +326,31 @@ class GuidedDDIM:
         )
         if update:
             checkpoint_decode = config.gradient_checkpointing and config.checkpoint_decode
-            loss(x0_preds, lambda x0: composite(held, self.decode(x0, use_checkpoint=checkpoint_decode))).sum().backward()
+            batch = variables.latent.shape[0]
+
+            def decode(x0: torch.Tensor) -> torch.Tensor:  # (k * B, C, h, w) -> (k * B, 3, H, W), the held region laid over
+                images = self.decode(x0, use_checkpoint=checkpoint_decode)
+                return torch.cat([composite(held, chunk) for chunk in images.split(batch)])
+
+            # Without checkpointing the activations fit the budget: one batched decode of the K predictions.
+            loss(x0_preds, decode, batched=not config.gradient_checkpointing).sum().backward()
         return z_0
+
+    def _needs_checkpointing(self, variables: Variables, sampler: SamplerConfig, config: OptimConfig) -> bool:
+        """Whether the chain's saved activations (T x those of one DDIM step, measured eagerly on
+        this batch, plus the K loss decodes') would pass CHECKPOINT_BUDGET_BYTES."""
+        prompt_embs, null_embs = variables.embeddings()
+        latent = variables.latent.detach().requires_grad_(True)
+        self.timesteps(sampler.num_steps)
+        step_bytes = saved_activation_bytes(
+            lambda: self.denoise_step(latent, self._timesteps[0], prompt_embs[0], null_embs[0], sampler.guidance_scale),
+            self.components,
+        )
+        if step_bytes * sampler.num_steps > CHECKPOINT_BUDGET_BYTES:
+            return True
+        decode_bytes = saved_activation_bytes(lambda: self.decode(latent.expand(config.loss_steps, *latent.shape).flatten(0, 1)),
+                                              self.components)  # fmt: skip
+        return step_bytes * sampler.num_steps + decode_bytes > CHECKPOINT_BUDGET_BYTES
 
     @torch.no_grad()
     def _plain_report(

@@ -88,13 +88,17 @@ class AugmentedLoss:
         generators = [torch.Generator().manual_seed(config.seed) for _ in range(batch)]
         return cls(objective, weights, config, generators)
 
-    def __call__(self, x0_preds: list[torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The last K x0-predictions (B, C, h, w), oldest first, and how to decode one into
-        (B, 3, H, W) images -> the per-item loss (B,). Each is decoded just before its use."""
+    def __call__(self, x0_preds: list[torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor],
+                 batched: bool = False) -> torch.Tensor:  # fmt: skip
+        """The last K x0-predictions (B, C, h, w), oldest first, and how to decode latents into
+        images -> the per-item loss (B,). Each is decoded just before its use, or, `batched`,
+        all K in one decode of K * B (fewer, larger calls; K times the decode's memory)."""
         config = self.config
-        loss = torch.zeros(x0_preds[0].shape[0], device=x0_preds[0].device)
-        for weight, x0 in zip(self.weights, x0_preds):
-            decoded = decode(x0)  # (B, 3, H, W)
+        batch = x0_preds[0].shape[0]
+        loss = torch.zeros(batch, device=x0_preds[0].device)
+        decoded_all = decode(torch.cat(x0_preds)).split(batch) if batched else None  # K x (B, 3, H, W)
+        for k, (weight, x0) in enumerate(zip(self.weights, x0_preds)):
+            decoded = decoded_all[k] if batched else decode(x0)  # (B, 3, H, W)
             views = make_cutouts(
                 decoded, config.num_cutouts, config.view_size, config.cutout_min_scale, config.cutout_noise_std,
                 self.generators,
