@@ -370,3 +370,50 @@ def test_a_hub_revision_is_read_from_the_cache(tiny_folder, tmp_path):
     assert header["config"]["revision"] == good and f"snapshots/{good}@" in header["config"]["model_identity"]
     failed = subprocess.run([*base, "--out", str(tmp_path / "main")], env=env, capture_output=True, text=True)
     assert failed.returncode == 1 and failed.stderr.startswith("Error: could not load the diffusion model 'digin-test/tiny'")
+
+
+# -- single-file checkpoints ---------------------------------------------------------------------
+
+
+def test_the_ldm_writer_inverts_diffusers_conversion(tiny_components):
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from ldm_checkpoint import pipeline_to_ldm
+
+    ldm = pipeline_to_ldm(tiny_components.as_pipeline())
+    for converted, module in ((convert_ldm_unet_checkpoint(ldm, dict(tiny_components.unet.config)), tiny_components.unet),
+                              (convert_ldm_vae_checkpoint(ldm, dict(tiny_components.vae.config)), tiny_components.vae)):  # fmt: skip
+        reference = module.state_dict()
+        assert set(converted) == set(reference)
+        assert all(torch.equal(converted[k].reshape(reference[k].shape), reference[k]) for k in reference)
+
+
+def _single_file(tiny_folder: Path, folder: Path, name: str = "tiny-finetune") -> Path:
+    from safetensors.torch import save_file
+
+    from ldm_checkpoint import pipeline_to_ldm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in pipeline_to_ldm(load_diffusion(str(tiny_folder)).as_pipeline()).items()}, path)
+    shutil.copytree(tiny_folder, folder / name)  # the component configs, beside the file, as the loader looks for them
+    return path
+
+
+def test_a_single_file_checkpoint_loads_through_from_single_file(tiny_folder, tmp_path):
+    path = _single_file(tiny_folder, tmp_path / "models")
+    components = load_diffusion(str(path))
+    assert components.family == "sd1" and components.identity.startswith(f"{path.resolve()}@")
+    assert components.settings == json.loads((tiny_folder / "digin.json").read_text())
+    assert (_sample(components) - _sample(load_diffusion(str(tiny_folder)))).abs().max() < 1e-5
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["disagree", "--model", str(path), "-f", "tiny:f", "-g", "tiny:g", "--class", "circle",
+                                 "--out", str(out), *FAST])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert read_run(out)[0]["config"]["family"]["name"] == "sd1"
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
+    for model, message in ((tmp_path / "broken.safetensors", "not a readable checkpoint"), (tmp_path / "gone.ckpt", "no such file")):
+        result = runner.invoke(app, ["disagree", "--model", str(model), "-f", "tiny:f", "-g", "tiny:g", "--class", "circle",
+                                     "--out", str(tmp_path / "bad"), *FAST])  # fmt: skip
+        assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.output
+        assert not (tmp_path / "bad").exists()

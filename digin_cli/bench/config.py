@@ -20,6 +20,7 @@ class BenchConfig:
     seeds_per_shape: int = 4
     steps: int = 20  # optimization steps, as in the paper
     ddim_steps: int = 20
+    spacing: str | None = None  # DDIM timestep spacing; None: the shapes model's scheduler config (leading)
     batch_size: int = 8  # every row batches its runs; 8 gave the disagree row x1.17 over 4 on a 2-core CPU
     device: str = "auto"
     neuron_seeds: int = 2  # seeds per starting prompt for the neuron row (4 prompts, 2 modes)
@@ -34,6 +35,8 @@ class BenchConfig:
             raise DiginError(f"unknown shape(s) {', '.join(unknown)}; the shapes world has {', '.join(SHAPES)}")
         if min(self.seeds_per_shape, self.uvce_seeds, self.neuron_seeds, self.neuron_cf_seeds) < 1:
             raise DiginError("--seeds, --uvce-seeds, --neuron-seeds and --neuron-cf-seeds must be at least 1")
+        if self.spacing not in (None, "leading", "trailing", "linspace"):
+            raise DiginError(f"--spacing must be one of leading, trailing, linspace, got '{self.spacing}'")
         unknown_rows = [r for r in self.rows if r not in ROW_NAMES]
         if unknown_rows or not self.rows:
             raise DiginError(f"--rows: unknown or no row(s) '{','.join(self.rows)}'; the rows are {', '.join(ROW_NAMES)}")
@@ -44,8 +47,8 @@ class BenchConfig:
         return RuntimeOptions(model="shapes", device=self.device, overwrite=True)
 
     def sampler(self) -> SamplerConfig:
-        """...with the reference sampler settings but for the number of DDIM steps..."""
-        return SamplerConfig(num_steps=self.ddim_steps)
+        """...with the reference sampler settings but for the number of DDIM steps (and spacing)..."""
+        return SamplerConfig(num_steps=self.ddim_steps, timestep_spacing=self.spacing)
 
     def optim(self) -> OptimConfig:
         """...and the reference optimization settings but for the number of steps."""

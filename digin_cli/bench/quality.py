@@ -38,6 +38,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
             "seeds_per_shape": config.seeds_per_shape,
             "steps": config.steps,
             "ddim_steps": config.ddim_steps,
+            "spacing": config.spacing,
             "batch_size": config.batch_size,
             "neuron_seeds": config.neuron_seeds,
             "uvce_seeds": config.uvce_seeds,

@@ -26,6 +26,7 @@ def bench(
     seeds: Annotated[int, typer.Option(help="Runs (seeds) per shape.")] = 4,
     steps: StepsOpt = 20,
     ddim_steps: DdimStepsOpt = 20,
+    spacing: Annotated[str | None, typer.Option(help="DDIM timestep spacing: leading, trailing or linspace [default: the model's].")] = None,
     batch_size: BatchOpt = 8,
     uvce_seeds: Annotated[int, typer.Option(help="Scenes per shape for the uvce row.")] = 2,
     neuron_seeds: Annotated[int, typer.Option(help="Seeds per starting prompt for the neuron row.")] = 2,
@@ -71,7 +72,7 @@ def bench(
     from digin_cli.bench.config import BenchConfig
     from digin_cli.bench.quality import run_bench
 
-    config = BenchConfig(out=out, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps, batch_size=batch_size,
+    config = BenchConfig(out=out, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps, spacing=spacing, batch_size=batch_size,
                          uvce_seeds=uvce_seeds, neuron_seeds=neuron_seeds, neuron_cf_seeds=neuron_cf_seeds, device=device)  # fmt: skip
     config.shapes = _names(shapes) or config.shapes
     config.rows = _names(rows) if rows is not None else config.rows

@@ -20,7 +20,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from digin_cli.components import DiffusionComponents
 from digin_cli.errors import DiginError
-from digin_cli.families import SUPPORTED, Family, UnsupportedFamily, folder_reader, recognise
+from digin_cli.families import FAMILIES, SUPPORTED, Family, UnsupportedFamily, folder_reader, recognise
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
@@ -64,6 +64,11 @@ def load_diffusion(model: str, revision: str | None = None, variant: str | None 
     builtin = BUILTIN_DIFFUSION_MODELS.get(model)
     location = str(builtin()) if builtin is not None else model
     local = Path(location).expanduser()
+    if is_single_file(model):
+        components = load_single_file(local)
+        for lora in loras:
+            fuse_lora(components, lora)
+        return components
     if local.is_dir():
         location = str(local)
     family = detect_family(model, location, revision)
@@ -102,12 +107,7 @@ def load_diffusion(model: str, revision: str | None = None, variant: str | None 
     if parts["unet"].config.in_channels != parts["vae"].config.latent_channels:
         raise DiginError(f"--model {model} has a {parts['unet'].config.in_channels}-channel UNet for "
                          f"{parts['vae'].config.latent_channels}-channel latents; digin supports {SUPPORTED}")  # fmt: skip
-    settings = {}
-    if local.is_dir() and (local / SETTINGS_FILE).is_file():
-        try:
-            settings = json.loads((local / SETTINGS_FILE).read_text())
-        except (OSError, ValueError) as error:
-            raise DiginError(f"{local / SETTINGS_FILE} is not valid JSON ({error}); fix or delete it") from None
+    settings = _read_settings(local) if local.is_dir() else {}
     index = _read_config(location, "model_index.json", revision) or {}
     components = DiffusionComponents(
         **parts, source=model, family=family.name,
@@ -117,6 +117,16 @@ def load_diffusion(model: str, revision: str | None = None, variant: str | None 
     for lora in loras:
         fuse_lora(components, lora)
     return components
+
+
+def _read_settings(folder: Path) -> dict:
+    """digin's defaults shipped in a model folder's digin.json ({} without one)."""
+    if not (folder / SETTINGS_FILE).is_file():
+        return {}
+    try:
+        return json.loads((folder / SETTINGS_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise DiginError(f"{folder / SETTINGS_FILE} is not valid JSON ({error}); fix or delete it") from None
 
 
 def _load_error(model: str, local: Path, error: Exception) -> DiginError:
@@ -156,6 +166,8 @@ def _read_config(location: str, file: str, revision: str | None = None) -> dict 
 def detect_family(model: str, location: str | None = None, revision: str | None = None) -> Family:
     """The family of `model` (a built-in name, a folder or a hub id) from its config files,
     read without loading any weights; one line naming what it is when digin does not sample it."""
+    if is_single_file(model):
+        return single_file_family(Path(model).expanduser())
     if location is None:
         builtin = BUILTIN_DIFFUSION_MODELS.get(model)
         location = str(builtin()) if builtin is not None else str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
@@ -200,13 +212,86 @@ def _is_number(text: str) -> bool:
     return True
 
 
+# One-file checkpoints in the original (LDM / SGM) layout, as most fine-tuned models are shared.
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def is_single_file(model: str) -> bool:
+    return Path(model).suffix in SINGLE_FILE_SUFFIXES and Path(model).expanduser().is_file()
+
+
+def load_single_file(path: Path) -> DiffusionComponents:
+    """A one-file checkpoint through diffusers' from_single_file: its keys say the pipeline
+    (SDXL when the second text encoder's are there), and the configs of the components come
+    from the hub repository diffusers names for that kind of checkpoint (a few kB, fetched
+    once, then read from the cache), or, beside the file, from a diffusers folder named like
+    it without its suffix (`model.safetensors` + `model/`) when there is one."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    family = single_file_family(path)
+    pipeline_class = StableDiffusionXLPipeline if family.dual_text_encoder else StableDiffusionPipeline
+    config_folder = path.with_suffix("")
+    extra = {"config": str(config_folder)} if config_folder.is_dir() else {}
+    if pipeline_class is StableDiffusionPipeline:
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    try:
+        pipeline = pipeline_class.from_single_file(str(path), torch_dtype=torch.float32, **extra)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SingleFileComponentError) as error:
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+        raise DiginError(
+            f"--model {path}: could not load the single-file checkpoint ({reason}). Its component configs "
+            "come from the hub once (network needed the first time), or from a diffusers folder beside it "
+            f"named {config_folder.name}/"
+        ) from None
+    parts = {name: getattr(pipeline, name) for name in ("unet", "vae", "text_encoder", "tokenizer")}
+    if family.dual_text_encoder:
+        parts.update(text_encoder_2=pipeline.text_encoder_2, tokenizer_2=pipeline.tokenizer_2)
+    scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False, thresholding=False)
+    settings = _read_settings(config_folder) if config_folder.is_dir() else {}
+    return DiffusionComponents(**parts, scheduler=scheduler, source=str(path), family=family.name,
+                               identity=model_identity(path), settings=settings)  # fmt: skip
+
+
+def single_file_family(path: Path) -> Family:
+    """The family of a one-file checkpoint from its tensor names (read without the tensors for
+    .safetensors): SDXL's have a second text encoder (conditioner.embedders.1), SD 2.x's an
+    OpenCLIP one (cond_stage_model.model), SD 1.x's a CLIP one; "turbo" in the file name makes
+    it the family's Turbo model. v-prediction SD 2.x files cannot be told from their tensors:
+    they sample as their configs say."""
+    from safetensors import safe_open
+
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+        else:
+            keys = list(torch.load(path, map_location="meta", weights_only=True, mmap=True).get("state_dict", {}))
+    except Exception as error:  # a damaged or foreign file: safetensors and torch raise many kinds
+        raise DiginError(f"--model {path}: not a readable checkpoint ({type(error).__name__}); give a .safetensors "
+                         "or .ckpt Stable Diffusion checkpoint, or a diffusers folder") from None  # fmt: skip
+    turbo = "turbo" in path.name.lower()
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return FAMILIES["sdxl-turbo" if turbo else "sdxl"]
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise DiginError(f"--model {path}: no Stable Diffusion UNet in this checkpoint (no model.diffusion_model.* tensors)")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return FAMILIES["sd-turbo" if turbo else "sd2"]
+    return FAMILIES["sd1"]
+
+
 def model_identity(folder: Path) -> str:
     """The folder's absolute path (for a hub model the snapshot folder, which names the
     revision) and the sizes and modification times of its UNet files: the same string
     for the same weights, another one when the weights are replaced."""
     folder = folder.resolve()
-    unet = folder / "unet" if (folder / "unet").is_dir() else folder
-    stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in unet.iterdir() if p.is_file())
+    if folder.is_file():  # a single-file checkpoint
+        files = [folder]
+    else:
+        unet = folder / "unet" if (folder / "unet").is_dir() else folder
+        files = [p for p in unet.iterdir() if p.is_file()]
+    stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     digest = hashlib.sha256(repr(stats).encode()).hexdigest()[:12]
     return f"{folder}@{digest}"
 
@@ -221,8 +306,10 @@ def _hub_identity(model: str, revision: str | None = None) -> str:
 
 def check_model_path(model: str) -> None:
     """A model named like a local path must be a folder; hub ids look like `org/name`."""
-    if model in BUILTIN_DIFFUSION_MODELS:
+    if model in BUILTIN_DIFFUSION_MODELS or is_single_file(model):
         return
+    if Path(model).suffix in SINGLE_FILE_SUFFIXES:
+        raise DiginError(f"--model {model}: no such file; give an existing .safetensors / .ckpt checkpoint, a diffusers folder or a hub id")
     looks_local = model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or model.endswith("/")
     if looks_local and not Path(model).expanduser().is_dir():
         raise DiginError(
