@@ -52,7 +52,7 @@ from digin_cli.tasks.runtime import resolve_device
 SD1_RANDOM = "sd1-random"
 SDXL_RANDOM = "sdxl-random"
 RANDOM_PIPELINES = {SD1_RANDOM: build_sd1_random, SDXL_RANDOM: build_sdxl_random}
-PIPELINES = ("shapes", SD1_RANDOM)
+PIPELINES = ("shapes", SD1_RANDOM, SDXL_RANDOM)
 FEW_STEPS = (1, 2, 4, 20)  # DDIM steps of the few-step row
 
 
@@ -64,16 +64,16 @@ class PerfConfig:
     sd_resolution: int | None = None  # image side of the SD-sized pipeline; None: 512 on CUDA, 128 elsewhere
     ddim_steps: int | None = None  # T; None: 20 on CUDA, on CPU 20 for shapes and 5 for the SD-sized pipeline
     repeats: int = 3
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2])
     memory_factor: int = 4  # memory is measured at T and at memory_factor * T steps
-    feature_pipelines: list[str] = field(default_factory=lambda: list(PIPELINES))  # speed features vs their absence
+    feature_pipelines: list[str] = field(default_factory=lambda: ["shapes"])  # speed features vs their absence
     few_step_pipeline: str | None = SD1_RANDOM  # the few-step row's pipeline; None: no row
     few_step_resolution: int | None = None  # its image side; None: 512 on CUDA, 64 elsewhere
 
     def check(self) -> None:
         """One-line errors for impossible settings, before anything is measured."""
         if not self.pipelines:
-            raise DiginError("--pipelines is empty; give shapes, sd1-random or a model")
+            raise DiginError("--pipelines is empty; give shapes, sd1-random, sdxl-random or a model")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise DiginError("--batch-sizes needs at least one size, each 1 or more")
         if self.repeats < 1:
@@ -220,6 +220,10 @@ def _median(values: list[float]) -> float:
 def pipeline_rows(name: str, config: PerfConfig, device: torch.device, log) -> dict[str, Any]:
     resolution = config.sd_resolution or default_resolution(name, device)
     steps = config.ddim_steps or default_steps(name, device)
+    # Memory first, each probe in its own process, before this process holds the model too
+    # (an SDXL-sized pipeline is 11 GB in fp32: two at once would not fit a 24 GB machine).
+    at_t = measure_memory(name, resolution, steps, device)
+    at_4t = measure_memory(name, resolution, config.memory_factor * steps, device)
     components = load_components(name, resolution)
     engine = GuidedDDIM(components, device=device)
     parameters = sum(p.numel() for p in components.unet.parameters())
@@ -233,8 +237,6 @@ def pipeline_rows(name: str, config: PerfConfig, device: torch.device, log) -> d
         seconds = step if batch == 1 else time_optimization_step(engine, steps, batch, config.repeats)
         throughput[str(batch)] = {"seconds_per_step": _median(seconds), "images_per_second": round(batch / statistics.median(seconds), 4)}
         log(f"  batch {batch}: {throughput[str(batch)]['images_per_second']:.3f} images/s")
-    at_t = measure_memory(name, resolution, steps, device)
-    at_4t = measure_memory(name, resolution, config.memory_factor * steps, device)
     log(f"  memory above the loaded models: {at_t['above_loaded_bytes'] / 2**20:.0f} MiB at T, "
         f"{at_4t['above_loaded_bytes'] / 2**20:.0f} MiB at {config.memory_factor}T")  # fmt: skip
     row: dict[str, Any] = {
@@ -297,7 +299,7 @@ def feature_rows(name, engine: GuidedDDIM, resolution, steps, config: PerfConfig
         f"step x{decode['step_slowdown']} the time")  # fmt: skip
 
     # Checkpointing as the engine decides it (auto: off where the chain's activations fit
-    # CHECKPOINT_BUDGET_BYTES) against always on: the time it saves, the memory it costs.
+    # CHECKPOINT_MEMORY_SHARE of the available memory) against always on: the time it saves, the memory it costs.
     auto_memory = measure_memory(name, resolution, steps, device, checkpointing="auto")
     auto = {
         "step_speedup": round(statistics.median(checkpointed_step) / statistics.median(fused_step), 3),

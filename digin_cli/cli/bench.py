@@ -49,11 +49,11 @@ def bench(
     pipelines: Annotated[
         str, typer.Option(help="Comma-separated pipelines: shapes, sd1-random, sdxl-random, or a model folder / hub id.",
                           rich_help_panel=PERF)
-    ] = "shapes,sd1-random",
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes for throughput.", rich_help_panel=PERF)] = "1,2,4",
+    ] = "shapes,sd1-random,sdxl-random",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes for throughput.", rich_help_panel=PERF)] = "1,2",
     feature_pipelines: Annotated[
         str, typer.Option(help="Pipelines on which to time the speed features against their absence.", rich_help_panel=PERF)
-    ] = "shapes,sd1-random",
+    ] = "shapes",
     few_step_pipeline: Annotated[
         str, typer.Option(help="Pipeline of the few-step row (1, 2, 4, 20 DDIM steps, guided and not); none: no row.",
                           rich_help_panel=PERF)

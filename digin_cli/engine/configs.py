@@ -32,10 +32,11 @@ class SamplerConfig:
         )
 
 
-# Without checkpointing, backward keeps every DDIM step's activations: up to this many bytes
-# (T x one step's, plus the loss decodes') the chain runs without recomputation. The shapes
-# model saves 6.4 MB a step (T = 20: 128 MB); SD 1.x at 128 px 198 MB, at 512 px ~3 GB.
-CHECKPOINT_BUDGET_BYTES = 256 * 2**20
+# Without checkpointing, backward keeps every DDIM step's activations: while they (T x one
+# step's, plus the loss decodes') take at most this share of the device's available memory,
+# the chain runs without recomputation. The shapes model keeps 6.4 MB a step per image
+# (T = 20, batch 8: 1.2 GB with the decodes); SD 1.x 198 MB a step at 128 px, ~3 GB at 512 px.
+CHECKPOINT_MEMORY_SHARE = 0.25
 
 # The reference's Adam lr for every text-embedding variable (SD 1.x): the prompt and null-text
 # deltas of the optimization, and the null embeddings of null-text inversion.
@@ -60,9 +61,9 @@ class OptimConfig:
     view_size: int | None = None  # cutout side in pixels; None = image resolution
     seed: int = 0  # seeds the cutout randomness, so runs repeat exactly
     # Per-UNet-call checkpointing: memory flat in num_steps, at the price of a second forward
-    # pass in backward. None (auto): only where the chain's activations would pass
-    # CHECKPOINT_BUDGET_BYTES (measured at the start of optimize): never for the small
-    # built-in models, always for an SD-sized one at 512 px.
+    # pass in backward. None (auto): only where the chain's activations (measured at the
+    # start of optimize) would take more than CHECKPOINT_MEMORY_SHARE of the device's
+    # available memory: not for the small built-in models, always for SD at 512 px.
     gradient_checkpointing: bool | None = None
     checkpoint_decode: bool = True  # with gradient_checkpointing, also recompute the VAE decodes of the loss
 

@@ -16,7 +16,7 @@ from digin_cli.components import DiffusionComponents
 from digin_cli.engine.conditioning import encode_prompts, null_condition, unet_conditions
 from digin_cli.engine.ddim import ddim_update, previous_alpha_cumprod
 from digin_cli.engine.configs import (
-    CHECKPOINT_BUDGET_BYTES,
+    CHECKPOINT_MEMORY_SHARE,
     NonFiniteLoss,
     OptimConfig,
     OptimizationResult,
@@ -44,6 +44,20 @@ def saved_activation_bytes(forward: Callable[[], object], components: DiffusionC
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         forward()
     return sum(sizes.values())
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the device can still give: CUDA's free memory, else the system's MemAvailable
+    (Linux); 4 GiB where neither can be read (MPS, other systems)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as handle:
+                return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            pass
+    return 4 * 2**30
 
 
 def uses_guidance(guidance_scale: float) -> bool:
@@ -338,7 +352,9 @@ class GuidedDDIM:
 
     def _needs_checkpointing(self, variables: Variables, sampler: SamplerConfig, config: OptimConfig) -> bool:
         """Whether the chain's saved activations (T x those of one DDIM step, measured eagerly on
-        this batch, plus the K loss decodes') would pass CHECKPOINT_BUDGET_BYTES."""
+        this batch, plus the K loss decodes') would take more than CHECKPOINT_MEMORY_SHARE of
+        the device's available memory."""
+        budget = CHECKPOINT_MEMORY_SHARE * available_memory(self.device)
         prompt_embs, null_embs = variables.embeddings()
         latent = variables.latent.detach().requires_grad_(True)
         self.timesteps(sampler.num_steps)
@@ -346,11 +362,11 @@ class GuidedDDIM:
             lambda: self.denoise_step(latent, self._timesteps[0], prompt_embs[0], null_embs[0], sampler.guidance_scale),
             self.components,
         )
-        if step_bytes * sampler.num_steps > CHECKPOINT_BUDGET_BYTES:
+        if step_bytes * sampler.num_steps > budget:
             return True
         decode_bytes = saved_activation_bytes(lambda: self.decode(latent.expand(config.loss_steps, *latent.shape).flatten(0, 1)),
                                               self.components)  # fmt: skip
-        return step_bytes * sampler.num_steps + decode_bytes > CHECKPOINT_BUDGET_BYTES
+        return step_bytes * sampler.num_steps + decode_bytes > budget
 
     @torch.no_grad()
     def _plain_report(
