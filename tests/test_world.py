@@ -98,6 +98,14 @@ def test_bench_smoke_run(tmp_path):
     assert neuron_cf["control_flagged_rate"] in (0.0, 1.0) and neuron_cf["flagged_rate"] in (0.0, 1.0)
     assert neuron_cf["control_cleared_rate"] + neuron_cf["control_flagged_rate"] <= 1.0
     assert "revealed shortcut" in result.output
+    # Every headline rate carries its runs and its 95% Wilson interval, consistent with the items.
+    assert disagree["rates"]["success"]["runs"] == 1 and disagree["rates"]["success"]["rate"] == disagree["success_rate"]
+    assert uvce["rates"]["flip"]["successes"] == int(item["oracle"] == "square")
+    low, high = uvce["rates"]["flip"]["interval_95"]
+    assert (low, high) == ((0.2065, 1.0) if uvce["flip_rate"] == 1.0 else (0.0, 0.7935))
+    assert neuron["maximize"]["rates"]["background_judged"]["runs"] == 1
+    assert neuron_cf["rates"]["control_cleared"]["rate"] == neuron_cf["control_cleared_rate"]
+    assert "95% CI" in json.dumps(record["rows"][0]["headline"])
 
 
 def test_bench_rejects_unknown_shapes(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from digin_cli.bench.config import BenchConfig
+from digin_cli.bench.stats import format_rate, rate
 from digin_cli.io import read_rgb
 from digin_cli.tasks.disagree import DisagreeJob, run_disagree
 from digin_cli.tasks.runtime import Progress
@@ -66,16 +67,20 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
         }
         for key, value in (("runs", runs), ("success", success), ("revealed", revealed), ("success_before", success_before)):
             totals[key] += value
-    success_rate = totals["success"] / totals["runs"]
-    revealed_share = totals["revealed"] / totals["success"] if totals["success"] else 0.0
-    before_rate = totals["success_before"] / totals["runs"]
+    rates = {
+        "success": rate(totals["success"], totals["runs"]),
+        "revealed_of_successes": rate(totals["revealed"], totals["success"]),
+        "success_before_optimization": rate(totals["success_before"], totals["runs"]),
+    }
     return {
         "row": "disagree: shapes:oracle (f) vs shapes:color-biased (g)",
         "headline": {
             "runs": str(totals["runs"]),
-            "success (p_f>=0.5, p_g<=0.2)": f"{success_rate:.0%} (before optimization {before_rate:.0%})",
-            "revealed shortcut (of successes)": f"{revealed_share:.0%}",
+            "success (p_f>=0.5, p_g<=0.2)": f"{format_rate(rates['success'])}; before optimization "
+                                            f"{rates['success_before_optimization']['rate']:.0%}",
+            "revealed shortcut (of successes)": format_rate(rates["revealed_of_successes"]),
         },
+        "rates": rates,
         "criterion": f"p_f >= {SUCCESS_P_F} and p_g <= {SUCCESS_P_G}; revealed = an object colour is seen and it is not the planted one",
         "success_rate": totals["success"] / totals["runs"],
         "revealed_share_of_successes": totals["revealed"] / totals["success"] if totals["success"] else 0.0,

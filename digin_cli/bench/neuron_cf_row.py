@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from digin_cli.bench.config import BenchConfig
+from digin_cli.bench.stats import format_rate, rate
 from digin_cli.bench.scenes import as_tensor, scene_file, write_csv
 from digin_cli.io import read_rgb, save_png
 from digin_cli.masks import soften
@@ -61,16 +62,19 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
     # 4. The figures.
     before = sum(g[0] for g in gains) / n
     after = sum(g[1] for g in gains) / n
+    rates = {"max_turned": rate(turned, n), "min_flagged": rate(flagged, n), "control_flagged": rate(control_flagged, n),
+             "control_cleared": rate(control_cleared, n)}  # fmt: skip
     return {
         "row": f"neuron-cf: shapes:background-biased neuron {index} ({background}) on {planted_shape}s; control neuron {control['index']}",
         "headline": {
             "runs": f"{n} max + {n} min + {n} control",
-            f"max: background turned to {background}": f"{turned / n:.0%} (activation {before:.2f} -> {after:.2f})",
+            f"max: background turned to {background}": f"{format_rate(rates['max_turned'])}; activation {before:.2f} -> {after:.2f}",
             "max: object kept (PSNR inside the object mask, median)": f"{float(np.median(object_psnrs)):.1f} dB",
-            f"min: flagged as spurious for {planted_shape}": f"{flagged / n:.0%} (object kept in {min_kept} of {n})",
-            f"control neuron {control['index']} flagged": f"{control_flagged / n:.0%}",
-            f"control neuron {control['index']} cleared (object kept, no sharp drop)": f"{control_cleared / n:.0%}",
+            f"min: flagged as spurious for {planted_shape}": f"{format_rate(rates['min_flagged'])}; object kept in {min_kept} of {n}",
+            f"control neuron {control['index']} flagged": format_rate(rates["control_flagged"]),
+            f"control neuron {control['index']} cleared (object kept, no sharp drop)": format_rate(rates["control_cleared"]),
         },
+        "rates": rates,
         "criterion": "turned: renderer colour statistics outside the ground-truth object mask; flagged: digin's verdict (p(class) drop >= 0.3 with the object core's squared error at most 2x the reconstruction's)",
         "neuron": index,
         "background": background,

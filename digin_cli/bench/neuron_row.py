@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from digin_cli.bench.config import BenchConfig
+from digin_cli.bench.stats import format_rate, rate
 from digin_cli.io import read_rgb
 from digin_cli.models.builtin import shapes_classifier_meta
 from digin_cli.tasks.neuron import NeuronJob, run_neuron
@@ -67,6 +68,7 @@ def neuron_row(config: BenchConfig, progress: Progress | None = None) -> dict[st
             "gain_factor": round(mean_after / mean_before, 3) if mean_before > 0 else None,
             "share_lowered": lowered / runs,
             ("share_background_turned_to_" + background if maximize else "share_background_no_longer_" + background): turned / runs,
+            "rates": {"lowered": rate(lowered, runs), "background_judged": rate(turned, runs)},
         }
     up, down = modes["maximize"], modes["minimize"]
     return {
@@ -74,8 +76,9 @@ def neuron_row(config: BenchConfig, progress: Progress | None = None) -> dict[st
         "headline": {
             "runs": f"{up['runs']} max + {down['runs']} min",
             "max: activation gain": f"x{up['gain_factor']} ({up['mean_activation_before']:.2f} -> {up['mean_activation_after']:.2f})",
-            f"max: background turned to {background}": f"{up['share_background_turned_to_' + background]:.0%}",
-            "min: activation lowered": f"{down['share_lowered']:.0%} ({down['mean_activation_before']:.2f} -> {down['mean_activation_after']:.2f})",
+            f"max: background turned to {background}": format_rate(up["rates"]["background_judged"]),
+            "min: activation lowered": f"{format_rate(down['rates']['lowered'])}; {down['mean_activation_before']:.2f} -> "
+                                       f"{down['mean_activation_after']:.2f}",
         },
         "criterion": "maximize: activation gain and background judged as the neuron's; minimize: activation lowered",
         "neuron": index,

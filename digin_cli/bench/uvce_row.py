@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from digin_cli.bench.config import BenchConfig
+from digin_cli.bench.stats import format_rate, rate
 from digin_cli.bench.scenes import as_tensor, dilate, scene_file, write_csv
 from digin_cli.io import load_image
 from digin_cli.metrics import masked_psnr
@@ -55,14 +56,16 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
     flipped = sum(item["oracle"] == item["target"] for item in items)
     agreed = sum(item["oracle"] == item["target"] == item["oracle_2"] for item in items)
     median_psnr = float(np.median([background_psnr for _, background_psnr in judged]))
+    rates = {"flip": rate(flipped, runs), "oracle_2_agrees": rate(agreed, runs)}
     return {
         "row": "uvce: shapes:oracle, each shape -> the next shape",
         "headline": {
             "runs": str(runs),
-            "flip rate (oracle's top class = target)": f"{flipped / runs:.0%}",
-            "oracle-2 agrees (real change)": f"{agreed / runs:.0%}",
+            "flip rate (oracle's top class = target)": format_rate(rates["flip"]),
+            "oracle-2 agrees (real change)": format_rate(rates["oracle_2_agrees"]),
             "background PSNR (median)": f"{median_psnr:.1f} dB",
         },
+        "rates": rates,
         "criterion": f"flip: argmax of shapes:oracle is the target; agree: shapes:oracle-2 too; background: outside the rendered object mask dilated by {UVCE_RIM_PX} px",
         "flip_rate": flipped / runs,
         "agreement_rate": agreed / runs,

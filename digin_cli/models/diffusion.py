@@ -73,15 +73,7 @@ def load_diffusion(model: str, revision: str | None = None, variant: str | None 
         location = str(local)
     family = detect_family(model, location, revision)
     if local.is_dir():
-        wanted = SUBFOLDERS + (("text_encoder_2", "tokenizer_2") if family.dual_text_encoder else ())
-        missing = [name for name in wanted if not (local / name).is_dir()]
-        if missing:
-            raise DiginError(
-                f"'{model}' is a folder but not a Stable-Diffusion-style diffusers model: it lacks "
-                f"{', '.join(m + '/' for m in missing)}. Pass a folder saved with "
-                "StableDiffusionPipeline.save_pretrained, a hub id such as "
-                f"{DEFAULT_MODEL}, or the built-in offline model with --model {_builtin_names()}."
-            )
+        _check_subfolders(model, local, family)
     # 2. The parts, in fp32 whatever the stored dtype: the engine optimizes in fp32 and
     #    autocasts the UNet on CUDA.
     where = {"revision": revision, "variant": variant}
@@ -117,6 +109,18 @@ def load_diffusion(model: str, revision: str | None = None, variant: str | None 
     for lora in loras:
         fuse_lora(components, lora)
     return components
+
+
+def _check_subfolders(model: str, folder: Path, family: Family) -> None:
+    wanted = SUBFOLDERS + (("text_encoder_2", "tokenizer_2") if family.dual_text_encoder else ())
+    missing = [name for name in wanted if not (folder / name).is_dir()]
+    if missing:
+        raise DiginError(
+            f"'{model}' is a folder but not a Stable-Diffusion-style diffusers model: it lacks "
+            f"{', '.join(m + '/' for m in missing)}. Pass a folder saved with a diffusers pipeline's "
+            f"save_pretrained, a hub id such as {DEFAULT_MODEL}, or the built-in offline model with "
+            f"--model {_builtin_names()}."
+        )
 
 
 def _read_settings(folder: Path) -> dict:
