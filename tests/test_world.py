@@ -100,6 +100,9 @@ def test_bench_smoke_run(tmp_path):
     assert "revealed shortcut" in result.output
     # Every headline rate carries its runs and its 95% Wilson interval, consistent with the items.
     assert disagree["rates"]["success"]["runs"] == 1 and disagree["rates"]["success"]["rate"] == disagree["success_rate"]
+    confirmed = disagree["rates"]["success_confirmed_by_oracle_2"]["successes"]
+    judged = disagree["per_shape"]["circle"]["oracle_2_classes"]
+    assert len(judged) == 1 and confirmed == int(disagree["rates"]["success"]["successes"] == 1 and judged[0] == "circle")
     assert uvce["rates"]["flip"]["successes"] == int(item["oracle"] == "square")
     low, high = uvce["rates"]["flip"]["interval_95"]
     assert (low, high) == ((0.2065, 1.0) if uvce["flip_rate"] == 1.0 else (0.0, 0.7935))

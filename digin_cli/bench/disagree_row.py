@@ -3,16 +3,22 @@
 A run succeeds when the kept image ends with p_f >= 0.5 and p_g <= 0.2; it reveals the
 shortcut when, in addition, the object's colour (judged from the pixels) is not the
 colour planted for that shape, i.e. the colour-biased classifier fails because the
-object does not wear "its" colour.
+object does not wear "its" colour. f is the classifier optimized for, so an image that
+fools f counts as a success too: the independent shapes:oracle-2 (trained apart, never
+optimized against) judges whether the class is really there, and the row reports the
+successes it confirms beside the plain ones.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from digin_cli.bench.config import BenchConfig
 from digin_cli.bench.stats import format_rate, rate
-from digin_cli.io import read_rgb
+from digin_cli.io import load_image, read_rgb
+from digin_cli.models import load_classifier
 from digin_cli.tasks.disagree import DisagreeJob, run_disagree
 from digin_cli.tasks.runtime import Progress
 from digin_cli.models.builtin import shapes_classifier_meta
@@ -31,7 +37,8 @@ def planted_colours() -> dict[str, str]:
 def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     planted = planted_colours()
     per_shape = {}
-    totals = {"runs": 0, "success": 0, "revealed": 0, "success_before": 0}
+    totals = {"runs": 0, "success": 0, "revealed": 0, "success_before": 0, "confirmed": 0}
+    judge = load_classifier("shapes:oracle-2")
     for shape in config.shapes:
         job = DisagreeJob(
             classifier_f="shapes:oracle",
@@ -45,16 +52,19 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
             optim=config.optim(),
         )
         record = run_disagree(job, progress)
-        runs = success = revealed = success_before = 0
-        colours = []
+        runs = success = revealed = success_before = confirmed = 0
+        colours, judged_classes = [], []
         for item in record["items"]:
             after, before = item["after"], item["before"]
             ok = after["p_f"] >= SUCCESS_P_F and after["p_g"] <= SUCCESS_P_G
             success_before += before["p_f"] >= SUCCESS_P_F and before["p_g"] <= SUCCESS_P_G
             colour = judge_colours(read_rgb(job.out / item["files"]["optimized"])).colour
             colours.append(colour)
+            judged_class = _top_class(judge, job.out / item["files"]["optimized"])
+            judged_classes.append(judged_class)
             runs += 1
             success += ok
+            confirmed += ok and judged_class == shape
             # Revealed only when an object colour is seen and it is not the planted one.
             revealed += ok and colour is not None and colour != planted[shape]
         per_shape[shape] = {
@@ -64,13 +74,16 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
             "success_rate_before_optimization": success_before / runs,
             "planted_colour": planted[shape],
             "judged_colours": colours,
+            "oracle_2_classes": judged_classes,
         }
-        for key, value in (("runs", runs), ("success", success), ("revealed", revealed), ("success_before", success_before)):
+        for key, value in (("runs", runs), ("success", success), ("revealed", revealed), ("success_before", success_before),
+                           ("confirmed", confirmed)):  # fmt: skip
             totals[key] += value
     rates = {
         "success": rate(totals["success"], totals["runs"]),
         "revealed_of_successes": rate(totals["revealed"], totals["success"]),
         "success_before_optimization": rate(totals["success_before"], totals["runs"]),
+        "success_confirmed_by_oracle_2": rate(totals["confirmed"], totals["runs"]),
     }
     return {
         "row": "disagree: shapes:oracle (f) vs shapes:color-biased (g)",
@@ -79,12 +92,21 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
             "success (p_f>=0.5, p_g<=0.2)": f"{format_rate(rates['success'])}; before optimization "
                                             f"{rates['success_before_optimization']['rate']:.0%}",
             "revealed shortcut (of successes)": format_rate(rates["revealed_of_successes"]),
+            "success that oracle-2 confirms (its top class)": format_rate(rates["success_confirmed_by_oracle_2"]),
         },
         "rates": rates,
-        "criterion": f"p_f >= {SUCCESS_P_F} and p_g <= {SUCCESS_P_G}; revealed = an object colour is seen and it is not the planted one",
+        "criterion": f"p_f >= {SUCCESS_P_F} and p_g <= {SUCCESS_P_G}; revealed = an object colour is seen and it is not the planted one; "
+                     "confirmed = a success whose class is also shapes:oracle-2's top class",
         "success_rate": totals["success"] / totals["runs"],
         "revealed_share_of_successes": totals["revealed"] / totals["success"] if totals["success"] else 0.0,
         "success_rate_before_optimization": totals["success_before"] / totals["runs"],
         "runs": totals["runs"],
         "per_shape": per_shape,
     }
+
+
+@torch.no_grad()
+def _top_class(classifier, image_file) -> str:
+    """The class `classifier` ranks first on the image file, by name."""
+    image = load_image(image_file, max(classifier.input_size))[None]  # (1, 3, H, W)
+    return classifier.class_names[int(classifier(image).argmax(dim=1))]
