@@ -31,8 +31,9 @@ class OptionGroup:
     build: Callable[..., Any]
 
 
-def _option(name: str, kind: type, default: Any, *flags: str, help: str, panel: str) -> inspect.Parameter:  # noqa: A002
-    info = typer.Option(*flags, help=help, rich_help_panel=panel)
+def _option(name: str, kind: type, default: Any, *flags: str, help: str, panel: str,  # noqa: A002
+            metavar: str | None = None) -> inspect.Parameter:  # fmt: skip
+    info = typer.Option(*flags, help=help, rich_help_panel=panel, metavar=metavar)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info])
 
 
@@ -105,13 +106,13 @@ SAMPLER = "Sampler"
 SAMPLER_OPTIONS = OptionGroup(
     (
         _option("ddim_steps", int | None, None, "--ddim-steps", panel=SAMPLER,
-                help="DDIM sampling steps [default: the model family's: 20, Turbo models 4; `digin models --family`]."),
+                help="DDIM sampling steps (default: the model family's: 20, Turbo models 4; see `digin models --family`)."),
         _option("guidance", float | None, None, "--guidance", panel=SAMPLER,
-                help="Classifier-free guidance scale; 1 or less samples the conditional branch alone [default: the family's: 3.0, Turbo 0]."),
+                help="Classifier-free guidance scale; 1 or less samples the conditional branch alone (default: the family's: 3.0, Turbo 0)."),
         _option("spacing", str | None, None, "--spacing", panel=SAMPLER,
-                help="Timestep spacing: leading, trailing or linspace [default: the scheduler config's; Turbo: trailing]."),
+                help="Timestep spacing: leading, trailing or linspace (default: the scheduler config's; Turbo: trailing)."),
         _option("resolution", int | None, None, "--resolution", panel=SAMPLER,
-                help="Sampling resolution in pixels [default: the UNet's own; Turbo: 512]."),
+                help="Sampling resolution in pixels (default: the UNet's own; Turbo: 512)."),
     ),  # fmt: skip
     lambda ddim_steps, guidance, spacing, resolution: _engine().SamplerConfig(
         num_steps=ddim_steps, guidance_scale=guidance, timestep_spacing=spacing, resolution=resolution
@@ -124,14 +125,14 @@ OPTIM_OPTIONS = OptionGroup(
         _option("steps", int, 20, "--steps", help="Optimization (Adam) steps.", panel=OPTIM),
         _option("lr_latent", float, 1e-3, "--lr-latent", help="Learning rate of z_T.", panel=OPTIM),
         _option("lr_prompt", float | None, None, "--lr-prompt", panel=OPTIM,
-                help="Learning rate of the per-step prompt deltas [default: the model's, else 0.01]."),
+                help="Learning rate of the per-step prompt deltas (default: the model's, else 0.01)."),
         _option("lr_null", float | None, None, "--lr-null", panel=OPTIM,
-                help="Learning rate of the per-step null-text deltas [default: the model's, else 0.01]."),
+                help="Learning rate of the per-step null-text deltas (default: the model's, else 0.01)."),
         _option("optimize_latent", bool, True, "--optimize-latent/--freeze-latent", help="Optimize z_T.", panel=OPTIM),
         _option("optimize_prompt", bool, True, "--optimize-prompt/--freeze-prompt", help="Optimize prompt deltas.", panel=OPTIM),
         _option("optimize_null", bool, True, "--optimize-null/--freeze-null", help="Optimize null-text deltas.", panel=OPTIM),
         _option("loss_steps", int | None, None, "--loss-steps", panel=OPTIM,
-                help="Put the loss on the last K DDIM steps [default: 3, or all of fewer]."),
+                help="Put the loss on the last K DDIM steps (default: 3, or all of fewer)."),
         _option("cutouts", int, 16, "--cutouts", help="Augmented classifier views per image.", panel=OPTIM),
     ),  # fmt: skip
     # The cutout seed is set by each command (--seed means more than that for runs from seeds).
@@ -146,11 +147,11 @@ def runtime_options(compile_unet: bool = True) -> OptionGroup:
     """--model, --device, --dtype and (where the command can use it) --compile."""
     parameters = [
         _option("model", str, DEFAULT_MODEL, "--model", panel=RUNTIME,
-                help="Diffusion model: a Hugging Face id, a local diffusers folder, or a built-in name (see `digin models`)."),
+                help="Diffusion model: a Hugging Face id, a local diffusers folder, a .safetensors/.ckpt file, or a built-in name (see `digin models`)."),
         _option("device", str, "auto", "--device", help="auto, cpu, cuda, cuda:N or mps.", panel=RUNTIME),
         _option("dtype", str, "fp32", "--dtype", panel=RUNTIME,
                 help="UNet autocast: fp32, bf16 (CUDA or CPU) or fp16 (CUDA); optimization stays fp32."),
-        _option("lora", list[str] | None, None, "--lora", panel=RUNTIME,
+        _option("lora", list[str] | None, None, "--lora", panel=RUNTIME, metavar="PATH[:SCALE]",
                 help="LoRA weights PATH_OR_ID[:SCALE] fused into the model (diffusers' load_lora_weights); repeatable."),
         _option("revision", str | None, None, "--revision", help="Hub model: branch, tag or commit.", panel=RUNTIME),
         _option("variant", str | None, None, "--variant", help="Weight-file variant, e.g. fp16.", panel=RUNTIME),
