@@ -7,7 +7,7 @@ from pathlib import Path
 
 from digin_cli.engine import OptimConfig, SamplerConfig
 from digin_cli.errors import DiginError
-from digin_cli.tasks.runtime import RuntimeOptions
+from digin_cli.tasks.runtime import SPACINGS, RuntimeOptions
 from digin_cli.world.scenes import SHAPES
 
 ROW_NAMES = ("disagree", "neuron", "uvce", "neuron-cf")  # the rows by the names --rows takes, in run order
@@ -35,8 +35,8 @@ class BenchConfig:
             raise DiginError(f"unknown shape(s) {', '.join(unknown)}; the shapes world has {', '.join(SHAPES)}")
         if min(self.seeds_per_shape, self.uvce_seeds, self.neuron_seeds, self.neuron_cf_seeds) < 1:
             raise DiginError("--seeds, --uvce-seeds, --neuron-seeds and --neuron-cf-seeds must be at least 1")
-        if self.spacing not in (None, "leading", "trailing", "linspace"):
-            raise DiginError(f"--spacing must be one of leading, trailing, linspace, got '{self.spacing}'")
+        if self.spacing not in (None, *SPACINGS):
+            raise DiginError(f"--spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'")
         unknown_rows = [r for r in self.rows if r not in ROW_NAMES]
         if unknown_rows or not self.rows:
             raise DiginError(f"--rows: unknown or no row(s) '{','.join(self.rows)}'; the rows are {', '.join(ROW_NAMES)}")

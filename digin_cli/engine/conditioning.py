@@ -21,25 +21,24 @@ import torch
 from digin_cli.components import DiffusionComponents
 
 
-def _tokens(tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids  # fmt: skip
-    return ids.to(device)  # (B, 77)
+def _tokenize(tokenizer, prompts: list[str]):
+    """Token ids (B, 77) and attention mask, padded to the tokenizer's length, as the pipelines do."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt")  # fmt: skip
 
 
 def encode_prompts(components: DiffusionComponents, prompts: list[str], device: torch.device) -> torch.Tensor:
     """The packed conditioning of `prompts`: (B, L, D), fp32."""
     if not components.is_sdxl:
-        tokenizer, text_encoder = components.tokenizer, components.text_encoder
-        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")  # fmt: skip
+        text_encoder = components.text_encoder
+        tokens = _tokenize(components.tokenizer, prompts)
         attention_mask = None
         if getattr(text_encoder.config, "use_attention_mask", False):
             attention_mask = tokens.attention_mask.to(device)
         return text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)[0].float()
     states, pooled = [], None
     for tokenizer, text_encoder in ((components.tokenizer, components.text_encoder), (components.tokenizer_2, components.text_encoder_2)):
-        output = text_encoder(_tokens(tokenizer, prompts, device), output_hidden_states=True)
+        output = text_encoder(_tokenize(tokenizer, prompts).input_ids.to(device), output_hidden_states=True)
         if pooled is None and output[0].ndim == 2:  # as diffusers: the first pooled output, the projected one of encoder 2
             pooled = output[0]  # (B, P)
         states.append(output.hidden_states[-2])  # (B, 77, D_i)

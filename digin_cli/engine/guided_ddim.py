@@ -165,19 +165,19 @@ class GuidedDDIM:
 
     def ddim_step(self, model_output: torch.Tensor, step_index: int, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The DDIM update of step `step_index` (engine/ddim.py): (z_prev, x0), both (B, C, h, w)."""
-        scheduler = self.components.scheduler
-        timesteps = self._timesteps
-        alpha_t = scheduler.alphas_cumprod[timesteps[step_index]]
-        alpha_prev = previous_alpha_cumprod(scheduler, timesteps, step_index)
-        return ddim_update(model_output, latents, alpha_t, alpha_prev, scheduler.config.prediction_type)
+        alpha_t, alpha_prev = self._step_alphas(step_index)
+        return ddim_update(model_output, latents, alpha_t, alpha_prev, self.components.scheduler.config.prediction_type)
 
     def inverse_ddim_step(self, model_output: torch.Tensor, step_index: int, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of forward step `step_index`: from the latents it lands on to those at its
         timestep (B, C, h, w), with the model's output at that timestep (DDIM inversion)."""
+        alpha_to, alpha_from = self._step_alphas(step_index)
+        return ddim_update(model_output, latents, alpha_from, alpha_to, self.components.scheduler.config.prediction_type)[0]
+
+    def _step_alphas(self, step_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_bar at step `step_index`'s timestep and at the one it goes to (the schedule's next)."""
         scheduler = self.components.scheduler
-        alpha_from = previous_alpha_cumprod(scheduler, self._timesteps, step_index)
-        alpha_to = scheduler.alphas_cumprod[self._timesteps[step_index]]
-        return ddim_update(model_output, latents, alpha_from, alpha_to, scheduler.config.prediction_type)[0]
+        return scheduler.alphas_cumprod[self._timesteps[step_index]], previous_alpha_cumprod(scheduler, self._timesteps, step_index)
 
     def run_chain(
         self,

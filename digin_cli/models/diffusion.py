@@ -8,6 +8,7 @@ through the same loaders.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -59,19 +60,33 @@ def load_diffusion(model: str, revision: str | None = None, variant: str | None 
     branch or commit; "fp16" weight files); `loras` are "PATH_OR_ID[:SCALE]" LoRA weights,
     fused into the UNet (and text encoders) at their scales.
     """
-    # 1. Where the files are, and which family they are.
     quiet_library_output()
-    builtin = BUILTIN_DIFFUSION_MODELS.get(model)
-    location = str(builtin()) if builtin is not None else model
-    local = Path(location).expanduser()
+    location = model_location(model)
     if is_single_file(model):
-        components = load_single_file(local)
-        for lora in loras:
-            fuse_lora(components, lora)
-        return components
-    if local.is_dir():
-        location = str(local)
-    family = detect_family(model, location, revision)
+        components = load_single_file(Path(location))
+    else:
+        components = _load_pretrained(model, location, revision, variant)
+    for lora in loras:
+        fuse_lora(components, lora)
+    return components
+
+
+def model_location(model: str) -> str:
+    """Where `model`'s files are: a built-in's folder (made on first use), a local folder or
+    file (with ~ expanded), else `model` itself, a hub id."""
+    builtin = BUILTIN_DIFFUSION_MODELS.get(model)
+    if builtin is not None:
+        return str(builtin())
+    local = Path(model).expanduser()
+    return str(local) if local.exists() else model
+
+
+def _load_pretrained(model: str, location: str, revision: str | None, variant: str | None) -> DiffusionComponents:
+    """A diffusers folder or hub model (`location`), loaded part by part with from_pretrained."""
+    # 1. Which family it is, from its config files (each read once).
+    local = Path(location)
+    read = functools.cache(lambda file: _read_config(location, file, revision))
+    family = _recognised(model, location, read)
     if local.is_dir():
         _check_subfolders(model, local, family)
     # 2. The parts, in fp32 whatever the stored dtype: the engine optimizes in fp32 and
@@ -95,20 +110,17 @@ def load_diffusion(model: str, revision: str | None = None, variant: str | None 
             parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", revision=revision)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise _load_error(model, local, error) from error
-    # 3. Checks of what was loaded, digin's settings, LoRA weights.
+    # 3. Checks of what was loaded, digin's settings.
     if parts["unet"].config.in_channels != parts["vae"].config.latent_channels:
         raise DiginError(f"--model {model} has a {parts['unet'].config.in_channels}-channel UNet for "
                          f"{parts['vae'].config.latent_channels}-channel latents; digin supports {SUPPORTED}")  # fmt: skip
     settings = _read_settings(local) if local.is_dir() else {}
-    index = _read_config(location, "model_index.json", revision) or {}
-    components = DiffusionComponents(
+    index = read("model_index.json") or {}
+    return DiffusionComponents(
         **parts, source=model, family=family.name,
         identity=model_identity(local) if local.is_dir() else _hub_identity(model, revision),
         settings=settings, force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
     )  # fmt: skip
-    for lora in loras:
-        fuse_lora(components, lora)
-    return components
 
 
 def _check_subfolders(model: str, folder: Path, family: Family) -> None:
@@ -167,16 +179,19 @@ def _read_config(location: str, file: str, revision: str | None = None) -> dict 
         return None
 
 
-def detect_family(model: str, location: str | None = None, revision: str | None = None) -> Family:
-    """The family of `model` (a built-in name, a folder or a hub id) from its config files,
-    read without loading any weights; one line naming what it is when digin does not sample it."""
+def detect_family(model: str, revision: str | None = None) -> Family:
+    """The family of `model` (a built-in name, a folder, a single file or a hub id) from its
+    config files, read without loading any weights; one line naming what it is when digin
+    does not sample it."""
     if is_single_file(model):
         return single_file_family(Path(model).expanduser())
-    if location is None:
-        builtin = BUILTIN_DIFFUSION_MODELS.get(model)
-        location = str(builtin()) if builtin is not None else str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
+    location = model_location(model)
+    return _recognised(model, location, lambda file: _read_config(location, file, revision))
+
+
+def _recognised(model: str, location: str, read) -> Family:
     try:
-        return recognise(location, lambda file: _read_config(location, file, revision))
+        return recognise(location, read)
     except UnsupportedFamily as error:
         raise DiginError(f"--model {model} is {error}; digin supports {SUPPORTED}") from None
 
@@ -199,8 +214,8 @@ def fuse_lora(components: DiffusionComponents, spec: str) -> None:
 
 def parse_lora(spec: str) -> tuple[str, float]:
     """'PATH_OR_ID[:SCALE]' -> (path, scale); one line naming the option when it is malformed."""
-    path, _, scale = spec.rpartition(":") if ":" in spec and _is_number(spec.rpartition(":")[2]) else (spec, "", "1")
-    value = float(scale)
+    head, separator, tail = spec.rpartition(":")
+    path, value = (head, float(tail)) if separator and _is_number(tail) else (spec, 1.0)
     if not path or not math.isfinite(value):
         raise DiginError(f"--lora {spec}: give PATH_OR_ID or PATH_OR_ID:SCALE with a finite SCALE, e.g. style.safetensors:0.8")
     if Path(path).suffix in (".safetensors", ".bin") and not Path(path).expanduser().is_file():

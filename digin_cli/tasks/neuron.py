@@ -13,7 +13,6 @@ import torch
 from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig, initial_latents
 from digin_cli.errors import DiginError
 from digin_cli.models import Classifier, load_classifier, resolve_class
-from digin_cli.models.diffusion import check_model_path
 from digin_cli.objectives import FeatureMap, NeuronObjective
 from digin_cli.tasks.neuron_target import check_neuron_or_direction, neuron_target, target_label
 from digin_cli.tasks.runtime import (
@@ -22,7 +21,6 @@ from digin_cli.tasks.runtime import (
     RuntimeOptions,
     check_engine_options,
     check_prompt_template,
-    model_name,
     open_engine,
     with_family_defaults,
     resolve_runtime,
@@ -179,8 +177,7 @@ def find_neurons(job: NeuronSearchJob) -> dict[str, Any]:
     if job.samples < 1 or job.top < 1:
         raise DiginError("--samples and --top must be at least 1")
     check_prompt_template(job.prompt_template)
-    check_model_path(model_name(job.runtime))
-    job = with_family_defaults(job)
+    job = with_family_defaults(job)  # also checks the model path
     device, unet_dtype = resolve_runtime(job.runtime)
     # 2. The classifier, its last layer and the class.
     classifier = load_classifier(job.classifier, device)

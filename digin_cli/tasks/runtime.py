@@ -199,8 +199,7 @@ def check_out(out: Path) -> None:
 def check_engine_options(out: Path, sampler: SamplerConfig, optim: OptimConfig, batch_size: int,
                          runtime: RuntimeOptions) -> None:  # fmt: skip
     """Validate cheap options before anything heavy is loaded or any file is written."""
-    check_out(out)
-    check_model_path(model_name(runtime))
+    check_out(out)  # the model path was checked by with_family_defaults, which comes first
     if sampler.num_steps < 1:
         raise DiginError("--ddim-steps must be at least 1")
     check_number("--guidance", sampler.guidance_scale, low=0)
