@@ -4,13 +4,13 @@
     run = digin.disagree("shapes:oracle", "shapes:color-biased", "circle", model="shapes")
 
 The Python API (``api.py``): `load_model`, `load_classifier`, one function per task
-(`disagree`, `neuron`, `uvce`, `neuron_cf`) returning a `Run` of `Item`s, and
-`DiginError`. They are imported on first use, so that `digin --help` stays instant.
+(`disagree`, `neuron`, `uvce`, `neuron_cf`) returning a `Run` of `Item`s, `directions`
+(neural PCA) returning its record, and `DiginError`. They are imported on first use, so that `digin --help` stays instant.
 """
 
 __version__ = "0.1.0"
 
-_API = ("disagree", "neuron", "uvce", "neuron_cf", "load_model", "load_classifier", "Run", "Item")
+_API = ("disagree", "neuron", "uvce", "neuron_cf", "directions", "load_model", "load_classifier", "Run", "Item")
 __all__ = [*_API, "DiginError", "__version__"]
 
 

@@ -301,4 +301,19 @@ def neuron_cf(inputs: str | Path, classifier, *, neuron: int | None = None, dire
         runtime=_runtime(model, device, dtype, compile, overwrite), sampler=sampler, optim=optim), out, progress)  # fmt: skip
 
 
-__all__ = ["DiginError", "Item", "Run", "disagree", "load_classifier", "load_model", "neuron", "neuron_cf", "uvce"]
+def directions(folder: str | Path, classifier, class_name: str, *, components: int = 10, top_images: int = 8,
+               batch_size: int = 32, device: str = "auto", out: str | Path) -> dict[str, Any]:  # fmt: skip
+    """A class's feature directions by neural PCA (`digin directions`): the record of
+    `directions.json`; each component's `direction_file` in `out` is what `neuron(...,
+    direction=)` and `neuron_cf(..., direction=)` take."""
+    from digin_cli.tasks.directions import DirectionsJob, run_directions
+    from digin_cli.tasks.runtime import RuntimeOptions
+
+    job = DirectionsJob(classifier=classifier, class_name=class_name, folder=Path(folder), out=Path(out),
+                        components=components, top_images=top_images, batch_size=batch_size,
+                        runtime=RuntimeOptions(device=device))  # fmt: skip
+    record = run_directions(job)
+    return {**record, "out": str(out)}
+
+
+__all__ = ["DiginError", "Item", "Run", "directions", "disagree", "load_classifier", "load_model", "neuron", "neuron_cf", "uvce"]

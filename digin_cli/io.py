@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import pickle
 import tempfile
 from collections.abc import Sequence
@@ -64,6 +65,12 @@ def read_json(path: Path) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def remove_tree(path: Path) -> None:
+    """A folder and everything in it, if it exists (a benchmark's own output folder)."""
+    if Path(path).is_dir():
+        shutil.rmtree(path)
 
 
 def remove_file(path: Path) -> None:
@@ -201,3 +208,9 @@ def load_vector_file(path: Path) -> Any:
     if Path(path).suffix == ".npy":
         return torch.from_numpy(np.load(path, allow_pickle=False))
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_vector_file(vector: torch.Tensor, path: Path) -> None:
+    """A (D,) vector as float32 .npy (what load_vector_file and --direction read), atomically."""
+    array = vector.detach().cpu().numpy().astype(np.float32)
+    _atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))

@@ -86,7 +86,7 @@ def test_bench_smoke_run(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "bench.json").read_text())
-    disagree, neuron, uvce, neuron_cf = record["rows"]
+    disagree, neuron, uvce, neuron_cf, directions = record["rows"]
     assert disagree["runs"] == 1 and set(disagree["per_shape"]) == {"circle"}
     assert disagree["success_rate"] == disagree["per_shape"]["circle"]["success_rate"] in (0.0, 1.0)
     assert neuron["maximize"]["runs"] == 1 and neuron["minimize"]["runs"] == 1
@@ -100,22 +100,58 @@ def test_bench_smoke_run(tmp_path):
     assert "revealed shortcut" in result.output
     # Every headline rate carries its runs and its 95% Wilson interval, consistent with the items.
     assert disagree["rates"]["success"]["runs"] == 1 and disagree["rates"]["success"]["rate"] == disagree["success_rate"]
-    confirmed = disagree["rates"]["success_confirmed_by_oracle_2"]["successes"]
-    judged = disagree["per_shape"]["circle"]["oracle_2_classes"]
-    assert len(judged) == 1 and confirmed == int(disagree["rates"]["success"]["successes"] == 1 and judged[0] == "circle")
+    # A success needs f and g, and both independent judges to see the class.
+    circle = disagree["per_shape"]["circle"]
+    f_and_g = disagree["rates"]["f_and_g_only"]["successes"]
+    judged = circle["oracle_2_classes"] + circle["geometry_shapes"]
+    assert len(judged) == 2 and circle["f_and_g_rate"] == f_and_g
+    assert disagree["rates"]["success"]["successes"] == int(f_and_g == 1 and judged == ["circle", "circle"])
+    assert "geometric shape judge" in disagree["criterion"]
     assert uvce["rates"]["flip"]["successes"] == int(item["oracle"] == "square")
     low, high = uvce["rates"]["flip"]["interval_95"]
     assert (low, high) == ((0.2065, 1.0) if uvce["flip_rate"] == 1.0 else (0.0, 0.7935))
     assert neuron["maximize"]["rates"]["background_judged"]["runs"] == 1
     assert neuron_cf["rates"]["control_cleared"]["rate"] == neuron_cf["control_cleared_rate"]
     assert "95% CI" in json.dumps(record["rows"][0]["headline"])
+    # uvce: the shape judge and the reconstruction's own background PSNR beside the counterfactual's.
+    assert uvce["rates"]["shape_judge_agrees"]["successes"] == int(item["oracle"] == item["geometry"] == "square")
+    assert item["reconstruction_background_psnr_db"] > item["background_psnr_db"] - 15
+    # directions: components judged on fresh scenes; the planted one maximized when found.
+    assert [c["component"] for c in directions["components"]] == [0, 1, 2]
+    planted = directions["planted_component"]
+    assert planted is None or directions["components"][planted]["auc"] >= 0.95
+    assert directions["maximize"]["runs"] == (1 if planted is not None else 0)
+
+
+def test_bench_runs_per_rate_set_every_rows_seeds(tmp_path):
+    from digin_cli.bench.config import BenchConfig
+
+    default, full = BenchConfig(out=tmp_path), BenchConfig(out=tmp_path, runs=48)
+    # 4 shapes / 4 starting prompts share the runs; neuron-cf has them per mode.
+    assert (default.seeds_per_shape, default.neuron_seeds, default.uvce_seeds, default.neuron_cf_seeds) == (4, 4, 4, 16)
+    assert (full.seeds_per_shape, full.neuron_seeds, full.uvce_seeds, full.neuron_cf_seeds) == (12, 12, 12, 48)
+    assert BenchConfig(out=tmp_path, runs=48, uvce_seeds=2).uvce_seeds == 2  # an explicit option wins
+
+
+def test_bench_empties_its_row_folders(tmp_path, monkeypatch):
+    from digin_cli.bench import quality as bench
+
+    stale = tmp_path / "uvce" / "scenes" / "old_scene.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"from an earlier bench")
+    keep = tmp_path / "notes.txt"
+    keep.write_text("the user's")
+    seen = []
+    monkeypatch.setattr(bench, "ROWS", {"uvce": lambda config, progress=None: seen.append(stale.exists()) or {"row": "uvce", "headline": {}}})
+    bench.run_bench(bench.BenchConfig(out=tmp_path, rows=["uvce"]))
+    assert seen == [False] and keep.read_text() == "the user's"
 
 
 def test_bench_rejects_unknown_shapes(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--shapes", "hexagon"])
     assert result.exit_code != 0 and "unknown shape(s) hexagon" in result.stderr
     result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--rows", "neuron,nuvce"])
-    assert result.exit_code != 0 and "the rows are disagree, neuron, uvce, neuron-cf" in result.stderr
+    assert result.exit_code != 0 and "the rows are disagree, neuron, uvce, neuron-cf, directions" in result.stderr
     assert not (tmp_path / "bench.json").exists()
 
 

@@ -8,33 +8,48 @@ from pathlib import Path
 from digin_cli.engine import OptimConfig, SamplerConfig
 from digin_cli.errors import DiginError
 from digin_cli.tasks.runtime import SPACINGS, RuntimeOptions
-from digin_cli.world.scenes import SHAPES
+from digin_cli.world.scenes import BACKGROUNDS, SHAPES
 
-ROW_NAMES = ("disagree", "neuron", "uvce", "neuron-cf")  # the rows by the names --rows takes, in run order
+ROW_NAMES = ("disagree", "neuron", "uvce", "neuron-cf", "directions")  # the rows by the names --rows takes, in run order
+
+# Runs behind every headline rate: 16 by default (a 95% interval about +-20 points wide at
+# 60%), 48 with --full (about +-14). Each row's seeds are derived from it unless given.
+DEFAULT_RUNS, FULL_RUNS = 16, 48
 
 
 @dataclass
 class BenchConfig:
     out: Path
     shapes: list[str] = field(default_factory=lambda: list(SHAPES))
-    seeds_per_shape: int = 4
+    runs: int = DEFAULT_RUNS  # runs behind each headline rate; the seeds below default to it
+    seeds_per_shape: int | None = None  # disagree: runs per shape (4 shapes)
     steps: int = 20  # optimization steps, as in the paper
     ddim_steps: int = 20
     spacing: str | None = None  # DDIM timestep spacing; None: the shapes model's scheduler config (leading)
     batch_size: int = 8  # every row batches its runs; 8 gave the disagree row x1.17 over 4 on a 2-core CPU
     device: str = "auto"
-    neuron_seeds: int = 2  # seeds per starting prompt for the neuron row (4 prompts, 2 modes)
-    uvce_seeds: int = 2  # scenes per shape for the uvce row (each needs its own inversion)
-    neuron_cf_seeds: int = 3  # scenes per mode (max, min, control) for the neuron-cf row
+    neuron_seeds: int | None = None  # seeds per starting prompt for the neuron and directions rows (4 prompts)
+    uvce_seeds: int | None = None  # scenes per shape for the uvce row (each needs its own inversion)
+    neuron_cf_seeds: int | None = None  # scenes per mode (max, min, control) for the neuron-cf row
+    directions_images: int = 64  # images of the class handed to `digin directions` (balanced backgrounds)
     rows: list[str] = field(default_factory=lambda: list(ROW_NAMES))  # which rows to run, in ROW_NAMES order
+
+    def __post_init__(self) -> None:
+        per_shape = -(-self.runs // len(SHAPES))  # ceil: 4 shapes (or 4 starting prompts) share the runs
+        self.seeds_per_shape = per_shape if self.seeds_per_shape is None else self.seeds_per_shape
+        self.neuron_seeds = per_shape if self.neuron_seeds is None else self.neuron_seeds
+        self.uvce_seeds = per_shape if self.uvce_seeds is None else self.uvce_seeds
+        self.neuron_cf_seeds = self.runs if self.neuron_cf_seeds is None else self.neuron_cf_seeds
 
     def check(self) -> None:
         """One-line errors for impossible settings, before any row runs."""
         unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown:
             raise DiginError(f"unknown shape(s) {', '.join(unknown)}; the shapes world has {', '.join(SHAPES)}")
-        if min(self.seeds_per_shape, self.uvce_seeds, self.neuron_seeds, self.neuron_cf_seeds) < 1:
+        if min(self.seeds_per_shape, self.uvce_seeds, self.neuron_seeds, self.neuron_cf_seeds, self.runs) < 1:
             raise DiginError("--seeds, --uvce-seeds, --neuron-seeds and --neuron-cf-seeds must be at least 1")
+        if self.directions_images < 2 * len(BACKGROUNDS):
+            raise DiginError(f"--directions-images must be at least {2 * len(BACKGROUNDS)} (2 per background)")
         if self.spacing not in (None, *SPACINGS):
             raise DiginError(f"--spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'")
         unknown_rows = [r for r in self.rows if r not in ROW_NAMES]

@@ -1,12 +1,13 @@
 """Row "disagree": f = shapes:oracle, g = shapes:color-biased, for every shape.
 
-A run succeeds when the kept image ends with p_f >= 0.5 and p_g <= 0.2; it reveals the
-shortcut when, in addition, the object's colour (judged from the pixels) is not the
-colour planted for that shape, i.e. the colour-biased classifier fails because the
-object does not wear "its" colour. f is the classifier optimized for, so an image that
-fools f counts as a success too: the independent shapes:oracle-2 (trained apart, never
-optimized against) judges whether the class is really there, and the row reports the
-successes it confirms beside the plain ones.
+A run succeeds when the kept image ends with p_f >= 0.5 and p_g <= 0.2 and two judges
+that are not optimized against see the class too: the independently trained
+shapes:oracle-2 (its top class) and the geometric shape judge (no classifier at all).
+f is the classifier optimized for, so p_f alone also counts an image that fools f; the
+row reports that looser rate beside the strict one. A success reveals the shortcut
+when the object's colour (judged from the pixels) is not the colour planted for that
+shape, i.e. the colour-biased classifier fails because the object does not wear "its"
+colour.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from digin_cli.models import load_classifier
 from digin_cli.tasks.disagree import DisagreeJob, run_disagree
 from digin_cli.tasks.runtime import Progress
 from digin_cli.models.builtin import shapes_classifier_meta
+from digin_cli.world.geometry import judge_shape
 from digin_cli.world.scenes import SHAPES, judge_colours
 
 SUCCESS_P_F = 0.5  # f must see the class...
@@ -37,7 +39,7 @@ def planted_colours() -> dict[str, str]:
 def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     planted = planted_colours()
     per_shape = {}
-    totals = {"runs": 0, "success": 0, "revealed": 0, "success_before": 0, "confirmed": 0}
+    totals = {"runs": 0, "success": 0, "revealed": 0, "success_before": 0, "f_and_g": 0}
     judge = load_classifier("shapes:oracle-2")
     for shape in config.shapes:
         job = DisagreeJob(
@@ -52,54 +54,61 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
             optim=config.optim(),
         )
         record = run_disagree(job, progress)
-        runs = success = revealed = success_before = confirmed = 0
-        colours, judged_classes = [], []
+        counts = dict.fromkeys(totals, 0)
+        colours, oracle_2_classes, geometry_shapes = [], [], []
         for item in record["items"]:
             after, before = item["after"], item["before"]
-            ok = after["p_f"] >= SUCCESS_P_F and after["p_g"] <= SUCCESS_P_G
-            success_before += before["p_f"] >= SUCCESS_P_F and before["p_g"] <= SUCCESS_P_G
-            colour = judge_colours(read_rgb(job.out / item["files"]["optimized"])).colour
+            image_file = job.out / item["files"]["optimized"]
+            pixels = read_rgb(image_file)
+            colour = judge_colours(pixels).colour
+            oracle_2_class = _top_class(judge, image_file)
+            geometry_shape = judge_shape(pixels).shape
             colours.append(colour)
-            judged_class = _top_class(judge, job.out / item["files"]["optimized"])
-            judged_classes.append(judged_class)
-            runs += 1
-            success += ok
-            confirmed += ok and judged_class == shape
+            oracle_2_classes.append(oracle_2_class)
+            geometry_shapes.append(geometry_shape)
+            f_and_g = after["p_f"] >= SUCCESS_P_F and after["p_g"] <= SUCCESS_P_G
+            ok = f_and_g and oracle_2_class == shape and geometry_shape == shape
+            counts["runs"] += 1
+            counts["f_and_g"] += f_and_g
+            counts["success"] += ok
+            counts["success_before"] += before["p_f"] >= SUCCESS_P_F and before["p_g"] <= SUCCESS_P_G
             # Revealed only when an object colour is seen and it is not the planted one.
-            revealed += ok and colour is not None and colour != planted[shape]
+            counts["revealed"] += ok and colour is not None and colour != planted[shape]
         per_shape[shape] = {
-            "runs": runs,
-            "success_rate": success / runs,
-            "revealed_share_of_successes": revealed / success if success else 0.0,
-            "success_rate_before_optimization": success_before / runs,
+            "runs": counts["runs"],
+            "success_rate": counts["success"] / counts["runs"],
+            "f_and_g_rate": counts["f_and_g"] / counts["runs"],
+            "revealed_share_of_successes": counts["revealed"] / counts["success"] if counts["success"] else 0.0,
+            "success_rate_before_optimization": counts["success_before"] / counts["runs"],
             "planted_colour": planted[shape],
             "judged_colours": colours,
-            "oracle_2_classes": judged_classes,
+            "oracle_2_classes": oracle_2_classes,
+            "geometry_shapes": geometry_shapes,
         }
-        for key, value in (("runs", runs), ("success", success), ("revealed", revealed), ("success_before", success_before),
-                           ("confirmed", confirmed)):  # fmt: skip
-            totals[key] += value
+        for key in totals:
+            totals[key] += counts[key]
     rates = {
         "success": rate(totals["success"], totals["runs"]),
         "revealed_of_successes": rate(totals["revealed"], totals["success"]),
+        "f_and_g_only": rate(totals["f_and_g"], totals["runs"]),
         "success_before_optimization": rate(totals["success_before"], totals["runs"]),
-        "success_confirmed_by_oracle_2": rate(totals["confirmed"], totals["runs"]),
     }
     return {
         "row": "disagree: shapes:oracle (f) vs shapes:color-biased (g)",
         "headline": {
             "runs": str(totals["runs"]),
-            "success (p_f>=0.5, p_g<=0.2)": f"{format_rate(rates['success'])}; before optimization "
-                                            f"{rates['success_before_optimization']['rate']:.0%}",
+            "success (f and g, confirmed by oracle-2 and the shape judge)": format_rate(rates["success"]),
             "revealed shortcut (of successes)": format_rate(rates["revealed_of_successes"]),
-            "success that oracle-2 confirms (its top class)": format_rate(rates["success_confirmed_by_oracle_2"]),
+            "p_f>=0.5 and p_g<=0.2 alone": f"{format_rate(rates['f_and_g_only'])}; before optimization "
+                                           f"{rates['success_before_optimization']['rate']:.0%}",
         },
         "rates": rates,
-        "criterion": f"p_f >= {SUCCESS_P_F} and p_g <= {SUCCESS_P_G}; revealed = an object colour is seen and it is not the planted one; "
-                     "confirmed = a success whose class is also shapes:oracle-2's top class",
-        "success_rate": totals["success"] / totals["runs"],
-        "revealed_share_of_successes": totals["revealed"] / totals["success"] if totals["success"] else 0.0,
-        "success_rate_before_optimization": totals["success_before"] / totals["runs"],
+        "criterion": f"success = p_f >= {SUCCESS_P_F} and p_g <= {SUCCESS_P_G} and shapes:oracle-2's top class is the class "
+                     "and the geometric shape judge sees the class; revealed = a success whose object colour is seen "
+                     "and is not the planted one",
+        "success_rate": rates["success"]["rate"],
+        "revealed_share_of_successes": rates["revealed_of_successes"]["rate"],
+        "success_rate_before_optimization": rates["success_before_optimization"]["rate"],
         "runs": totals["runs"],
         "per_shape": per_shape,
     }

@@ -3,6 +3,7 @@ scenes off its background and lowered on it, judged by the renderer's colour sta
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from digin_cli.bench.config import BenchConfig
@@ -25,6 +26,33 @@ def _neuron_prompts(background: str, on: bool) -> list[str]:
     return prompts
 
 
+def neuron_runs(config: BenchConfig, progress: Progress | None, out: Path, background: str, maximize: bool,
+                neuron: int | None = None, direction_file: Path | None = None) -> list[tuple[float, float, str]]:  # fmt: skip
+    """`digin neuron` runs of a neuron or a direction of shapes:background-biased, one job per
+    starting prompt (off `background` to maximize, on it to minimize), `config.neuron_seeds`
+    seeds each: (activation before, after, background judged from the pixels) per run."""
+    seen = []
+    for k, prompt in enumerate(_neuron_prompts(background, on=not maximize)[: len(config.shapes)]):
+        job = NeuronJob(
+            classifier="shapes:background-biased",
+            out=out / str(k),
+            seeds=list(range(config.neuron_seeds)),
+            neuron=neuron,
+            direction_file=direction_file,
+            maximize=maximize,
+            prompts=[prompt],
+            batch_size=config.batch_size,
+            runtime=config.runtime(),
+            sampler=config.sampler(),
+            optim=config.optim(),
+        )
+        record = run_neuron(job, progress)
+        for item in record["items"]:
+            judged = judge_colours(read_rgb(job.out / item["files"]["optimized"])).background
+            seen.append((item["before"]["activation"], item["after"]["activation"], judged))
+    return seen
+
+
 def neuron_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Row "neuron": the documented background neuron of shapes:background-biased.
 
@@ -37,29 +65,14 @@ def neuron_row(config: BenchConfig, progress: Progress | None = None) -> dict[st
     modes = {}
     for maximize in (True, False):
         mode = "maximize" if maximize else "minimize"
+        runs_seen = neuron_runs(config, progress, config.out / "neuron" / mode, background, maximize, neuron=index)
         before, after, turned, lowered, runs = [], [], 0, 0, 0
-        for k, prompt in enumerate(_neuron_prompts(background, on=not maximize)[: len(config.shapes)]):
-            job = NeuronJob(
-                classifier="shapes:background-biased",
-                out=config.out / "neuron" / mode / str(k),
-                seeds=list(range(config.neuron_seeds)),
-                neuron=index,
-                maximize=maximize,
-                prompts=[prompt],
-                batch_size=config.batch_size,
-                runtime=config.runtime(),
-                sampler=config.sampler(),
-                optim=config.optim(),
-            )
-            record = run_neuron(job, progress)
-            for item in record["items"]:
-                a0, a1 = item["before"]["activation"], item["after"]["activation"]
-                judged = judge_colours(read_rgb(job.out / item["files"]["optimized"])).background
-                before.append(a0)
-                after.append(a1)
-                runs += 1
-                lowered += a1 < a0
-                turned += (judged == background) if maximize else (judged != background)
+        for a0, a1, judged in runs_seen:
+            before.append(a0)
+            after.append(a1)
+            runs += 1
+            lowered += a1 < a0
+            turned += (judged == background) if maximize else (judged != background)
         mean_before, mean_after = sum(before) / runs, sum(after) / runs
         modes[mode] = {
             "runs": runs,

@@ -23,16 +23,23 @@ def _names(text: str | None) -> list[str] | None:
 def bench(
     out: OutOpt = Path("digin-out/bench"),
     shapes: Annotated[str | None, typer.Option(help="Comma-separated shapes to run (default: all of them).")] = None,
-    seeds: Annotated[int, typer.Option(help="Runs (seeds) per shape.")] = 4,
+    full: Annotated[bool, typer.Option("--full", help="48 runs behind every headline rate instead of 16 (about 3x the time).")] = False,
+    seeds: Annotated[int | None, typer.Option(help="Runs (seeds) per shape for the disagree row (default: the runs / 4).")] = None,
     steps: StepsOpt = 20,
     ddim_steps: DdimStepsOpt = 20,
-    spacing: Annotated[str | None, typer.Option(help="DDIM timestep spacing: leading, trailing or linspace [default: the model's].")] = None,
+    spacing: Annotated[str | None, typer.Option(help="DDIM timestep spacing: leading, trailing or linspace (default: the model's).")] = None,
     batch_size: BatchOpt = 8,
-    uvce_seeds: Annotated[int, typer.Option(help="Scenes per shape for the uvce row.")] = 2,
-    neuron_seeds: Annotated[int, typer.Option(help="Seeds per starting prompt for the neuron row.")] = 2,
-    neuron_cf_seeds: Annotated[int, typer.Option(help="Scenes per mode (max, min, control) for the neuron-cf row.")] = 3,
+    uvce_seeds: Annotated[int | None, typer.Option(help="Scenes per shape for the uvce row (default: the runs / 4).")] = None,
+    neuron_seeds: Annotated[
+        int | None, typer.Option(help="Seeds per starting prompt for the neuron and directions rows (default: the runs / 4).")
+    ] = None,
+    neuron_cf_seeds: Annotated[
+        int | None, typer.Option(help="Scenes per mode (max, min, control) for the neuron-cf row (default: the runs).")
+    ] = None,
+    directions_images: Annotated[int, typer.Option(help="Images of the class for the directions row's neural PCA.")] = 64,
     rows: Annotated[
-        str | None, typer.Option(help="Comma-separated rows to run: disagree, neuron, uvce, neuron-cf (default: all).")
+        str | None,
+        typer.Option(help="Comma-separated rows to run: disagree, neuron, uvce, neuron-cf, directions (default: all)."),
     ] = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -69,11 +76,12 @@ def bench(
         _perf(out, device, perf_resolution, perf_steps, repeats, pipelines, batch_sizes, feature_pipelines, quiet,
               few_steps, few_step_resolution)  # fmt: skip
         return
-    from digin_cli.bench.config import BenchConfig
+    from digin_cli.bench.config import DEFAULT_RUNS, FULL_RUNS, BenchConfig
     from digin_cli.bench.quality import run_bench
 
-    config = BenchConfig(out=out, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps, spacing=spacing, batch_size=batch_size,
-                         uvce_seeds=uvce_seeds, neuron_seeds=neuron_seeds, neuron_cf_seeds=neuron_cf_seeds, device=device)  # fmt: skip
+    config = BenchConfig(out=out, runs=FULL_RUNS if full else DEFAULT_RUNS, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps,
+                         spacing=spacing, batch_size=batch_size, uvce_seeds=uvce_seeds, neuron_seeds=neuron_seeds,
+                         neuron_cf_seeds=neuron_cf_seeds, directions_images=directions_images, device=device)  # fmt: skip
     config.shapes = _names(shapes) or config.shapes
     config.rows = _names(rows) if rows is not None else config.rows
     result = call_with_progress(run_bench, config, quiet)

@@ -12,9 +12,9 @@ import torch
 
 from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig, initial_latents
 from digin_cli.errors import DiginError
-from digin_cli.models import Classifier, load_classifier, resolve_class
+from digin_cli.models import Classifier, load_classifier
 from digin_cli.objectives import FeatureMap, NeuronObjective
-from digin_cli.tasks.neuron_target import check_neuron_or_direction, neuron_target, target_label
+from digin_cli.tasks.neuron_target import check_neuron_or_direction, class_head, neuron_target, target_label
 from digin_cli.tasks.runtime import (
     NoProgress,
     Progress,
@@ -181,11 +181,7 @@ def find_neurons(job: NeuronSearchJob) -> dict[str, Any]:
     device, unet_dtype = resolve_runtime(job.runtime)
     # 2. The classifier, its last layer and the class.
     classifier = load_classifier(job.classifier, device)
-    head = classifier.head_weight()
-    if head is None:
-        raise DiginError(f"{classifier.spec} has no linear last layer to attribute its logits to")
-    class_index = resolve_class(classifier, job.class_name)
-    class_name = classifier.class_names[class_index]
+    class_index, class_name, weight = class_head(classifier, job.class_name, "attributing a logit to its neurons")
     prompt = job.prompt_template.format(class_name)
     # 3. Images of the class, and each neuron's share of its logit.
     engine = open_engine(job.runtime, device, unet_dtype, job.sampler)
@@ -198,7 +194,6 @@ def find_neurons(job: NeuronSearchJob) -> dict[str, Any]:
     )
     features, logits = classifier.features_and_logits(images)  # (N, D), (N, C)
     mean_activation = features.float().mean(0)  # (D,)
-    weight = head[class_index].float()  # (D,)
     contribution = weight * mean_activation  # (D,): each neuron's share of the class logit
     order = contribution.argsort(descending=True)[: job.top].tolist()
     return {

@@ -9,8 +9,19 @@ import torch
 
 from digin_cli.errors import DiginError
 from digin_cli.io import load_vector_file
+from digin_cli.models.classifiers import Classifier, resolve_class
 from digin_cli.objectives import FeatureMap
 from digin_cli.tasks.runtime import slug
+
+
+def class_head(classifier: Classifier, class_name: str, needed_for: str) -> tuple[int, str, torch.Tensor]:
+    """The class (index, name) and its row of the last linear layer, w_k (D,); one line when
+    the classifier has no linear last layer (`needed_for` says what wanted it)."""
+    head = classifier.head_weight()
+    if head is None:
+        raise DiginError(f"{classifier.spec} has no linear last layer; {needed_for} needs one (timm and openclip models have it)")
+    class_index = resolve_class(classifier, class_name)
+    return class_index, classifier.class_names[class_index], head[class_index].detach().float()
 
 
 def check_neuron_or_direction(neuron: int | None, direction_file: Path | None) -> None:

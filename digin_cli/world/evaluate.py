@@ -2,7 +2,8 @@
 
 For every (shape, colour, background) combination and a few seeds, sample an image
 from "a photograph of a <colour> <shape> on <background>" and check:
-- shape: does `shapes:oracle` recognise the prompted shape?
+- shape: do `shapes:oracle`, the independently trained `shapes:oracle-2` and the
+  geometric shape judge (`geometry.judge_shape`, no classifier) see the prompted shape?
 - colour and background: does the renderer's colour statistics (`judge_colours`)
   read back the prompted colour and background?
 
@@ -21,7 +22,10 @@ import torch
 
 from digin_cli.engine import GuidedDDIM, SamplerConfig, initial_latents
 from digin_cli.models import load_classifier, load_diffusion
+from digin_cli.world.geometry import judge_shape
 from digin_cli.world.scenes import BACKGROUNDS, COLOURS, SHAPES, judge_colours
+
+SHAPE_JUDGES = ("oracle", "oracle-2", "geometry")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -34,11 +38,14 @@ def evaluate_generation(seeds_per_prompt: int = 2, sampler: SamplerConfig | None
     sampler = sampler or SamplerConfig()
     components = load_diffusion("shapes")
     engine = GuidedDDIM(components)
-    oracle = load_classifier("shapes:oracle")
+    oracles = {"oracle": load_classifier("shapes:oracle"), "oracle-2": load_classifier("shapes:oracle-2")}
     combos = list(itertools.product(SHAPES, COLOURS, BACKGROUNDS))
     jobs = [(combo, seed) for combo in combos for seed in range(seeds_per_prompt)]
     null = engine.null_embedding()
-    shape_ok = colour_ok = background_ok = 0
+    shape_ok = {judge: 0 for judge in SHAPE_JUDGES}
+    # Per prompted shape: how often each judge sees it.
+    by_shape = {shape: {judge: 0 for judge in SHAPE_JUDGES} | {"images": 0} for shape in SHAPES}
+    colour_ok = background_ok = 0
     started = time.perf_counter()
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
@@ -48,16 +55,23 @@ def evaluate_generation(seeds_per_prompt: int = 2, sampler: SamplerConfig | None
         images = engine.sample(
             initial_latents(components, seeds), engine.encode_text(prompts), null.expand(len(chunk), -1, -1), sampler
         )  # (B, 3, 64, 64)
-        predicted = oracle(images).argmax(dim=1).tolist()
-        for ((shape, colour, background), _), pred, image in zip(chunk, predicted, to_uint8(images)):
+        predicted = {name: oracle(images).argmax(dim=1).tolist() for name, oracle in oracles.items()}
+        for i, (((shape, colour, background), _), image) in enumerate(zip(chunk, to_uint8(images))):
+            seen = {name: SHAPES[predicted[name][i]] for name in oracles} | {"geometry": judge_shape(image).shape}
+            by_shape[shape]["images"] += 1
+            for judge in SHAPE_JUDGES:
+                shape_ok[judge] += seen[judge] == shape
+                by_shape[shape][judge] += seen[judge] == shape
             judged = judge_colours(image)
-            shape_ok += SHAPES[pred] == shape
             colour_ok += judged.colour == colour
             background_ok += judged.background == background
     n = len(jobs)
     return {
         "images": n,
-        "shape_recognised_by_oracle": shape_ok / n,
+        "shape_recognised_by_oracle": shape_ok["oracle"] / n,
+        "shape_recognised_by_oracle_2": shape_ok["oracle-2"] / n,
+        "shape_recognised_by_geometry": shape_ok["geometry"] / n,
+        "by_shape": by_shape,
         "colour_correct": colour_ok / n,
         "background_correct": background_ok / n,
         "sampler": {"num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale},
