@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from typer.testing import CliRunner
 
 from digin_cli.cli import app
@@ -73,3 +75,14 @@ def test_sdxl_sized_pipeline_has_sdxl_shapes():
     assert unet.config.addition_embed_type == "text_time" and list(unet.config.transformer_layers_per_block) == [1, 2, 10]
     assert unet.config.projection_class_embeddings_input_dim == 6 * 256 + 1280 == 6 * 256 + components.text_encoder_2.config.projection_dim
     assert components.is_sdxl and components.family == "sdxl" and components.resolution == 64
+
+
+def test_cpu_plan_leaves_out_the_costliest_repeats(tmp_path):
+    from digin_cli.bench.perf import PerfConfig, few_step_repeats, throughput_batches
+
+    config = PerfConfig(out=tmp_path)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert throughput_batches("sdxl-random", config, cpu) == [1]
+    assert throughput_batches("sdxl-random", config, cuda) == throughput_batches("sd1-random", config, cpu) == [1, 2]
+    assert [few_step_repeats(t, config, cpu) for t in (1, 2, 4, 20)] == [3, 3, 3, 2]
+    assert few_step_repeats(20, config, cuda) == 3

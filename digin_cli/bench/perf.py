@@ -66,7 +66,7 @@ class PerfConfig:
     sd_resolution: int | None = None  # image side of the SD-sized pipeline; None: 512 on CUDA, 128 elsewhere
     ddim_steps: int | None = None  # T; None: 20 on CUDA, on CPU 20 for shapes and 5 for the SD-sized pipeline
     repeats: int = 3
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 2])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2])  # on a CPU, SDXL-sized: batch 1 alone (below)
     memory_factor: int = 4  # memory is measured at T and at memory_factor * T steps
     feature_pipelines: list[str] = field(default_factory=lambda: ["shapes"])  # speed features vs their absence
     few_step_pipeline: str | None = SD1_RANDOM  # the few-step row's pipeline; None: no row
@@ -104,6 +104,22 @@ def load_components(name: str, resolution: int) -> DiffusionComponents:
 def default_steps(name: str, device: torch.device) -> int:
     # On a CPU an SD-sized UNet call takes seconds: 5 steps keep a repeat under a minute.
     return 5 if name in RANDOM_PIPELINES and device.type != "cuda" else 20
+
+
+def throughput_batches(name: str, config: PerfConfig, device: torch.device) -> list[int]:
+    """The batch sizes timed for throughput. On a CPU the SDXL-sized pipeline times batch 1
+    alone: a batch-2 step costs a minute a repeat (measured once: 0.035 images/s at batch
+    2 vs 0.027 at 1, in 228 s), and leaving it out keeps the default --perf run within 30
+    minutes."""
+    if name == SDXL_RANDOM and device.type != "cuda":
+        return [1]
+    return config.batch_sizes
+
+
+def few_step_repeats(steps: int, config: PerfConfig, device: torch.device) -> int:
+    """Repeats in the few-step row: on a CPU the 20-step guided step costs about a minute,
+    so T = 20 takes at most 2 (the median of 2 is their mean)."""
+    return min(config.repeats, 2) if steps == 20 and device.type != "cuda" else config.repeats
 
 
 def default_resolution(name: str, device: torch.device) -> int:
@@ -235,7 +251,7 @@ def pipeline_rows(name: str, config: PerfConfig, device: torch.device, log) -> d
     step = time_optimization_step(engine, steps, 1, config.repeats)
     log(f"  forward sample {_median(forward):.3f} s, optimization step {_median(step):.3f} s")
     throughput = {}
-    for batch in config.batch_sizes:
+    for batch in throughput_batches(name, config, device):
         seconds = step if batch == 1 else time_optimization_step(engine, steps, batch, config.repeats)
         throughput[str(batch)] = {"seconds_per_step": _median(seconds), "images_per_second": round(batch / statistics.median(seconds), 4)}
         log(f"  batch {batch}: {throughput[str(batch)]['images_per_second']:.3f} images/s")
@@ -355,7 +371,8 @@ def few_step_row(config: PerfConfig, device: torch.device, log) -> dict[str, Any
     for steps in FEW_STEPS:
         seconds[str(steps)] = {}
         for label, guidance in (("guided", 3.0), ("unguided", 0.0)):
-            seconds[str(steps)][label] = _median(time_optimization_step(engine, steps, 1, config.repeats, guidance=guidance))
+            repeats = few_step_repeats(steps, config, device)
+            seconds[str(steps)][label] = _median(time_optimization_step(engine, steps, 1, repeats, guidance=guidance))
         log(f"  T = {steps}: {seconds[str(steps)]['guided']:.3f} s guided, {seconds[str(steps)]['unguided']:.3f} s unguided")
     ratio = round(seconds["4"]["unguided"] / seconds["20"]["guided"], 4)
     log(f"  4 steps unguided / 20 steps guided: {ratio:.3f} (target <= 0.2)")
