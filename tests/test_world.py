@@ -86,7 +86,11 @@ def test_bench_smoke_run(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "bench.json").read_text())
-    disagree, neuron, uvce, neuron_cf, directions = record["rows"]
+    generator, disagree, neuron, uvce, neuron_cf, directions = record["rows"]
+    # The generator row: every prompt, twice, each judge's count behind its rate.
+    assert generator["runs"] == 128 and sum(s["images"] for s in generator["by_shape"].values()) == 128
+    for judge, key in (("oracle", "shape_by_oracle"), ("oracle-2", "shape_by_oracle_2"), ("geometry", "shape_by_geometry")):
+        assert generator["rates"][key]["successes"] == sum(s[judge] for s in generator["by_shape"].values())
     assert disagree["runs"] == 1 and set(disagree["per_shape"]) == {"circle"}
     assert disagree["success_rate"] == disagree["per_shape"]["circle"]["success_rate"] in (0.0, 1.0)
     assert neuron["maximize"]["runs"] == 1 and neuron["minimize"]["runs"] == 1
@@ -151,7 +155,7 @@ def test_bench_rejects_unknown_shapes(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--shapes", "hexagon"])
     assert result.exit_code != 0 and "unknown shape(s) hexagon" in result.stderr
     result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--rows", "neuron,nuvce"])
-    assert result.exit_code != 0 and "the rows are disagree, neuron, uvce, neuron-cf, directions" in result.stderr
+    assert result.exit_code != 0 and "the rows are generator, disagree, neuron, uvce, neuron-cf, directions" in result.stderr
     assert not (tmp_path / "bench.json").exists()
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from digin_cli.bench.config import ROW_NAMES, BenchConfig
 from digin_cli.bench.directions_row import directions_row
 from digin_cli.bench.disagree_row import disagreement_row
+from digin_cli.bench.generator_row import generator_row
 from digin_cli.bench.neuron_cf_row import neuron_cf_row
 from digin_cli.bench.neuron_row import neuron_row
 from digin_cli.bench.uvce_row import uvce_row
@@ -21,7 +22,7 @@ from digin_cli.report.build import write_bench_page
 from digin_cli.tasks.runtime import Progress
 
 # The rows by the names `digin bench --rows` takes, in the order they run.
-ROWS = dict(zip(ROW_NAMES, (disagreement_row, neuron_row, uvce_row, neuron_cf_row, directions_row)))
+ROWS = dict(zip(ROW_NAMES, (generator_row, disagreement_row, neuron_row, uvce_row, neuron_cf_row, directions_row)))
 
 
 def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from digin_cli.cli.app import app, call, call_with_progress, fail, stderr, stdout
-from digin_cli.cli.options import BatchOpt, DdimStepsOpt, DeviceOpt, OutOpt, QuietOpt, StepsOpt
+from digin_cli.cli.options import BatchOpt, DeviceOpt, OutOpt, QuietOpt, StepsOpt
 
 PERF = "--perf (performance benchmark)"
 
@@ -26,8 +26,8 @@ def bench(
     full: Annotated[bool, typer.Option("--full", help="48 runs behind every headline rate instead of 16 (about 3x the time).")] = False,
     seeds: Annotated[int | None, typer.Option(help="Runs (seeds) per shape for the disagree row (default: the runs / 4).")] = None,
     steps: StepsOpt = 20,
-    ddim_steps: DdimStepsOpt = 20,
-    spacing: Annotated[str | None, typer.Option(help="DDIM timestep spacing: leading, trailing or linspace (default: the model's).")] = None,
+    ddim_steps: Annotated[int, typer.Option("--ddim-steps", help="DDIM sampling steps (the paper's 20: --ddim-steps 20 --spacing leading).")] = 8,
+    spacing: Annotated[str, typer.Option(help="DDIM timestep spacing: leading, trailing or linspace.")] = "trailing",
     batch_size: BatchOpt = 8,
     uvce_seeds: Annotated[int | None, typer.Option(help="Scenes per shape for the uvce row (default: the runs / 4).")] = None,
     neuron_seeds: Annotated[
@@ -39,7 +39,7 @@ def bench(
     directions_images: Annotated[int, typer.Option(help="Images of the class for the directions row's neural PCA.")] = 64,
     rows: Annotated[
         str | None,
-        typer.Option(help="Comma-separated rows to run: disagree, neuron, uvce, neuron-cf, directions (default: all)."),
+        typer.Option(help="Comma-separated rows to run: generator, disagree, neuron, uvce, neuron-cf, directions (default: all)."),
     ] = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,

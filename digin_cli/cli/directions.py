@@ -25,8 +25,7 @@ def directions(
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
-    """A class's feature directions by neural PCA of its last-layer contributions (Neuhaus et al.):
-    a .npy per component for `--direction`, and a sheet of the images that activate it most."""
+    """A class's feature directions by neural PCA (Neuhaus et al.): a .npy each for --direction, and its top images."""
     from digin_cli.tasks.directions import DirectionsJob, run_directions
     from digin_cli.tasks.runtime import RuntimeOptions
 

@@ -22,6 +22,7 @@ import torch
 
 from digin_cli.engine import GuidedDDIM, SamplerConfig, initial_latents
 from digin_cli.models import load_classifier, load_diffusion
+from digin_cli.tasks.runtime import sampling_components
 from digin_cli.world.geometry import judge_shape
 from digin_cli.world.scenes import BACKGROUNDS, COLOURS, SHAPES, judge_colours
 
@@ -34,11 +35,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate_generation(seeds_per_prompt: int = 2, sampler: SamplerConfig | None = None, batch: int = 32) -> dict:
+def evaluate_generation(seeds_per_prompt: int = 2, sampler: SamplerConfig | None = None, batch: int = 32,
+                        device: str = "cpu") -> dict:  # fmt: skip
     sampler = sampler or SamplerConfig()
-    components = load_diffusion("shapes")
-    engine = GuidedDDIM(components)
-    oracles = {"oracle": load_classifier("shapes:oracle"), "oracle-2": load_classifier("shapes:oracle-2")}
+    components = sampling_components(load_diffusion("shapes"), sampler)  # the sampler's spacing
+    engine = GuidedDDIM(components, device=torch.device(device))
+    oracles = {"oracle": load_classifier("shapes:oracle", device), "oracle-2": load_classifier("shapes:oracle-2", device)}
     combos = list(itertools.product(SHAPES, COLOURS, BACKGROUNDS))
     jobs = [(combo, seed) for combo in combos for seed in range(seeds_per_prompt)]
     null = engine.null_embedding()
@@ -56,6 +58,7 @@ def evaluate_generation(seeds_per_prompt: int = 2, sampler: SamplerConfig | None
             initial_latents(components, seeds), engine.encode_text(prompts), null.expand(len(chunk), -1, -1), sampler
         )  # (B, 3, 64, 64)
         predicted = {name: oracle(images).argmax(dim=1).tolist() for name, oracle in oracles.items()}
+        images = images.cpu()
         for i, (((shape, colour, background), _), image) in enumerate(zip(chunk, to_uint8(images))):
             seen = {name: SHAPES[predicted[name][i]] for name in oracles} | {"geometry": judge_shape(image).shape}
             by_shape[shape]["images"] += 1
@@ -71,10 +74,14 @@ def evaluate_generation(seeds_per_prompt: int = 2, sampler: SamplerConfig | None
         "shape_recognised_by_oracle": shape_ok["oracle"] / n,
         "shape_recognised_by_oracle_2": shape_ok["oracle-2"] / n,
         "shape_recognised_by_geometry": shape_ok["geometry"] / n,
+        "recognised": shape_ok,  # images whose prompted shape each judge sees
         "by_shape": by_shape,
         "colour_correct": colour_ok / n,
+        "colours_correct": colour_ok,
+        "backgrounds_correct": background_ok,
         "background_correct": background_ok / n,
-        "sampler": {"num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale},
+        "sampler": {"num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
+                    "spacing": engine.components.scheduler.config.timestep_spacing},
         "seconds": round(time.perf_counter() - started, 1),
     }
 
