@@ -1,7 +1,10 @@
 """Performance benchmark: what one optimization step costs, and what grows with what.
 
-Measured in one process, after a warm-up, as medians of repeats (ratios are taken
-within the run, so they mean the same on any machine):
+Each pipeline's rows (and the few-step row) are measured in a process of their own, after
+a warm-up, as medians of repeats (ratios are taken within the run, so they mean the same
+on any machine). Own processes, because a pipeline's freed memory does not go back to
+the system at once: in one process an SDXL-sized pipeline (11 GB) left the next one
+checkpointed (less free memory) and the few-step row killed for memory on a 24 GB machine.
 
 - the wall time of a plain forward sample (no gradients) and of one optimization step
   (forward through the whole DDIM chain, loss on the last x0-predictions, backward with
@@ -29,7 +32,6 @@ measured (a classifier adds the same cost to every step).
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import statistics
@@ -404,11 +406,8 @@ def run_perf(config: PerfConfig, log=lambda message: None) -> dict[str, Any]:
     # process that has loaded nothing big yet; an SDXL-sized pipeline is 11 GB in fp32.
     last = len(PIPELINE_SIZE_ORDER)
     order = sorted(config.pipelines, key=lambda name: PIPELINE_SIZE_ORDER.index(name) if name in PIPELINE_SIZE_ORDER else last)
-    rows = []
-    for name in order:
-        rows.append(pipeline_rows(name, config, device, log))
-        gc.collect()  # the pipeline's modules go before the next one loads
-    few_steps = few_step_row(config, device, log) if config.few_step_pipeline else None
+    rows = [isolated("pipeline", name, config, device, log) for name in order]
+    few_steps = isolated("few-steps", config.few_step_pipeline, config, device, log) if config.few_step_pipeline else None
     result = {
         "benchmark": "performance: optimization step vs forward sample, memory vs steps, batch throughput, few steps",
         "machine": machine(device),
@@ -422,7 +421,43 @@ def run_perf(config: PerfConfig, log=lambda message: None) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":  # the memory probe: python -m digin_cli.bench.perf NAME RESOLUTION STEPS DEVICE DECODE_CKPT on|auto
-    name, resolution, steps, device_name, decode, checkpointing = sys.argv[1:7]
-    print(json.dumps(memory_probe(name, int(resolution), int(steps), device_name, decode == "1",
-                                  True if checkpointing == "on" else None)))
+def isolated(kind: str, name: str, config: PerfConfig, device: torch.device, log) -> dict[str, Any]:
+    """pipeline_rows (kind "pipeline") or few_step_row ("few-steps") of `name`, run in a
+    fresh process; its log lines are passed on as they come."""
+    settings = {**config.__dict__, "out": str(config.out)}
+    command = [sys.executable, "-m", "digin_cli.bench.perf", "--rows", kind, name, json.dumps(settings), str(device)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        lines = []
+        for line in child.stdout:  # "log: ..." lines while it runs, the JSON result last
+            if line.startswith("log: "):
+                log(line[5:].rstrip("\n"))
+            else:
+                lines.append(line)
+        errors = child.stderr.read()
+    if child.returncode != 0 or not lines:
+        last = errors.strip().splitlines()[-1] if errors.strip() else f"exit code {child.returncode}"
+        reason = " (killed: out of memory?)" if child.returncode in (-9, 137) else ""
+        raise DiginError(f"--perf {kind} of {name} failed{reason}: {last}")
+    return json.loads(lines[-1])
+
+
+def _child_rows(kind: str, name: str, settings: str, device_name: str) -> None:
+    values = json.loads(settings)
+    config = PerfConfig(**{**values, "out": Path(values["out"])})
+    device = torch.device(device_name)
+    log = lambda message: print("log: " + message.replace("\n", " "), flush=True)  # noqa: E731
+    try:
+        result = pipeline_rows(name, config, device, log) if kind == "pipeline" else few_step_row(config, device, log)
+    except DiginError as error:  # the parent reports the message in one line
+        print(str(error), file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--rows":  # python -m digin_cli.bench.perf --rows pipeline|few-steps NAME CONFIG_JSON DEVICE
+        _child_rows(*sys.argv[2:6])
+    else:  # the memory probe: python -m digin_cli.bench.perf NAME RESOLUTION STEPS DEVICE DECODE_CKPT on|auto
+        name, resolution, steps, device_name, decode, checkpointing = sys.argv[1:7]
+        print(json.dumps(memory_probe(name, int(resolution), int(steps), device_name, decode == "1",
+                                      True if checkpointing == "on" else None)))
