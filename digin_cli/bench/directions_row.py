@@ -37,9 +37,9 @@ FOLDER_SEED, HELD_OUT_SEED = 1901, 1902
 
 
 def directions_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
-    background = shapes_classifier_meta("background-biased")["background_neuron"]["background"]
-    planted = shapes_classifier_meta("background-biased")["planted"]
-    class_name = next(shape for shape, where in planted.items() if where == background)
+    meta = shapes_classifier_meta("background-biased")
+    background = meta["background_neuron"]["background"]
+    class_name = next(shape for shape, where in meta["planted"].items() if where == background)
     folder = config.out / "directions"
 
     # 1. The class's images, backgrounds balanced, and their components.
@@ -53,7 +53,7 @@ def directions_row(config: BenchConfig, progress: Progress | None = None) -> dic
     record = run_directions(job, progress)
 
     # 2. Each top component judged on fresh scenes of every shape and background.
-    judged = _separation(record, job.out, config.device)
+    judged = _separation(record, job.out, background)
     grass = [entry for entry in judged if entry["is_planted_feature"]]
     found = grass[0] if grass else None
 
@@ -96,9 +96,8 @@ def directions_row(config: BenchConfig, progress: Progress | None = None) -> dic
 
 
 @torch.no_grad()
-def _separation(record: dict, components_folder: Path, device: str) -> list[dict]:
-    """Per top component: how its activation separates the planted background on fresh scenes."""
-    background = shapes_classifier_meta("background-biased")["background_neuron"]["background"]
+def _separation(record: dict, components_folder: Path, background: str) -> list[dict]:
+    """Per top component: how its activation separates `background` on fresh scenes."""
     classifier = load_classifier(CLASSIFIER)
     rng = np.random.default_rng(HELD_OUT_SEED)
     scenes = [sample_scene(rng, shape=shape, background=where) for where in BACKGROUNDS for shape in SHAPES for _ in range(8)]

@@ -57,7 +57,6 @@ SDXL_RANDOM = "sdxl-random"
 RANDOM_PIPELINES = {SD1_RANDOM: build_sd1_random, SDXL_RANDOM: build_sdxl_random}
 PIPELINES = ("shapes", SD1_RANDOM, SDXL_RANDOM)
 FEW_STEPS = (1, 2, 4, 20)  # DDIM steps of the few-step row
-PIPELINE_SIZE_ORDER = (SDXL_RANDOM, SD1_RANDOM)  # run before any other pipeline, in this order
 
 
 @dataclass
@@ -402,11 +401,8 @@ def run_perf(config: PerfConfig, log=lambda message: None) -> dict[str, Any]:
     config.check()
     device = resolve_device(config.device)
     started = time.perf_counter()
-    # The largest model first: its memory probes (processes of their own) then run beside a
-    # process that has loaded nothing big yet; an SDXL-sized pipeline is 11 GB in fp32.
-    last = len(PIPELINE_SIZE_ORDER)
-    order = sorted(config.pipelines, key=lambda name: PIPELINE_SIZE_ORDER.index(name) if name in PIPELINE_SIZE_ORDER else last)
-    rows = [isolated("pipeline", name, config, device, log) for name in order]
+    # Each pipeline in a process of its own (see the module docstring): this one loads none.
+    rows = [isolated("pipeline", name, config, device, log) for name in config.pipelines]
     few_steps = isolated("few-steps", config.few_step_pipeline, config, device, log) if config.few_step_pipeline else None
     result = {
         "benchmark": "performance: optimization step vs forward sample, memory vs steps, batch throughput, few steps",

@@ -95,19 +95,20 @@ def neural_pca(features: torch.Tensor, weight: torch.Tensor, class_index: int, c
 
 @torch.no_grad()
 def class_features(classifier: Classifier, files: list[Path], batch_size: int, device) -> tuple[torch.Tensor, list[Path], list[dict]]:
-    """Penultimate features (N, D) of the readable files; the files used; the skipped ones with why."""
+    """Penultimate features (N, D) of the readable files, `batch_size` images in memory at a
+    time; the files used; the skipped ones with why."""
     size = max(classifier.input_size)
-    used, skipped, images = [], [], []
-    for path in files:
-        try:
-            images.append(load_image(path, size))
-            used.append(path)
-        except ImageReadError as error:
-            skipped.append({"file": path.name, "error": str(error)})
-    features = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack(images[start : start + batch_size]).to(device)  # (B, 3, S, S)
-        features.append(classifier.features(batch).float().cpu())
+    used, skipped, features = [], [], []
+    for start in range(0, len(files), batch_size):
+        images = []
+        for path in files[start : start + batch_size]:
+            try:
+                images.append(load_image(path, size))
+                used.append(path)
+            except ImageReadError as error:
+                skipped.append({"file": path.name, "error": str(error)})
+        if images:
+            features.append(classifier.features(torch.stack(images).to(device)).float().cpu())  # (B, D)
     return (torch.cat(features) if features else torch.empty(0)), used, skipped
 
 

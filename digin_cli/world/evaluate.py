@@ -44,7 +44,6 @@ def evaluate_generation(seeds_per_prompt: int = 2, sampler: SamplerConfig | None
     combos = list(itertools.product(SHAPES, COLOURS, BACKGROUNDS))
     jobs = [(combo, seed) for combo in combos for seed in range(seeds_per_prompt)]
     null = engine.null_embedding()
-    shape_ok = {judge: 0 for judge in SHAPE_JUDGES}
     # Per prompted shape: how often each judge sees it.
     by_shape = {shape: {judge: 0 for judge in SHAPE_JUDGES} | {"images": 0} for shape in SHAPES}
     colour_ok = background_ok = 0
@@ -58,17 +57,16 @@ def evaluate_generation(seeds_per_prompt: int = 2, sampler: SamplerConfig | None
             initial_latents(components, seeds), engine.encode_text(prompts), null.expand(len(chunk), -1, -1), sampler
         )  # (B, 3, 64, 64)
         predicted = {name: oracle(images).argmax(dim=1).tolist() for name, oracle in oracles.items()}
-        images = images.cpu()
         for i, (((shape, colour, background), _), image) in enumerate(zip(chunk, to_uint8(images))):
             seen = {name: SHAPES[predicted[name][i]] for name in oracles} | {"geometry": judge_shape(image).shape}
             by_shape[shape]["images"] += 1
             for judge in SHAPE_JUDGES:
-                shape_ok[judge] += seen[judge] == shape
                 by_shape[shape][judge] += seen[judge] == shape
             judged = judge_colours(image)
             colour_ok += judged.colour == colour
             background_ok += judged.background == background
     n = len(jobs)
+    shape_ok = {judge: sum(counts[judge] for counts in by_shape.values()) for judge in SHAPE_JUDGES}
     return {
         "images": n,
         "shape_recognised_by_oracle": shape_ok["oracle"] / n,
