@@ -152,10 +152,12 @@ class AttentionControl:
 
         The reference uses the 16x16 maps of a 64x64 latent (a quarter of the latent side):
         coarse enough to be smooth, fine enough to follow the object. Those maps are used
-        when the UNet has cross-attention at that resolution, else all maps averaged."""
+        when the UNet has cross-attention at that resolution, else all maps averaged. Maps
+        are never taken coarser than 8x8: a quarter of the shapes model's 16x16 latent is a
+        4x4 map, whose cells are a quarter of the image and cannot follow an object."""
         if not self.map_sums:
             return None
-        preferred = self.map_side // 4
+        preferred = max(self.map_side // 4, 8)
         sides = [preferred] if preferred in self.map_sums else sorted(self.map_sums)
         maps = [
             F.interpolate(

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import digin_cli as digin
+from digin_cli.models.builtin import shapes_classifier_meta
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -23,7 +24,7 @@ def readme_example() -> str:
 def test_the_readme_notebook_example_runs(capsys):
     namespace: dict = {}
     exec(compile(readme_example(), "README.md", "exec"), namespace)  # noqa: S102 - our own README
-    run, grass = namespace["run"], namespace["grass"]
+    run, water = namespace["run"], namespace["water"]
     printed = capsys.readouterr().out
     assert len(run) == 2 and [item.record["input"]["seed"] for item in run] == [0, 1]
     assert run.out is None and run.report is None, "without out= nothing stays on disk"
@@ -31,8 +32,9 @@ def test_the_readme_notebook_example_runs(capsys):
         assert isinstance(item.after_image, Image.Image) and item.after_image.size == (64, 64)
         assert item.history[item.best_step]["p_f"] == item.after["p_f"]
         assert f"{item.name} p_f {item.before['p_f']} -> {item.after['p_f']} | p_g {item.after['p_g']}" in printed
-    assert grass.header["config"]["neuron"] == 8 and grass.header["config"]["prompt"] == "a photograph of a red circle on sand"
-    assert grass[0].after["activation"] >= grass[0].before["activation"], "the kept iterate is never worse than the start"
+    documented = shapes_classifier_meta("background-biased")["background_neuron"]["index"]
+    assert water.header["config"]["neuron"] == documented and water.header["config"]["prompt"] == "a photograph of a red circle on sand"
+    assert water[0].after["activation"] >= water[0].before["activation"], "the kept iterate is never worse than the start"
 
 
 def test_api_writes_the_run_folder_and_report_with_out(tmp_path):
@@ -49,11 +51,11 @@ def test_api_takes_loaded_models_and_gives_real_image_results(tmp_path):
     tiny = digin.load_model("tiny")
     classifier = digin.load_classifier("tiny:f")
     image = Path(__file__).resolve().parent.parent / "sample_images" / "chelsea.png"
-    run = digin.uvce(image, classifier, target="circle", source_class="square", model=tiny, ddim_steps=3, steps=1,
+    run = digin.uvce(image, classifier, target="circle", source_class="bar", model=tiny, ddim_steps=3, steps=1,
                      loss_steps=1, cutouts=2, device="cpu", progress=False)  # fmt: skip
     item = run[0]
     assert run.header["config"]["classifier"] == "tiny:f" and run.header["config"]["model"] == tiny.source
-    assert item.record["classes"] == {"source": "square", "target": "circle"}
+    assert item.record["classes"] == {"source": "bar", "target": "circle"}
     assert item.mask.size == item.reconstruction.size == item.after_image.size == (64, 64)
     assert item.images["counterfactual"] is item.after_image
 

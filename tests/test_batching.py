@@ -26,7 +26,7 @@ runner = CliRunner()
 FAST = ["--ddim-steps", "4", "--steps", "2", "--loss-steps", "2", "--cutouts", "2", "--device", "cpu", "--quiet"]
 
 
-def scene(path, seed: int, shape: str = "square"):
+def scene(path, seed: int, shape: str = "bar"):
     from digin_cli.world.scenes import caption, render, sample_scene
 
     picked = sample_scene(np.random.default_rng(seed), shape=shape)
@@ -85,10 +85,10 @@ def test_batched_attention_control_injects_each_item_its_own_recording():
 
 def test_csv_header_names_the_columns_and_may_add_captions(tmp_path):
     path = tmp_path / "items.csv"
-    path.write_text('caption,file,class\n"a photo of a red square, on sand",a.png,square\n')
+    path.write_text('caption,file,class\n"a photo of a red bar, on sand",a.png,bar\n')
     [item] = read_csv(path, tmp_path, ["circle"])
-    assert (item.path, item.source, item.targets, item.caption) == (tmp_path / "a.png", "square", ["circle"], "a photo of a red square, on sand")
-    path.write_text("file,class,label\na.png,square\n")
+    assert (item.path, item.source, item.targets, item.caption) == (tmp_path / "a.png", "bar", ["circle"], "a photo of a red bar, on sand")
+    path.write_text("file,class,label\na.png,bar\n")
     with pytest.raises(DiginError, match="unknown column"):
         read_csv(path, tmp_path, ["circle"])
 
@@ -104,7 +104,7 @@ def test_uvce_batch_gives_the_results_of_one_by_one(tmp_path):
     rows = ["file,class,caption"]
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
         text, _ = scene(folder / f"{name}.png", seed)
-        rows.append(f"{name}.png,square,{text}")
+        rows.append(f"{name}.png,bar,{text}")
     csv = tmp_path / "items.csv"
     csv.write_text("\n".join(rows) + "\n")
     single = runner.invoke(app, uvce(folder, csv, 1, tmp_path / "one"))

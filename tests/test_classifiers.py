@@ -31,7 +31,7 @@ from digin_cli.models.classifiers import (
     zero_shot_cache_path,
 )
 
-SHAPES = ["circle", "square", "triangle", "star"]
+SHAPES = ["circle", "bar", "triangle", "star"]
 TINY_CLIP = "digin-test-tiny-clip"
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from digin_cli.cli import app
 from digin_cli.io import load_vector_file
 from digin_cli.models import load_classifier
+from digin_cli.models.builtin import shapes_classifier_meta
 from digin_cli.tasks.directions import neural_pca
 from digin_cli.tasks.neuron_target import load_direction
 from digin_cli.world.scenes import BACKGROUNDS, render, sample_scene
@@ -65,28 +66,32 @@ def test_a_planted_factor_is_the_first_component():
     assert alpha[factor == 1].mean() > 0  # and its activation is the factor's share of the logit (positive weights)
 
 
-def _write_triangles(folder, per_background=8):
+def _write_scenes(folder, per_background=8, shape="triangle"):
     rng = np.random.default_rng(4)
     folder.mkdir(parents=True, exist_ok=True)
     for where in BACKGROUNDS:
         for i in range(per_background):
-            Image.fromarray(render(sample_scene(rng, shape="triangle", background=where))[0]).save(folder / f"{where}-{i}.png")
+            Image.fromarray(render(sample_scene(rng, shape=shape, background=where))[0]).save(folder / f"{where}-{i}.png")
 
 
-def test_directions_command_finds_the_planted_grass_feature(tmp_path):
-    folder, out = tmp_path / "triangles", tmp_path / "out"
-    _write_triangles(folder)
+def test_directions_command_finds_the_planted_background_feature(tmp_path):
+    # The documented background neuron's background, and the shape planted on it.
+    meta = shapes_classifier_meta("background-biased")
+    background = meta["background_neuron"]["background"]
+    planted = next(shape for shape, where in meta["planted"].items() if where == background)
+    folder, out = tmp_path / "images", tmp_path / "out"
+    _write_scenes(folder, shape=planted)
     (folder / "broken.png").write_bytes(b"not a png")  # one bad file is skipped, not fatal
-    result = CliRunner().invoke(app, ["directions", str(folder), "--classifier", "shapes:background-biased", "--class", "triangle",
+    result = CliRunner().invoke(app, ["directions", str(folder), "--classifier", "shapes:background-biased", "--class", planted,
                                       "--out", str(out), "--components", "4", "--top-images", "6", "--device", "cpu"])  # fmt: skip
     assert result.exit_code == 0, result.output
     record = json.loads((out / "directions.json").read_text())
     assert record["images"] == 32 and [s["file"] for s in record["skipped"]] == ["broken.png"]
     assert len(record["components"]) == 4 and "Next: digin neuron" in result.output
-    # The planted feature: a top-3 component whose six most activating images are all on grass.
-    grass = [c for c in record["components"][:3] if all(t["file"].startswith("grass") for t in c["top_images"])]
-    assert grass, [[t["file"] for t in c["top_images"]] for c in record["components"]]
-    entry = grass[0]
+    # The planted feature: a top-3 component whose six most activating images are all on its background.
+    found = [c for c in record["components"][:3] if all(t["file"].startswith(background) for t in c["top_images"])]
+    assert found, [[t["file"] for t in c["top_images"]] for c in record["components"]]
+    entry = found[0]
     assert (out / entry["sheet"]).is_file() and Image.open(out / entry["sheet"]).width > 6 * 64
     # The file is what --direction loads, and it reproduces the recorded activations.
     classifier = load_classifier("shapes:background-biased")
@@ -104,12 +109,12 @@ def test_directions_errors_are_one_line(tmp_path):
                                   "--out", str(tmp_path / "o")])  # fmt: skip
     assert missing.exit_code == 1 and "is not a folder" in missing.stderr and "Traceback" not in missing.output
     few = tmp_path / "few"
-    _write_triangles(few, per_background=1)
+    _write_scenes(few, per_background=1)
     for path in list(few.iterdir())[1:]:
         path.unlink()
     result = runner.invoke(app, ["directions", str(few), "--classifier", "shapes:oracle", "--class", "circle", "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "PCA needs at least 2 images" in result.stderr
-    _write_triangles(few, per_background=1)
+    _write_scenes(few, per_background=1)
     result = runner.invoke(app, ["directions", str(few), "--classifier", "shapes:oracle", "--class", "hexagon", "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "hexagon" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()  # nothing half-written
@@ -119,7 +124,7 @@ def test_api_directions_is_the_commands_task(tmp_path):
     import digin_cli as digin
 
     folder = tmp_path / "triangles"
-    _write_triangles(folder, per_background=3)
+    _write_scenes(folder, per_background=3)
     record = digin.directions(folder, "shapes:background-biased", "triangle", components=3, device="cpu", out=tmp_path / "o")
     assert record["images"] == 12 and len(record["components"]) == 3
     assert json.loads((tmp_path / "o" / "directions.json").read_text())["components"] == record["components"]

@@ -45,7 +45,7 @@ def test_checkpointed_chain_gives_same_values_and_gradients(tiny_components):
     engine = GuidedDDIM(tiny_components)
     T = 4
     z_T = initial_latents(tiny_components, [3])
-    prompt = engine.encode_text(["a photograph of a square"]).expand(T, -1, -1, -1)  # (T, 1, L, D)
+    prompt = engine.encode_text(["a photograph of a bar"]).expand(T, -1, -1, -1)  # (T, 1, L, D)
     null = engine.encode_text([""]).expand(T, -1, -1, -1)
     results = []
     for use_checkpoint in (False, True):

@@ -233,7 +233,7 @@ def test_sdxl_optimization_moves_every_variable_and_no_weight(sdxl):
 
 def test_uvce_runs_on_sdxl(sdxl_folder, tmp_path):
     out = tmp_path / "out"
-    result = runner.invoke(app, ["uvce", str(SAMPLES / "coffee.png"), "--target", "circle", "--source-class", "square",
+    result = runner.invoke(app, ["uvce", str(SAMPLES / "coffee.png"), "--target", "circle", "--source-class", "bar",
                                  "--model", str(sdxl_folder), "--classifier", "tiny:f", "--out", str(out), *FAST])  # fmt: skip
     assert result.exit_code == 0, result.output
     header, lines = read_run(out)
@@ -250,7 +250,7 @@ def test_ddim_inversion_equals_diffusers_where_it_is_right_and_runs_on_linspace(
     engine = GuidedDDIM(tiny_components)
     image = torch.rand(1, 3, 64, 64)
     latents = encode_image(engine, image)
-    prompt = engine.encode_text(["an image of a square"])
+    prompt = engine.encode_text(["an image of a bar"])
     ours = ddim_inversion(engine, latents, prompt, 5)  # leading spacing, 1000 // 5 exact
     inverse = DDIMInverseScheduler.from_config(tiny_components.scheduler.config)
     inverse.set_timesteps(5)

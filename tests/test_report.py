@@ -63,7 +63,7 @@ def runs(tmp_path_factory):
     Image.open(sample).convert("RGB").resize((96, 64)).save(images / "cat.png")
     (images / "broken.png").write_text("not an image")
     uvce = root / "uvce"
-    args = ["uvce", str(images), "--target", "circle", "--target", "star", "--source-class", "square", "--model", "tiny",
+    args = ["uvce", str(images), "--target", "circle", "--target", "star", "--source-class", "bar", "--model", "tiny",
             "--classifier", "tiny:f", "--out", str(uvce), *FAST]  # fmt: skip
     assert runner.invoke(app, args).exit_code == 1  # the broken image fails alone
     return {"disagree": disagree, "uvce": uvce}

@@ -39,7 +39,7 @@ def disagree(out: Path, *extra: str) -> list[str]:
 
 
 def uvce(inputs: Path, out: Path, *extra: str) -> list[str]:
-    return ["uvce", str(inputs), "--target", "circle", "--source-class", "square", "--model", "tiny", "--classifier",
+    return ["uvce", str(inputs), "--target", "circle", "--source-class", "bar", "--model", "tiny", "--classifier",
             "tiny:f", "--out", str(out), *FAST, *extra]  # fmt: skip
 
 
@@ -48,7 +48,7 @@ def scenes(folder: Path, names: list[str]) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for k, name in enumerate(names):
-        array, _ = render(sample_scene(np.random.default_rng(k), shape="square"))
+        array, _ = render(sample_scene(np.random.default_rng(k), shape="bar"))
         Image.fromarray(array).save(folder / name)
 
 
@@ -133,7 +133,7 @@ def test_a_csv_row_naming_a_missing_file_fails_alone_and_is_retried(tmp_path):
     folder, out = tmp_path / "images", tmp_path / "out"
     scenes(folder, ["a.png"])
     csv = tmp_path / "items.csv"
-    csv.write_text("a.png,square\nmissing.png,square\n")
+    csv.write_text("a.png,bar\nmissing.png,bar\n")
     args = uvce(folder, out, "--csv", str(csv))
     first = runner.invoke(app, args)
     assert first.exit_code == 1
@@ -185,7 +185,7 @@ def test_the_inversion_cache_key_follows_the_weights_and_the_dtype(tiny_folder, 
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # re-saved weights
     assert load_diffusion(str(copy)).identity != same
     image, sampler, config = torch.rand(1, 3, 64, 64), SamplerConfig(4), InversionConfig()
-    keys = {inversion_key(image, same, dtype, "a square", sampler, config) for dtype in ("torch.float32", "torch.bfloat16")}
+    keys = {inversion_key(image, same, dtype, "a bar", sampler, config) for dtype in ("torch.float32", "torch.bfloat16")}
     assert len(keys) == 2
 
 

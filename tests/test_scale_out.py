@@ -46,13 +46,13 @@ def test_two_processes_share_one_folder_run(tmp_path):
     scenes(images, 3)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--module", "digin_cli",
-        "uvce", str(images), "--target", "square", "--model", "tiny", "--classifier", "tiny:f", "--out", str(out), *FAST,
+        "uvce", str(images), "--target", "bar", "--model", "tiny", "--classifier", "tiny:f", "--out", str(out), *FAST,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    records = sorted(p.name for p in out.glob("scene*_square.json"))
-    assert records == ["scene0_square.json", "scene1_square.json", "scene2_square.json"]
+    records = sorted(p.name for p in out.glob("scene*_bar.json"))
+    assert records == ["scene0_bar.json", "scene1_bar.json", "scene2_bar.json"]
     _, summary = read_run(out)
     # One entry per item, in the folder's order, every item done once by one of the two processes.
     assert [entry["input"]["file"].rsplit("/", 1)[-1] for entry in summary] == ["scene0.png", "scene1.png", "scene2.png"]

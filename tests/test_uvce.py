@@ -30,7 +30,7 @@ def scene_image(path, seed: int = 0, size: int = 64, mode: str = "RGB"):
     """A rendered shapes-world scene saved as a file (any mode)."""
     from digin_cli.world.scenes import render, sample_scene
 
-    array, _ = render(sample_scene(np.random.default_rng(seed), shape="square"), size=size)
+    array, _ = render(sample_scene(np.random.default_rng(seed), shape="bar"), size=size)
     Image.fromarray(array).convert(mode).save(path)
     return path
 
@@ -155,7 +155,7 @@ def test_null_text_inversion_beats_ddim_inversion(model, tmp_path):
     image = load_image(scene_image(tmp_path / "scene.png"), components.resolution)[None]
     sampler = SamplerConfig(num_steps=10, guidance_scale=3.0)
     result = null_text_inversion(
-        engine, image, engine.encode_text(["a photograph of a red square on sand"]), engine.encode_text([""]),
+        engine, image, engine.encode_text(["a photograph of a red bar on sand"]), engine.encode_text([""]),
         sampler, InversionConfig(inner_steps=5),  # lr: the model's digin.json default
     )  # fmt: skip
     assert result.null_embs.shape[0] == 10
@@ -165,7 +165,7 @@ def test_null_text_inversion_beats_ddim_inversion(model, tmp_path):
     if model == "shapes":
         assert result.psnr_null_text > result.psnr_ddim + 1.0, (result.psnr_ddim, result.psnr_null_text)
     # The stored inversion reproduces its PSNR when sampled again.
-    again = engine.sample(result.z_T, engine.encode_text(["a photograph of a red square on sand"]), result.null_embs, sampler)
+    again = engine.sample(result.z_T, engine.encode_text(["a photograph of a red bar on sand"]), result.null_embs, sampler)
     assert abs(psnr(again, image) - result.psnr_null_text) < 0.01
 
 
@@ -173,7 +173,7 @@ def test_without_guidance_the_inversion_is_plain_ddim_inversion(tiny_components,
     engine = GuidedDDIM(tiny_components)
     image = load_image(scene_image(tmp_path / "scene.png"), 64)[None]
     null = engine.encode_text([""])
-    result = null_text_inversion(engine, image, engine.encode_text(["a red square"]), null, SamplerConfig(4, guidance_scale=1.0))
+    result = null_text_inversion(engine, image, engine.encode_text(["a red bar"]), null, SamplerConfig(4, guidance_scale=1.0))
     # No null embedding is optimized (the sampler never reads one), and the reconstruction is plain DDIM's.
     assert torch.equal(result.null_embs, null.expand(4, -1, -1, -1).cpu())
     assert result.psnr_null_text == result.psnr_ddim and result.latent_mse_null_text == result.latent_mse_ddim
@@ -185,11 +185,11 @@ def test_inversion_cache_hits_on_the_second_call(tiny_components, tmp_path, monk
     image = load_image(scene_image(tmp_path / "scene.png"), 64)[None]
     sampler = SamplerConfig(num_steps=3)
     config = InversionConfig(inner_steps=1)
-    first, hit1 = invert_cached(engine, image, "an image of a square", sampler, config)
-    second, hit2 = invert_cached(engine, image, "an image of a square", sampler, config)
+    first, hit1 = invert_cached(engine, image, "an image of a bar", sampler, config)
+    second, hit2 = invert_cached(engine, image, "an image of a bar", sampler, config)
     assert (hit1, hit2) == (False, True)
     assert torch.equal(first.z_T, second.z_T) and torch.equal(first.null_embs, second.null_embs)
-    _, other_guidance = invert_cached(engine, image, "an image of a square", SamplerConfig(3, 5.0), config)
+    _, other_guidance = invert_cached(engine, image, "an image of a bar", SamplerConfig(3, 5.0), config)
     _, other_caption = invert_cached(engine, image, "an image of a star", sampler, config)
     assert not other_guidance and not other_caption, "guidance and caption are part of the key"
 
@@ -233,8 +233,8 @@ def test_prepare_image_masks_from_attention_or_file(tiny_components, tiny_classi
     path = scene_image(tmp_path / "scene.png")
     sampler = SamplerConfig(num_steps=3)
     options = RealImageOptions(inversion=InversionConfig(inner_steps=1))
-    prepared = prepare_image(engine, path, tiny_classifiers[0], "square", options, sampler)
-    assert prepared.mask.source == "attention" and prepared.caption == "an image of a square"
+    prepared = prepare_image(engine, path, tiny_classifiers[0], "bar", options, sampler)
+    assert prepared.mask.source == "attention" and prepared.caption == "an image of a bar"
     assert prepared.mask.pixels.shape == (1, 1, 64, 64) and prepared.mask.latents.shape == (1, 1, 16, 16)
     # The mask is the class words' recorded attention, squashed and blurred, and its latent
     # version the area average of it.
@@ -242,7 +242,7 @@ def test_prepare_image_masks_from_attention_or_file(tiny_components, tiny_classi
     assert torch.allclose(prepared.mask.latents, torch.nn.functional.adaptive_avg_pool2d(prepared.mask.pixels, 16))
     Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
     options.mask_file = tmp_path / "mask.png"
-    prepared = prepare_image(engine, path, tiny_classifiers[0], "square", options, sampler)
+    prepared = prepare_image(engine, path, tiny_classifiers[0], "bar", options, sampler)
     assert prepared.mask.source == "file" and prepared.mask.pixels.min() > 0.99
 
 
@@ -260,12 +260,12 @@ def test_uvce_cli_writes_every_output(tmp_path):
     """A real photograph (451x300 JPEG-like PNG) through the whole command on the tiny models."""
     image = SAMPLES / "chelsea.png"
     out = tmp_path / "out"
-    result = runner.invoke(app, uvce(str(image), "--target", "circle", "--target", "star", "--source-class", "square", out=out))
+    result = runner.invoke(app, uvce(str(image), "--target", "circle", "--target", "star", "--source-class", "bar", out=out))
     assert result.exit_code == 0, result.output
     _, lines = read_run(out)
     for target in ("circle", "star"):
         record = read_record(out, f"chelsea_{target}")
-        assert record["classes"] == {"source": "square", "target": target}
+        assert record["classes"] == {"source": "bar", "target": target}
         assert record["target_caption"] == f"an image of a {target}"
         assert record["mask_source"] == "attention"
         # Null-text inversion minimizes the latent error that plain DDIM inversion leaves.
@@ -289,7 +289,7 @@ def test_uvce_folder_survives_a_bad_file_and_resumes(tmp_path):
     scene_image(folder / "b.png", seed=2)
     (folder / "broken.jpg").write_text("not an image")
     out = tmp_path / "out"
-    args = uvce(str(folder), "--target", "circle", "--source-class", "square", out=out)
+    args = uvce(str(folder), "--target", "circle", "--source-class", "bar", out=out)
     first = runner.invoke(app, args)
     assert first.exit_code == 1
     assert first.output.count("Error:") == 1 and "broken.jpg" in first.output and "Traceback" not in first.output
@@ -315,7 +315,7 @@ def test_uvce_bad_input_is_one_line(tmp_path):
         (uvce(str(tmp_path / "missing.png"), "--target", "circle", out=tmp_path / "o1"), "does not exist"),
         (uvce(str(image), "--target", "circel", out=tmp_path / "o2"), "circel"),
         (uvce(str(image), out=tmp_path / "o3"), "--target"),
-        (uvce(str(image), "--target", "circle", "--caption", "a photo", "--source-class", "square", out=tmp_path / "o4"), "caption"),
+        (uvce(str(image), "--target", "circle", "--caption", "a photo", "--source-class", "bar", out=tmp_path / "o4"), "caption"),
         (uvce(str(image), "--target", "circle", "--p2p-fraction", "1.5", out=tmp_path / "o5"), "p2p"),
     ]
     for args, expected in cases:
@@ -350,7 +350,7 @@ def tiny_blip_folder(folder):
     from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     folder.mkdir()
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "an", "image", "of", "a", "square", "on", "grass", "red", "."]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "an", "image", "of", "a", "bar", "on", "grass", "red", "."]
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
     # transformers 5 ignores vocab_file= in the constructor: load the folder instead.
     tokenizer = BertTokenizerFast.from_pretrained(folder, model_max_length=32)
@@ -373,13 +373,13 @@ def test_captioner_extends_the_default_caption(tiny_components, tiny_classifiers
     captioner = load_captioner(str(tiny_blip_folder(tmp_path / "blip")))
     engine = GuidedDDIM(tiny_components)
     options = RealImageOptions(inversion=InversionConfig(inner_steps=1))
-    prepared = prepare_image(engine, scene_image(tmp_path / "s.png"), tiny_classifiers[0], "square", options,
+    prepared = prepare_image(engine, scene_image(tmp_path / "s.png"), tiny_classifiers[0], "bar", options,
                              SamplerConfig(num_steps=3), captioner=captioner)  # fmt: skip
-    assert prepared.caption.startswith("an image of a square")  # the class words stay for prompt-to-prompt
+    assert prepared.caption.startswith("an image of a bar")  # the class words stay for prompt-to-prompt
     assert "." not in prepared.caption
-    assert len(prepared.caption) > len("an image of a square"), "the model's continuation was added"
-    words = captioner.processor.tokenizer("an image of a square").input_ids
+    assert len(prepared.caption) > len("an image of a bar"), "the model's continuation was added"
+    words = captioner.processor.tokenizer("an image of a bar").input_ids
     assert captioner.processor.tokenizer.unk_token_id not in words, "the tokenizer kept its vocabulary"
-    assert captioner.extend(torch.zeros(3, 64, 64), "an image of a square").startswith("an image of a square")
+    assert captioner.extend(torch.zeros(3, 64, 64), "an image of a bar").startswith("an image of a bar")
     with pytest.raises(DiginError, match="could not load the captioner"):
         load_captioner(str(tmp_path / "missing"))

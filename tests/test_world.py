@@ -65,7 +65,7 @@ def test_generation_draws_the_prompted_shape_and_colour():
     engine = GuidedDDIM(components)
     oracle = load_classifier("shapes:oracle")
     prompts = [f"a photograph of a {c} {s} on {b}" for s, c, b in
-               (("circle", "red", "sand"), ("square", "blue", "snow"), ("triangle", "yellow", "water"), ("star", "green", "snow"))]  # fmt: skip
+               (("circle", "red", "sand"), ("bar", "blue", "snow"), ("triangle", "yellow", "water"), ("star", "green", "snow"))]  # fmt: skip
     seeds = list(range(len(prompts)))
     images = engine.sample(
         initial_latents(components, seeds), engine.encode_text(prompts),
@@ -94,11 +94,11 @@ def test_bench_smoke_run(tmp_path):
     assert disagree["runs"] == 1 and set(disagree["per_shape"]) == {"circle"}
     assert disagree["success_rate"] == disagree["per_shape"]["circle"]["success_rate"] in (0.0, 1.0)
     assert neuron["maximize"]["runs"] == 1 and neuron["minimize"]["runs"] == 1
-    assert uvce["runs"] == 1 and uvce["items"][0]["target"] == "square"
+    assert uvce["runs"] == 1 and uvce["items"][0]["target"] == "bar"
     item = uvce["items"][0]
-    assert uvce["flip_rate"] == float(item["oracle"] == "square")
-    assert uvce["agreement_rate"] == float(item["oracle"] == item["oracle_2"] == "square")
-    assert neuron_cf["runs"] == 3 and neuron_cf["neuron"] == 8
+    assert uvce["flip_rate"] == float(item["oracle"] == "bar")
+    assert uvce["agreement_rate"] == float(item["oracle"] == item["oracle_2"] == "bar")
+    assert neuron_cf["runs"] == 3 and neuron_cf["neuron"] == shapes_classifier_meta("background-biased")["background_neuron"]["index"]
     assert neuron_cf["control_flagged_rate"] in (0.0, 1.0) and neuron_cf["flagged_rate"] in (0.0, 1.0)
     assert neuron_cf["control_cleared_rate"] + neuron_cf["control_flagged_rate"] <= 1.0
     assert "revealed shortcut" in result.output
@@ -111,14 +111,14 @@ def test_bench_smoke_run(tmp_path):
     assert len(judged) == 2 and circle["f_and_g_rate"] == f_and_g
     assert disagree["rates"]["success"]["successes"] == int(f_and_g == 1 and judged == ["circle", "circle"])
     assert "geometric shape judge" in disagree["criterion"]
-    assert uvce["rates"]["flip"]["successes"] == int(item["oracle"] == "square")
+    assert uvce["rates"]["flip"]["successes"] == int(item["oracle"] == "bar")
     low, high = uvce["rates"]["flip"]["interval_95"]
     assert (low, high) == ((0.2065, 1.0) if uvce["flip_rate"] == 1.0 else (0.0, 0.7935))
     assert neuron["maximize"]["rates"]["background_judged"]["runs"] == 1
     assert neuron_cf["rates"]["control_cleared"]["rate"] == neuron_cf["control_cleared_rate"]
     assert "95% CI" in json.dumps(record["rows"][0]["headline"])
     # uvce: the shape judge and the reconstruction's own background PSNR beside the counterfactual's.
-    assert uvce["rates"]["shape_judge_agrees"]["successes"] == int(item["oracle"] == item["geometry"] == "square")
+    assert uvce["rates"]["shape_judge_agrees"]["successes"] == int(item["oracle"] == item["geometry"] == "bar")
     assert item["reconstruction_background_psnr_db"] > item["background_psnr_db"] - 15
     # directions: components judged on fresh scenes; the planted one maximized when found.
     assert [c["component"] for c in directions["components"]] == [0, 1, 2]

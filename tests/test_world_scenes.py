@@ -28,11 +28,11 @@ def test_render_is_deterministic_and_returns_a_mask():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_shapes_differ_in_area_as_geometry_says(shape):
-    # At equal radius a circle covers pi r^2, a square 2 r^2, a five-pointed star (inner radius 0.45 r) and a triangle less.
+    # At equal radius a circle covers pi r^2, a bar (2.5 : 1) 2 r^2 sin(2 atan(1 / 2.5)), a five-pointed star (inner radius 0.45 r) and a triangle less.
     rng = np.random.default_rng(0)
     scene = sample_scene(rng, shape=shape)
     area = render(scene)[1].mean() / (scene.radius**2)
-    expected = {"circle": np.pi, "square": 2.0, "triangle": 3 * np.sqrt(3) / 4, "star": 10 * 0.5 * 0.45 * np.sin(np.pi / 5)}[shape]
+    expected = {"circle": np.pi, "bar": 2 * np.sin(2 * np.arctan(1 / 2.5)), "triangle": 3 * np.sqrt(3) / 4, "star": 10 * 0.5 * 0.45 * np.sin(np.pi / 5)}[shape]
     assert area == pytest.approx(expected, rel=0.15)
 
 

@@ -1,13 +1,15 @@
-"""Row "directions": neural PCA of the grass-planted class of shapes:background-biased.
+"""Row "directions": neural PCA of a background-planted class of shapes:background-biased.
 
-1. `digin directions` on a folder of rendered scenes of the class (the shape planted on
-   grass), its backgrounds balanced, as a user would hand in images of a class.
-2. Which of its components is the grass feature, judged by the renderer's ground truth on
-   fresh scenes of every shape and background (never the folder's): a component is the
-   grass feature when its activation separates grass from the other backgrounds by a
-   large margin (ROC AUC >= 0.95 and Cohen's d >= 2, grass higher).
-3. That component maximized by `digin neuron --direction` from scenes off grass: does
-   the background turn to grass (judged from the pixels)?
+The background is the documented background neuron's (meta.json; water in the shipped
+world), the class the shape planted on it (bar).
+1. `digin directions` on a folder of rendered scenes of the class, its backgrounds
+   balanced, as a user would hand in images of a class.
+2. Which of its components is the background feature, judged by the renderer's ground
+   truth on fresh scenes of every shape and background (never the folder's): a component
+   is that feature when its activation separates the background from the other
+   backgrounds by a large margin (ROC AUC >= 0.95 and Cohen's d >= 2, that background higher).
+3. That component maximized by `digin neuron --direction` from scenes off the background:
+   does the background turn to it (judged from the pixels)?
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ def directions_row(config: BenchConfig, progress: Progress | None = None) -> dic
 
     # 2. Each top component judged on fresh scenes of every shape and background.
     judged = _separation(record, job.out, background)
-    grass = [entry for entry in judged if entry["is_planted_feature"]]
-    found = grass[0] if grass else None
+    planted = [entry for entry in judged if entry["is_planted_feature"]]
+    found = planted[0] if planted else None
 
-    # 3. Maximizing the planted feature from scenes off grass.
+    # 3. Maximizing the planted feature from scenes off its background.
     maximized = {"runs": 0}
     if found is not None:
         runs = neuron_runs(config, progress, folder / "maximize", background, maximize=True,

@@ -1,5 +1,5 @@
-"""Row "neuron-cf": the documented grass neuron of shapes:background-biased, and a control
-neuron, on rendered scenes with their object masks; judged by ground truth and digin's verdict."""
+"""Row "neuron-cf": the documented background neuron of shapes:background-biased (its
+meta.json names it and its background), and a control neuron, on rendered scenes with their object masks; judged by ground truth and digin's verdict."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from digin_cli.world.scenes import BACKGROUNDS, caption, judge_colours, sample_s
 
 
 def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Row "neuron-cf": the documented grass neuron of shapes:background-biased on rendered scenes.
+    """Row "neuron-cf": the documented background neuron of shapes:background-biased on rendered scenes.
 
     - maximize on scenes off its background: is the background judged as that background
       afterwards (renderer colour statistics, outside the ground-truth object mask), and

@@ -26,7 +26,7 @@ UVCE_RIM_PX = 4  # the object mask is dilated by this much before "background" i
 def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Row "uvce": counterfactuals between shapes on rendered scenes, explaining shapes:oracle.
 
-    Each scene's shape is turned into the next shape (circle -> square -> triangle -> star
+    Each scene's shape is turned into the next shape (circle -> bar -> triangle -> star
     -> circle). Judged by ground truth: flip rate (the oracle's top class is the target),
     PSNR outside the rendered object mask (dilated by UVCE_RIM_PX: the new shape may be a
     little larger), and the share of counterfactuals where an independently trained

@@ -21,6 +21,7 @@ from digin_cli.errors import DiginError
 from digin_cli.io import cache_dir
 from digin_cli.models.classifiers import BUILTIN_CLASSIFIER_LOADERS, Classifier, load_classifier
 from digin_cli.models.diffusion import BUILTIN_DIFFUSION_MODELS
+from digin_cli.world.scenes import SHAPES
 from digin_cli.models.sd_parts import (
     assemble_pipeline,
     clip_text_encoder,
@@ -31,10 +32,10 @@ from digin_cli.models.sd_parts import (
     write_model_settings,
 )
 
-TINY_CLASSES = ["circle", "square", "triangle", "star"]
+TINY_CLASSES = list(SHAPES)  # the shapes world's classes, so rendered test scenes carry real labels
 TINY_CLASSIFIERS = {"f": 1, "g": 2}  # name -> init seed
 TINY_CLASSIFIER_SIZE = 64  # the tiny pipeline's resolution: no upsampling to timm's default 160
-TINY_VERSION = "v6"  # bump when the recipe below changes, so old caches are not reused
+TINY_VERSION = "v7"  # bump when the recipe below changes, so old caches are not reused
 
 
 def build_tiny_pipeline(folder: Path, seed: int = 0) -> None:

@@ -113,15 +113,16 @@ def write_model_settings(folder: Path) -> None:
     (Path(folder) / SETTINGS_FILE).write_text(json.dumps(SMALL_MODEL_SETTINGS, indent=2) + "\n")
 
 
-def small_unet(down_block_types, up_block_types, cross_attention_dim: int, attention_head_dim):
-    """The built-in models' UNet2DConditionModel: 16x16x4 latents, two levels of 32 and 64 channels."""
+def small_unet(down_block_types, up_block_types, cross_attention_dim: int, attention_head_dim,
+               block_out_channels: tuple[int, ...] = (32, 64)):  # fmt: skip
+    """The built-in models' UNet2DConditionModel on 16x16x4 latents (by default two levels, 32 and 64 channels)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         down_block_types=down_block_types,
         up_block_types=up_block_types,

@@ -1,6 +1,6 @@
 """The shape judge: the object's shape read from the pixels by geometry, no classifier.
 
-A classifier's verdict can be fooled by the very optimization it judges (a square
+A classifier's verdict can be fooled by the very optimization it judges (a shape
 optimized into a "triangle" can come out as a four-pointed star the oracle scores as a
 triangle). This judge cannot be optimized against: it has no gradients and no weights.
 
@@ -8,10 +8,12 @@ triangle). This judge cannot be optimized against: it has no gradients and no we
    palette (as `judge_colours` reads them); the largest 4-connected region, holes filled.
 2. Its radial signature r(theta): from the region's centroid, cast rays at 128 angles
    over the region's (bilinearly sampled) mask and take where each leaves the object.
-3. The rotation-invariant Fourier magnitudes of r(theta): a triangle's signature has
-   3-fold symmetry, a square's 4-fold, a five-pointed star's 5-fold (and their
-   multiples only), a circle's none. The strongest of harmonics 3, 4 and 5, relative to
-   the mean radius, names the shape; when none exceeds `CIRCLE_THRESHOLD` it is a circle.
+3. The rotation-invariant Fourier magnitudes of r(theta): a bar's signature has 2-fold
+   symmetry, a triangle's 3-fold, a five-pointed star's 5-fold (and their multiples
+   only), a circle's none. The strongest of harmonics 2 to 6, relative to the mean
+   radius, names the shape; when none exceeds `CIRCLE_THRESHOLD` it is a circle, and
+   when the strongest is one no shape of the world has (4 or 6: a square, a
+   four-pointed star, a hexagon) the judgement is "other".
 """
 
 from __future__ import annotations
@@ -25,18 +27,20 @@ from PIL import Image, ImageFilter
 from digin_cli.world.scenes import BACKGROUND_RGB, COLOUR_RGB, COLOURS
 
 RAYS = 128
-HARMONIC_SHAPES = {3: "triangle", 4: "square", 5: "star"}
+HARMONICS = (2, 3, 4, 5, 6)
+HARMONIC_SHAPES = {2: "bar", 3: "triangle", 5: "star"}  # the others read as OTHER
+OTHER = "other"
 # Relative amplitude of the strongest harmonic below which the outline is a circle.
-# On rendered scenes (tests/test_geometry.py): circles stay below 0.02 (pixelation),
-# squares, the weakest polygon, start near 0.07 (their r(theta) spans 0.71-1.0 r).
+# On rendered scenes (tests/test_geometry.py): circles stay below 0.02 (pixelation);
+# a square, the softest polygon, starts near 0.07 (its r(theta) spans 0.71-1.0 r).
 CIRCLE_THRESHOLD = 0.035
 MIN_OBJECT_PIXELS = 30  # smaller regions are specks, not an object
 
 
 @dataclass(frozen=True)
 class ShapeJudgement:
-    shape: str | None  # None when no object region is found
-    harmonics: dict[int, float]  # relative Fourier amplitude of r(theta) at k = 3, 4, 5
+    shape: str | None  # a shape of the world, OTHER, or None when no object region is found
+    harmonics: dict[int, float]  # relative Fourier amplitude of r(theta) at k = 2 ... 6
     area: int  # pixels of the object region
     solidity: float  # region area / convex hull area (1 for convex shapes, ~0.6 for stars)
 
@@ -156,7 +160,7 @@ def judge_shape(image: np.ndarray, mask: np.ndarray | None = None) -> ShapeJudge
     # 2. Its radial signature and 3. that signature's harmonics.
     signature = radial_signature(region)  # (RAYS,)
     spectrum = np.abs(np.fft.rfft(signature)) / (signature.mean() * len(signature))  # (RAYS // 2 + 1,)
-    harmonics = {k: round(float(spectrum[k]), 4) for k in HARMONIC_SHAPES}
+    harmonics = {k: round(float(spectrum[k]), 4) for k in HARMONICS}
     strongest = max(harmonics, key=harmonics.get)
-    shape = HARMONIC_SHAPES[strongest] if harmonics[strongest] >= CIRCLE_THRESHOLD else "circle"
+    shape = HARMONIC_SHAPES.get(strongest, OTHER) if harmonics[strongest] >= CIRCLE_THRESHOLD else "circle"
     return ShapeJudgement(shape=shape, harmonics=harmonics, area=area, solidity=round(solidity(region), 4))

@@ -1,11 +1,14 @@
 """The shapes world: a deterministic scene renderer whose ground truth is known.
 
 One object per image: a shape in a colour on a textured background, at a random
-position and size. `render` returns the image and the object mask; `caption`
-gives the text the diffusion model is trained on. `judge_colours` reads the object
-colour and the background back from any image (also a generated one, which has no
-mask) by the renderer's own colour statistics, so generated and optimized images
-can be scored against what was asked.
+position, size and rotation. The four shapes differ in their outline's coarsest
+symmetry (none, 2-, 3- and 5-fold), so each stays itself when a small generator
+softens its corners: a square, which softens into a circle, is not one of them.
+`render` returns the image and the object mask; `caption` gives the text the
+diffusion model is trained on. `judge_colours` reads the object colour and the
+background back from any image (also a generated one, which has no mask) by the
+renderer's own colour statistics, so generated and optimized images can be scored
+against what was asked.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-SHAPES = ("circle", "square", "triangle", "star")
+SHAPES = ("circle", "bar", "triangle", "star")
+BAR_ASPECT = 2.5  # a bar's length over its width
+STAR_INNER = 0.45  # a star's inner radius over its outer one
 COLOURS = ("red", "green", "blue", "yellow")
 BACKGROUNDS = ("sand", "water", "grass", "snow")
 
@@ -59,7 +64,7 @@ def sample_scene(
     background: str | None = None,
 ) -> Scene:
     """A random scene; any attribute can be fixed. Objects stay fully inside the image."""
-    radius = float(rng.uniform(0.16, 0.28))
+    radius = float(rng.uniform(0.2, 0.3))
     return Scene(
         shape=shape or SHAPES[rng.integers(len(SHAPES))],
         colour=colour or COLOURS[rng.integers(len(COLOURS))],
@@ -96,8 +101,9 @@ def _texture(background: str, size: int, rng: np.random.Generator) -> np.ndarray
 def _polygon(scene: Scene, size: int) -> list[tuple[float, float]] | None:
     cx, cy, r = scene.cx * size, scene.cy * size, scene.radius * size
     angle0 = math.radians(scene.rotation)
-    if scene.shape == "square":
-        corners = [angle0 + math.pi / 4 + k * math.pi / 2 for k in range(4)]
+    if scene.shape == "bar":  # a rectangle inscribed in the circle of radius r
+        half = math.atan(1 / BAR_ASPECT)  # the corners' angle off the long axis
+        corners = [angle0 + half, angle0 + math.pi - half, angle0 + math.pi + half, angle0 - half]
         return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in corners]
     if scene.shape == "triangle":
         corners = [angle0 + k * 2 * math.pi / 3 for k in range(3)]
@@ -105,11 +111,13 @@ def _polygon(scene: Scene, size: int) -> list[tuple[float, float]] | None:
     if scene.shape == "star":
         points = []
         for k in range(10):
-            radius = r if k % 2 == 0 else 0.45 * r
+            radius = r if k % 2 == 0 else STAR_INNER * r
             a = angle0 + k * math.pi / 5
             points.append((cx + radius * math.cos(a), cy + radius * math.sin(a)))
         return points
-    return None  # circle
+    if scene.shape == "circle":
+        return None
+    raise ValueError(f"unknown shape {scene.shape!r}: the shapes world has {', '.join(SHAPES)}")
 
 
 def render(scene: Scene, size: int = IMAGE_SIZE, supersample: int = 4) -> tuple[np.ndarray, np.ndarray]:
