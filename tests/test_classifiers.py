@@ -177,7 +177,7 @@ def test_ambiguous_class_name_asks_for_the_index(files):
 
 def test_resolve_class_on_a_classes_file(files):
     classifier = load_classifier(timm_spec(files))
-    assert resolve_class(classifier, "Square") == 1
+    assert resolve_class(classifier, " Bar ") == 1
     assert resolve_class(classifier, "3") == 3
     with pytest.raises(DiginError, match=r"class index 4 is out of range .*; use 0-3"):
         resolve_class(classifier, "4")
