@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from digin_cli.cli import app
 from digin_cli.io import load_vector_file
 from digin_cli.models import load_classifier
-from digin_cli.models.builtin import shapes_classifier_meta
+from digin_cli.models.builtin import shape_planted_with, shapes_classifier_meta
 from digin_cli.tasks.directions import neural_pca
 from digin_cli.tasks.neuron_target import load_direction
 from digin_cli.world.scenes import BACKGROUNDS, render, sample_scene
@@ -78,7 +78,7 @@ def test_directions_command_finds_the_planted_background_feature(tmp_path):
     # The documented background neuron's background, and the shape planted on it.
     meta = shapes_classifier_meta("background-biased")
     background = meta["background_neuron"]["background"]
-    planted = next(shape for shape, where in meta["planted"].items() if where == background)
+    planted = shape_planted_with(meta, background)
     folder, out = tmp_path / "images", tmp_path / "out"
     _write_scenes(folder, shape=planted)
     (folder / "broken.png").write_bytes(b"not a png")  # one bad file is skipped, not fatal

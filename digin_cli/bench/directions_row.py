@@ -26,7 +26,7 @@ from digin_cli.bench.scenes import as_tensor, scene_file
 from digin_cli.bench.stats import format_rate, rate
 from digin_cli.io import load_vector_file
 from digin_cli.models import load_classifier
-from digin_cli.models.builtin import shapes_classifier_meta
+from digin_cli.models.builtin import shape_planted_with, shapes_classifier_meta
 from digin_cli.tasks.directions import DirectionsJob, run_directions
 from digin_cli.tasks.runtime import Progress, RuntimeOptions
 from digin_cli.world.scenes import BACKGROUNDS, SHAPES, render, sample_scene
@@ -41,7 +41,7 @@ FOLDER_SEED, HELD_OUT_SEED = 1901, 1902
 def directions_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     meta = shapes_classifier_meta("background-biased")
     background = meta["background_neuron"]["background"]
-    class_name = next(shape for shape, where in meta["planted"].items() if where == background)
+    class_name = shape_planted_with(meta, background)
     folder = config.out / "directions"
 
     # 1. The class's images, backgrounds balanced, and their components.

@@ -1,5 +1,6 @@
 """Row "neuron-cf": the documented background neuron of shapes:background-biased (its
-meta.json names it and its background), and a control neuron, on rendered scenes with their object masks; judged by ground truth and digin's verdict."""
+meta.json names it and its background), and a control neuron, on rendered scenes with
+their object masks; judged by ground truth and digin's verdict."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from digin_cli.bench.scenes import as_tensor, scene_file, write_csv
 from digin_cli.io import read_rgb, save_png
 from digin_cli.masks import soften
 from digin_cli.metrics import masked_psnr
-from digin_cli.models.builtin import shapes_classifier_meta
+from digin_cli.models.builtin import shape_planted_with, shapes_classifier_meta
 from digin_cli.tasks.neuron_cf import NeuronCfJob, run_neuron_cf
 from digin_cli.tasks.real_images import RealImageOptions
 from digin_cli.tasks.runtime import Progress
@@ -36,7 +37,7 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
     meta = shapes_classifier_meta("background-biased")
     documented = meta["background_neuron"]
     index, background = documented["index"], documented["background"]
-    planted_shape = next(shape for shape, bg in meta["planted"].items() if bg == background)
+    planted_shape = shape_planted_with(meta, background)
     control = meta["control_neuron"]
     n = config.neuron_cf_seeds
     off, on, circles = _scenes(n, planted_shape, background, control["shape"])

@@ -21,7 +21,6 @@ from digin_cli.errors import DiginError
 from digin_cli.io import cache_dir
 from digin_cli.models.classifiers import BUILTIN_CLASSIFIER_LOADERS, Classifier, load_classifier
 from digin_cli.models.diffusion import BUILTIN_DIFFUSION_MODELS
-from digin_cli.world.scenes import SHAPES
 from digin_cli.models.sd_parts import (
     assemble_pipeline,
     clip_text_encoder,
@@ -31,6 +30,7 @@ from digin_cli.models.sd_parts import (
     small_vae,
     write_model_settings,
 )
+from digin_cli.world.scenes import SHAPES
 
 TINY_CLASSES = list(SHAPES)  # the shapes world's classes, so rendered test scenes carry real labels
 TINY_CLASSIFIERS = {"f": 1, "g": 2}  # name -> init seed
@@ -149,6 +149,11 @@ def shapes_classifier_meta(name: str) -> dict:
         known = ", ".join(f"shapes:{n}" for n in shapes_classifier_names()) or "none (not trained yet)"
         raise DiginError(f"unknown built-in classifier 'shapes:{name}'; known: {known}; {RETRAIN_HINT}")
     return json.loads(path.read_text())
+
+
+def shape_planted_with(meta: dict, value: str) -> str:
+    """The shape that a biased shapes classifier's meta.json plants with `value` (a colour or background)."""
+    return next(shape for shape, planted in meta["planted"].items() if planted == value)
 
 
 def load_shapes_classifier(spec: str, device: torch.device | str) -> Classifier:
