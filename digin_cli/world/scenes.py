@@ -77,12 +77,8 @@ def sample_scene(
     )
 
 
-def caption(scene: Scene, colour: bool = True, background: bool = True) -> str:
-    """The scene's caption; leaving out the colour or the background gives the shorter
-    prompts users type ("a photograph of a circle"), which the diffusion model is also
-    trained on."""
-    what = f"{scene.colour} {scene.shape}" if colour else scene.shape
-    return f"a photograph of a {what} on {scene.background}" if background else f"a photograph of a {what}"
+def caption(scene: Scene) -> str:
+    return f"a photograph of a {scene.colour} {scene.shape} on {scene.background}"
 
 
 def _texture(background: str, size: int, rng: np.random.Generator) -> np.ndarray:

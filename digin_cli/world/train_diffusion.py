@@ -1,14 +1,10 @@
 """Train the shapes world's text-to-image latent diffusion model, in Stable Diffusion format.
 
 Three stages, fixed seeds, CPU-sized:
-1. an AutoencoderKL (64x64 RGB <-> 4x16x16 latents), then its decoder fine-tuned alone
-   with the encoder frozen, so the latents stay what they were,
+1. an AutoencoderKL (64x64 RGB <-> 4x16x16 latents),
 2. a CLIP text encoder (real CLIP BPE vocabulary, small transformer) and a
    UNet2DConditionModel, trained together on the DDPM noise-prediction loss, with
-   10% of captions dropped so classifier-free guidance works and a quarter of the
-   rest without the colour or the background (each left out independently), so the
-   short prompts users type ("a photograph of a circle") are in its training
-   distribution,
+   10% of captions dropped so classifier-free guidance works,
 3. saved with `StableDiffusionPipeline.save_pretrained` (fp16 weights to keep the
    package small), so `--model shapes` loads through the same loaders as a hub model.
 
@@ -33,19 +29,10 @@ from digin_cli.world.scenes import IMAGE_SIZE, caption, render, sample_scene
 LATENT_CHANNELS = 4
 OBJECT_WEIGHT = 4.0  # extra reconstruction weight on the object and its rim: the shape is what must survive
 CAPTION_DROPOUT = 0.1  # share of empty captions: the unconditional branch of classifier-free guidance
-# Share of the other captions that leave out the colour, and independently the background.
-# disagree and neurons start from "a photograph of a <class>": trained only on full
-# captions, the model drew those starts from outside its training distribution (murky
-# backgrounds, nearly always one colour), unlike a real text-to-image model.
-WORD_DROPOUT = 0.25
-# The caption variants of a scene, in the order train_denoiser indexes them:
-# 1 * (colour left out) + 2 * (background left out).
-CAPTION_VARIANTS = ((True, True), (False, True), (True, False), (False, False))
 
 
 def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """n balanced scenes: images (n, 3, 64, 64) in [-1, 1], object masks (n, 1, 64, 64) and
-    captions, n lists of the scene's CAPTION_VARIANTS."""
+    """n balanced scenes: images (n, 3, 64, 64) in [-1, 1], object masks (n, 1, 64, 64) and captions."""
     rng = np.random.default_rng(seed)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     masks = np.empty((n, 1, IMAGE_SIZE, IMAGE_SIZE), bool)
@@ -53,7 +40,7 @@ def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[
     for i in range(n):
         scene = sample_scene(rng)
         images[i], masks[i, 0] = render(scene)
-        captions.append([caption(scene, colour, background) for colour, background in CAPTION_VARIANTS])
+        captions.append(caption(scene))
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, 64, 64)
     return tensor, torch.from_numpy(masks), captions
 
@@ -140,42 +127,9 @@ def train_vae(
     return vae, scaling
 
 
-def finetune_decoder(
-    vae, latents: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, steps: int, batch: int, seed: int, log,
-    lr: float = 1e-3,
-) -> None:
-    """Fine-tune the VAE's decoder alone, in place, on the frozen encoder's latent means.
-
-    latents: (n, 4, 16, 16) unscaled means of `images`. As Stability did for SD
-    (sd-vae-ft-mse): the encoder, and so the latent space the UNet is trained on, stays
-    as it is, while the decoder gets the steps the joint training could not give it.
-    After 1200 joint steps the decoder still tinted backgrounds (sand came back mint or
-    grey; 19.7 dB); 600 decoder-only steps gave 25.3 dB on held-out scenes. It decodes
-    the means, which is what the UNet's samples are drawn like."""
-    decoder_parts = (vae.decoder, vae.post_quant_conv)
-    for part in decoder_parts:
-        part.train().requires_grad_(True)
-    params = [p for part in decoder_parts for p in part.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
-    generator = torch.Generator().manual_seed(seed)
-    started = time.perf_counter()
-    for step in range(steps):
-        index = torch.randint(len(images), (batch,), generator=generator)
-        rim = F.max_pool2d(masks[index].float(), kernel_size=5, stride=1, padding=2)  # (batch, 1, 64, 64)
-        loss = reconstruction_loss(vae.decode(latents[index]).sample, images[index], 1 + OBJECT_WEIGHT * rim)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step % 200 == 0 or step == steps - 1:
-            log(f"decoder step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)")
-    vae.eval().requires_grad_(False)
-
-
 def train_denoiser(
     latents: torch.Tensor,
-    token_ids: torch.Tensor,  # (n, 4, 77): each scene's CAPTION_VARIANTS, tokenized
+    token_ids: torch.Tensor,
     empty_ids: torch.Tensor,
     steps: int,
     batch: int,
@@ -204,9 +158,7 @@ def train_denoiser(
     for step in range(steps):
         index = torch.randint(len(latents), (batch,), generator=generator)
         z0 = latents[index]  # (batch, 4, 16, 16)
-        dropped = (torch.rand(batch, 2, generator=generator) < WORD_DROPOUT).long()  # (batch, 2): colour, background
-        variant = dropped[:, 0] + 2 * dropped[:, 1]  # (batch,) index into CAPTION_VARIANTS
-        ids = token_ids[index, variant].clone()  # (batch, 77)
+        ids = token_ids[index].clone()  # (batch, 77)
         drop = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
         ids[drop] = empty_ids
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
@@ -234,34 +186,25 @@ def train_denoiser(
 
 
 def train(
-    out: Path, n_images: int, vae_steps: int, vae_batch: int, unet_steps: int, batch: int, seed: int, log=print,
-    decoder_steps: int = 3000,
+    out: Path, n_images: int, vae_steps: int, vae_batch: int, unet_steps: int, batch: int, seed: int, log=print
 ) -> dict:
     started = time.perf_counter()
-    # 1. The VAE, then its decoder alone; the latents come from the encoder, which the second part leaves as it is.
     images, masks, captions = render_dataset(n_images, seed)
     log(f"rendered {n_images} scenes ({time.perf_counter() - started:.0f}s)")
     vae, scaling = train_vae(images, masks, vae_steps, vae_batch, seed, log)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(c).latent_dist.mean for c in images.split(256)])  # (n, 4, 16, 16)
-    finetune_decoder(vae, latents, images, masks, decoder_steps, vae_batch, seed + 2, log)
     vae.register_to_config(scaling_factor=scaling)
-    latents = latents * scaling
     with torch.no_grad():
         recon = vae.decode(vae.encode(images[:512]).latent_dist.mean).sample
         vae_psnr = float(10 * torch.log10(4 / F.mse_loss(recon, images[:512])))  # range [-1, 1]: peak^2 = 4
+        latents = torch.cat([vae.encode(c).latent_dist.mean for c in images.split(256)]) * scaling
     log(f"vae psnr {vae_psnr:.1f} dB, scaling {scaling:.3f}")
-
-    # 2. Text encoder and UNet, on the scaled latents and every caption variant.
 
     tokenizer = sd_parts.clip_tokenizer()
     tokenize = lambda texts: tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids  # noqa: E731
-    flat = [text for variants in captions for text in variants]
-    token_ids = tokenize(flat).view(len(captions), len(CAPTION_VARIANTS), -1)  # (n, 4, 77)
+    token_ids = tokenize(captions)  # (n, 77)
     empty_ids = tokenize([""])[0]
     unet, text_encoder = train_denoiser(latents, token_ids, empty_ids, unet_steps, batch, seed + 1, log)
 
-    # 3. Saved in Stable Diffusion's layout, fp16.
     pipeline = sd_parts.assemble_pipeline(vae, text_encoder, tokenizer, unet, build_scheduler())
     pipeline.to(torch.float16).save_pretrained(out)
     sd_parts.write_model_settings(out)
@@ -269,10 +212,7 @@ def train(
         "seed": seed,
         "n_images": n_images,
         "vae_steps": vae_steps,
-        "decoder_steps": decoder_steps,
         "unet_steps": unet_steps,
-        "caption_dropout": CAPTION_DROPOUT,
-        "word_dropout": WORD_DROPOUT,
         "vae_batch": vae_batch,
         "batch": batch,
         "vae_psnr_db": round(vae_psnr, 2),
@@ -289,7 +229,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--decoder-steps", type=int, default=3000, help="decoder-only fine-tuning after the VAE")
     parser.add_argument("--unet-steps", type=int, default=11000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -297,8 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = train(args.out, args.images, args.vae_steps, args.vae_batch, args.unet_steps, args.batch, args.seed,
-                 decoder_steps=args.decoder_steps)  # fmt: skip
+    info = train(args.out, args.images, args.vae_steps, args.vae_batch, args.unet_steps, args.batch, args.seed)
     print(json.dumps(info, indent=2))
 
 
