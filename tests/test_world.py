@@ -43,6 +43,20 @@ def test_biased_classifiers_are_biased_and_the_oracle_is_not():
     assert broken["background-biased"]["background"] < 0.8
 
 
+def test_disagreement_exists_where_the_colour_biased_classifier_has_its_shortcut():
+    """The disagree row's ceiling: a classifier never disagrees with itself, and the shipped
+    colour-biased one fails on bars wearing the triangle's colour but sees circles of any colour
+    (which is why the row's circle runs rarely succeed; the README's figures)."""
+    from digin_cli.bench.disagree_row import disagreement_exists
+
+    oracle, biased = load_classifier("shapes:oracle"), load_classifier("shapes:color-biased")
+    itself = disagreement_exists(oracle, oracle, ["bar"], per_colour=20)
+    assert itself["bar"]["share"] == 0.0
+    exists = disagreement_exists(oracle, biased, ["circle", "bar"], per_colour=40)
+    assert exists["bar"]["by_colour"]["blue"] >= 0.9 and exists["bar"]["by_colour"]["green"] == 0.0
+    assert exists["circle"]["share"] <= 0.1
+
+
 def test_documented_background_neuron_responds_to_its_background():
     meta = shapes_classifier_meta("background-biased")["background_neuron"]
     classifier = load_classifier("shapes:background-biased")
@@ -111,6 +125,7 @@ def test_bench_smoke_run(tmp_path):
     assert len(judged) == 2 and circle["f_and_g_rate"] == f_and_g
     assert disagree["rates"]["success"]["successes"] == int(f_and_g == 1 and judged == ["circle", "circle"])
     assert "geometric shape judge" in disagree["criterion"]
+    assert circle["disagreement_exists_share"] == pytest.approx(sum(circle["disagreement_exists_by_colour"].values()) / 4)
     assert uvce["rates"]["flip"]["successes"] == int(item["oracle"] == "bar")
     low, high = uvce["rates"]["flip"]["interval_95"]
     assert (low, high) == ((0.2065, 1.0) if uvce["flip_rate"] == 1.0 else (0.0, 0.7935))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from digin_cli.bench.config import BenchConfig
@@ -24,10 +25,11 @@ from digin_cli.tasks.disagree import DisagreeJob, run_disagree
 from digin_cli.tasks.runtime import Progress
 from digin_cli.models.builtin import shapes_classifier_meta
 from digin_cli.world.geometry import judge_shape
-from digin_cli.world.scenes import SHAPES, judge_colours
+from digin_cli.world.scenes import COLOURS, SHAPES, judge_colours, render, sample_scene
 
 SUCCESS_P_F = 0.5  # f must see the class...
 SUCCESS_P_G = 0.2  # ...and g must not
+EXISTS_SCENES_PER_COLOUR = 100  # rendered scenes per shape and colour behind "a disagreement exists"
 
 
 def planted_colours() -> dict[str, str]:
@@ -41,6 +43,7 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
     per_shape = {}
     totals = {"runs": 0, "success": 0, "revealed": 0, "success_before": 0, "f_and_g": 0}
     judge = load_classifier("shapes:oracle-2")
+    exists = disagreement_exists(load_classifier("shapes:oracle"), load_classifier("shapes:color-biased"), config.shapes)
     for shape in config.shapes:
         job = DisagreeJob(
             classifier_f="shapes:oracle",
@@ -81,6 +84,8 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
             "revealed_share_of_successes": counts["revealed"] / counts["success"] if counts["success"] else 0.0,
             "success_rate_before_optimization": counts["success_before"] / counts["runs"],
             "planted_colour": planted[shape],
+            "disagreement_exists_share": exists[shape]["share"],
+            "disagreement_exists_by_colour": exists[shape]["by_colour"],
             "judged_colours": colours,
             "oracle_2_classes": oracle_2_classes,
             "geometry_shapes": geometry_shapes,
@@ -101,6 +106,9 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
             "revealed shortcut (of successes)": format_rate(rates["revealed_of_successes"]),
             "p_f>=0.5 and p_g<=0.2 alone": f"{format_rate(rates['f_and_g_only'])}; before optimization "
                                            f"{rates['success_before_optimization']['rate']:.0%}",
+            "a disagreement exists (rendered scenes, by shape)": ", ".join(
+                f"{shape} {exists[shape]['share']:.0%}" for shape in config.shapes
+            ),
         },
         "rates": rates,
         "criterion": f"success = p_f >= {SUCCESS_P_F} and p_g <= {SUCCESS_P_G} and shapes:oracle-2's top class is the class "
@@ -111,7 +119,30 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
         "success_rate_before_optimization": rates["success_before_optimization"]["rate"],
         "runs": totals["runs"],
         "per_shape": per_shape,
+        "disagreement_exists_criterion": f"share of {EXISTS_SCENES_PER_COLOUR} rendered scenes per shape and colour "
+                                         f"(background and pose random) with p_f >= {SUCCESS_P_F} and p_g <= {SUCCESS_P_G}",
     }
+
+
+@torch.no_grad()
+def disagreement_exists(f, g, shapes: list[str], per_colour: int = EXISTS_SCENES_PER_COLOUR) -> dict[str, dict[str, Any]]:
+    """Per shape: on which share of its rendered scenes (`per_colour` of each colour,
+    background and pose random, fixed seeds) f sees the shape and g does not,
+    overall and by colour. The ceiling of the row's rate for that shape on in-distribution
+    images: an optimizer can only find disagreements that exist."""
+    from digin_cli.world.train_classifiers import render_batch
+
+    result = {}
+    for shape in shapes:
+        k = SHAPES.index(shape)
+        by_colour = {}
+        for c, colour in enumerate(COLOURS):
+            rng = np.random.default_rng(77_000 + 10 * k + c)
+            images = render_batch([sample_scene(rng, shape=shape, colour=colour) for _ in range(per_colour)])
+            p_f, p_g = f(images).softmax(-1)[:, k], g(images).softmax(-1)[:, k]  # (N,) each
+            by_colour[colour] = float(((p_f >= SUCCESS_P_F) & (p_g <= SUCCESS_P_G)).float().mean())
+        result[shape] = {"share": sum(by_colour.values()) / len(COLOURS), "by_colour": by_colour}
+    return result
 
 
 @torch.no_grad()
