@@ -7,7 +7,10 @@ from "a photograph of a <colour> <shape> on <background>" and check:
 - colour and background: does the renderer's colour statistics (`judge_colours`)
   read back the prompted colour and background?
 
-    python -m digin_cli.world.evaluate [--seeds 2] [--json out.json]
+    python -m digin_cli.world.evaluate [--seeds 2] [--json out.json] [--model DIR]
+
+`--model` judges another diffusion model folder (a retrained world before it replaces
+the shipped weights); the classifiers are always the built-in ones.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate_generation(seeds_per_prompt: int = 2, sampler: SamplerConfig | None = None, batch: int = 32,
-                        device: str = "cpu") -> dict:  # fmt: skip
+                        device: str = "cpu", model: str = "shapes") -> dict:  # fmt: skip
     sampler = sampler or SamplerConfig()
-    components = sampling_components(load_diffusion("shapes"), sampler)  # the sampler's spacing
+    components = sampling_components(load_diffusion(model), sampler)  # the sampler's spacing
     engine = GuidedDDIM(components, device=torch.device(device))
     oracles = {"oracle": load_classifier("shapes:oracle", device), "oracle-2": load_classifier("shapes:oracle-2", device)}
     combos = list(itertools.product(SHAPES, COLOURS, BACKGROUNDS))
@@ -88,8 +91,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=2, help="images per (shape, colour, background) prompt")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--model", default="shapes", help="the diffusion model to judge (default: the built-in)")
     args = parser.parse_args()
-    result = evaluate_generation(args.seeds)
+    result = evaluate_generation(args.seeds, model=args.model)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -1,0 +1,48 @@
+"""The shapes world's diffusion training: the parts whose properties the shipped weights rely on."""
+
+import json
+
+import torch
+
+from digin_cli.world.train_diffusion import (
+    build_vae, encoder_means, finetune_decoder, finetune_shipped_decoder, reconstruction_loss, render_dataset,
+)  # fmt: skip
+
+
+def test_decoder_finetuning_leaves_the_encoder_and_so_the_latents_as_they_were():
+    # The UNet is trained on the encoder's latents: a decoder stage that moved them would
+    # silently change what the UNet learns (and the one-command retrain would not
+    # reproduce the shipped weights).
+    images, masks, _ = render_dataset(8, seed=1)
+    torch.manual_seed(0)
+    vae = build_vae().eval().requires_grad_(False)
+    encoder_before = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith(("encoder", "quant_conv"))}
+    decoder_before = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith("decoder")}
+    latents = encoder_means(vae, images)  # (8, 4, 16, 16)
+    with torch.no_grad():
+        loss_before = reconstruction_loss(vae.decode(latents).sample, images, torch.ones_like(masks, dtype=torch.float))
+    finetune_decoder(vae, latents, images, masks, steps=30, batch=8, seed=0, log=lambda _: None, lr=3e-3)
+    state = vae.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in encoder_before.items())
+    assert any(not torch.equal(state[k], v) for k, v in decoder_before.items())
+    with torch.no_grad():
+        assert torch.equal(vae.encode(images).latent_dist.mean, latents)
+        loss_after = reconstruction_loss(vae.decode(latents).sample, images, torch.ones_like(masks, dtype=torch.float))
+    assert loss_after < 0.8 * loss_before
+    assert not any(p.requires_grad for p in vae.parameters())  # handed back frozen, as train_vae does
+
+
+def test_decoder_only_stage_rewrites_the_decoder_of_a_model_folder_and_nothing_else(tmp_path):
+    torch.manual_seed(0)
+    vae = build_vae()
+    vae.to(torch.float16).save_pretrained(tmp_path / "vae")
+    (tmp_path / "training.json").write_text(json.dumps({"unet_steps": 11000}))
+    before = {k: v.float().clone() for k, v in vae.state_dict().items()}  # as stored: fp16
+    info = finetune_shipped_decoder(tmp_path, n_images=16, vae_batch=8, decoder_steps=40, seed=0, log=lambda _: None)
+    from diffusers import AutoencoderKL
+
+    after = {k: v.float() for k, v in AutoencoderKL.from_pretrained(tmp_path / "vae").state_dict().items()}
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith(("encoder", "quant_conv")))
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("decoder"))
+    assert info["unet_steps"] == 11000 and info["decoder_steps"] == 40  # the record keeps what it had
+    assert info["vae_psnr_db"] > info["vae_psnr_db_before_decoder_finetune"]
