@@ -46,3 +46,22 @@ def test_decoder_only_stage_rewrites_the_decoder_of_a_model_folder_and_nothing_e
     assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("decoder"))
     assert info["unet_steps"] == 11000 and info["decoder_steps"] == 40  # the record keeps what it had
     assert info["vae_psnr_db"] > info["vae_psnr_db_before_decoder_finetune"]
+
+
+def test_latent_mixup_teaches_the_decoder_the_blends_between_scenes():
+    # `--decoder-mix`: the decoder also learns to decode the midpoint of two scenes'
+    # latents to the blend of their images, which a plain fine-tune never sees.
+    images, masks, _ = render_dataset(2, seed=1)
+    blend = images.mean(0, keepdim=True)  # (1, 3, 64, 64)
+    no_weight = torch.ones_like(masks[:1], dtype=torch.float)
+    losses = {}
+    for mix_share in (0.0, 1.0):
+        torch.manual_seed(0)
+        vae = build_vae().eval().requires_grad_(False)
+        latents = encoder_means(vae, images)  # (2, 4, 16, 16)
+        finetune_decoder(vae, latents, images, masks, steps=60, batch=4, seed=0, log=lambda _: None, lr=3e-3,
+                         mix_share=mix_share)  # fmt: skip
+        with torch.no_grad():
+            midpoint = vae.decode(latents.mean(0, keepdim=True)).sample
+            losses[mix_share] = reconstruction_loss(midpoint, blend, no_weight).item()
+    assert losses[1.0] < 0.85 * losses[0.0]  # measured: 0.22 against 0.29-0.33 over three seeds

@@ -137,7 +137,7 @@ def train_vae(
 
 def finetune_decoder(
     vae, latents: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, steps: int, batch: int, seed: int, log,
-    lr: float = 1e-3,
+    lr: float = 1e-3, mix_share: float = 0.0,
 ) -> None:
     """Fine-tune the VAE's decoder alone, in place, on the frozen encoder's latent means.
 
@@ -158,7 +158,18 @@ def finetune_decoder(
     for step in range(steps):
         index = torch.randint(len(images), (batch,), generator=generator)
         rim = F.max_pool2d(masks[index].float(), kernel_size=5, stride=1, padding=2)  # (batch, 1, 64, 64)
-        loss = reconstruction_loss(vae.decode(latents[index]).sample, images[index], 1 + OBJECT_WEIGHT * rim)
+        z, target = latents[index], images[index]
+        if mix_share:
+            # Latent mixup: a share of the batch decodes a point on the line between two
+            # scenes' latents to the same blend of their images, so the decoder stays
+            # smooth between the few textures it was trained on.
+            partner = torch.randint(len(images), (batch,), generator=generator)
+            t = torch.rand(batch, 1, 1, 1, generator=generator)  # (batch, 1, 1, 1)
+            t = t * (torch.rand(batch, 1, 1, 1, generator=generator) < mix_share)  # 0 where not mixed
+            z = (1 - t) * z + t * latents[partner]
+            target = (1 - t) * target + t * images[partner]
+            rim = torch.maximum(rim, F.max_pool2d(masks[partner].float(), kernel_size=5, stride=1, padding=2) * (t > 0))
+        loss = reconstruction_loss(vae.decode(z).sample, target, 1 + OBJECT_WEIGHT * rim)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -241,7 +252,7 @@ def train_denoiser(
 
 def train(
     out: Path, n_images: int, vae_steps: int, vae_batch: int, unet_steps: int, batch: int, seed: int, log=print,
-    decoder_steps: int = DECODER_STEPS,
+    decoder_steps: int = DECODER_STEPS, decoder_mix_share: float = 0.0,
 ) -> dict:
     started = time.perf_counter()
     images, masks, captions = render_dataset(n_images, seed)
@@ -252,7 +263,8 @@ def train(
     means = encoder_means(vae, images)  # (n, 4, 16, 16)
     joint_psnr = vae_psnr_db(vae, images[:512])
     if decoder_steps:
-        finetune_decoder(vae, means, images, masks, decoder_steps, vae_batch, seed + 2, log)
+        finetune_decoder(vae, means, images, masks, decoder_steps, vae_batch, seed + 2, log,
+                         mix_share=decoder_mix_share)  # fmt: skip
     vae_psnr = vae_psnr_db(vae, images[:512])
     latents = means * scaling
     log(f"vae psnr {joint_psnr:.1f} dB, after the decoder's fine-tuning {vae_psnr:.1f} dB, scaling {scaling:.3f}")
@@ -271,6 +283,7 @@ def train(
         "n_images": n_images,
         "vae_steps": vae_steps,
         "decoder_steps": decoder_steps,
+        "decoder_mix_share": decoder_mix_share,
         "unet_steps": unet_steps,
         "vae_batch": vae_batch,
         "batch": batch,
@@ -284,7 +297,7 @@ def train(
 
 
 def finetune_shipped_decoder(folder: Path, n_images: int, vae_batch: int, decoder_steps: int, seed: int,
-                             log=print) -> dict:  # fmt: skip
+                             log=print, mix_share: float = 0.0) -> dict:  # fmt: skip
     """The decoder stage alone on a trained model folder: its VAE's decoder fine-tuned on the
     same rendered scenes (`train`'s data and seed), the encoder, text encoder and UNet left
     as they are. What `train` gives when run whole, up to the fp16 rounding of the VAE the
@@ -296,13 +309,13 @@ def finetune_shipped_decoder(folder: Path, n_images: int, vae_batch: int, decode
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
     means = encoder_means(vae, images)  # (n, 4, 16, 16)
     joint_psnr = vae_psnr_db(vae, images[:512])
-    finetune_decoder(vae, means, images, masks, decoder_steps, vae_batch, seed + 2, log)
+    finetune_decoder(vae, means, images, masks, decoder_steps, vae_batch, seed + 2, log, mix_share=mix_share)
     vae_psnr = vae_psnr_db(vae, images[:512])
     log(f"vae psnr {joint_psnr:.1f} dB -> {vae_psnr:.1f} dB")
     vae.to(torch.float16).save_pretrained(folder / "vae")
     info_file = folder / "training.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    info.update({"decoder_steps": decoder_steps, "vae_psnr_db": round(vae_psnr, 2),
+    info.update({"decoder_steps": decoder_steps, "decoder_mix_share": mix_share, "vae_psnr_db": round(vae_psnr, 2),
                  "vae_psnr_db_before_decoder_finetune": round(joint_psnr, 2),
                  "decoder_seconds": round(time.perf_counter() - started, 1)})  # fmt: skip
     info_file.write_text(json.dumps(info, indent=2) + "\n")
@@ -321,17 +334,23 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"decoder-only steps after the VAE (default {DECODER_STEPS}; with --decoder-only {DECODER_ONLY_STEPS})")  # fmt: skip
     parser.add_argument("--decoder-only", action="store_true",
                         help="fine-tune the decoder of the model already in --out, and nothing else")  # fmt: skip
+    parser.add_argument("--decoder-mix", type=float, default=0.0,
+                        help="share of each decoder batch trained on latent mixup (blends of two scenes)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args(argv)
+    if not 0 <= args.decoder_mix <= 1:
+        parser.error("--decoder-mix is a share of the batch: give a number from 0 to 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.decoder_only:
         steps = DECODER_ONLY_STEPS if args.decoder_steps is None else args.decoder_steps
-        info = finetune_shipped_decoder(args.out, args.images, args.vae_batch, steps, args.seed)
+        info = finetune_shipped_decoder(args.out, args.images, args.vae_batch, steps, args.seed,
+                                        mix_share=args.decoder_mix)  # fmt: skip
     else:
         info = train(args.out, args.images, args.vae_steps, args.vae_batch, args.unet_steps, args.batch, args.seed,
-                     decoder_steps=DECODER_STEPS if args.decoder_steps is None else args.decoder_steps)  # fmt: skip
+                     decoder_steps=DECODER_STEPS if args.decoder_steps is None else args.decoder_steps,
+                     decoder_mix_share=args.decoder_mix)  # fmt: skip
     print(json.dumps(info, indent=2))
 
 
