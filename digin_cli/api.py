@@ -18,6 +18,7 @@ removed once its images are read back. Models and classifiers may be passed in l
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,13 +181,13 @@ def _runtime(model, device: str, dtype: str, compile: bool, overwrite: bool):  #
     return RuntimeOptions(model=model, device=device, dtype=dtype, compile=compile, overwrite=overwrite)
 
 
-def _real(real_options: dict[str, Any], p2p_fraction: float | None = None):
+def _real(real_options: dict[str, Any], p2p_fraction: float | Sequence[float] | None = None):
     from digin_cli.tasks.real_images import RealImageOptions
 
     values = {REAL_IMAGE_OPTIONS[k]: (Path(v) if k in ("mask", "sam_checkpoint") and v is not None else v)
               for k, v in real_options.items()}  # fmt: skip
     if p2p_fraction is not None:
-        values["p2p_fraction"] = p2p_fraction
+        values["p2p_fractions"] = (p2p_fraction,) if isinstance(p2p_fraction, (int, float)) else tuple(p2p_fraction)
     return RealImageOptions(**values)
 
 
@@ -263,8 +264,8 @@ def neuron(classifier, *, neuron: int | None = None, direction: str | Path | Non
 
 
 def uvce(inputs: str | Path, classifier, *, target: str | list[str] | None = None, source_class: str | None = None,
-         csv: str | Path | None = None, p2p_fraction: float = 0.3, w_latent: float = 25.0, w_pixel: float = 250.0,
-         seed: int = 0, batch_size: int = 1, model=DEFAULT_MODEL, device: str = "auto", dtype: str = "fp32",
+         csv: str | Path | None = None, p2p_fraction: float | Sequence[float] = (0.3, 0.4, 0.5), w_latent: float = 25.0,
+         w_pixel: float = 250.0, seed: int = 0, batch_size: int = 1, model=DEFAULT_MODEL, device: str = "auto", dtype: str = "fp32",
          out: str | Path | None = None, overwrite: bool = False, progress: bool = True, **options) -> Run:  # fmt: skip
     """Visual counterfactuals of real images (`digin uvce`); real-image options: caption, captioner,
     mask, sam_checkpoint, sam_model_type."""

@@ -82,7 +82,8 @@ class AttentionControl:
     of steps < `store_steps` are kept for injection, and class-token maps of steps
     < `map_steps` are accumulated for the foreground mask; "inject": for steps
     < `inject_steps`, the conditional cross-attention maps are replaced by the recorded
-    ones, re-indexed by `mapping`.
+    ones, re-indexed by `mapping` (with `item_inject_steps`, each batch item has its own
+    number of injected steps).
 
     The UNet is called on [unconditional; conditional] halves (see GuidedDDIM.denoise_step);
     only the conditional half is recorded or replaced.
@@ -94,6 +95,7 @@ class AttentionControl:
         self.store_steps = 0
         self.map_steps = 0
         self.inject_steps = 0
+        self.item_inject_steps: list[int] | None = None  # per batch item; None: inject_steps for all
         self.map_tokens: TokenSpan | None = None
         self.mapping: torch.Tensor | None = None  # (L, L)
         # (step, layer) -> (n * heads, Q, L): batch item 0 of a recording (n = 1), or one
@@ -110,16 +112,20 @@ class AttentionControl:
         self.map_tokens, self.map_side = map_tokens, map_side
         self.stored, self.map_sums, self.map_counts = {}, {}, {}
 
-    def inject(self, inject_steps: int, mapping: torch.Tensor | None) -> None:
-        self.mode, self.inject_steps, self.mapping = "inject", inject_steps, mapping
+    def inject(self, inject_steps: int | list[int], mapping: torch.Tensor | None) -> None:
+        """Inject for the first `inject_steps` steps: one number for every item, or one per batch item."""
+        self.mode, self.mapping = "inject", mapping
+        self.item_inject_steps = list(inject_steps) if isinstance(inject_steps, (list, tuple)) else None
+        self.inject_steps = max(self.item_inject_steps) if self.item_inject_steps else int(inject_steps)
 
     @classmethod
     def for_batch(
-        cls, recorded: list[AttentionControl], mappings: list[torch.Tensor | None], inject_steps: int
+        cls, recorded: list[AttentionControl], mappings: list[torch.Tensor | None], inject_steps: int | list[int]
     ) -> AttentionControl:
         """One control that injects into batch item b what `recorded[b]` recorded, re-indexed by
         `mappings[b]` (a word swap's token mapping, or None): several real images, each with
-        its own edit, in one batch. Layers and steps missing from any recording are left alone."""
+        its own edit (and, given a list, its own number of injected steps), in one batch.
+        Layers and steps missing from any recording are left alone."""
         control = cls()
         keys = set.intersection(*(set(r.stored) for r in recorded))
         for key in keys:
@@ -192,6 +198,11 @@ class AttentionControl:
             batch = half // heads
             # One recording for every item, or (for_batch) one recording per item already.
             replaced = source if source.shape[0] == half else source.repeat(batch, 1, 1)  # (B * heads, Q, L)
+            if self.item_inject_steps is not None:
+                # Items past their own injected steps keep their own maps.
+                injected = torch.tensor([self.step < steps for steps in self.item_inject_steps], device=probs.device)
+                injected = injected.repeat_interleave(heads).view(-1, 1, 1)  # (B * heads, 1, 1)
+                replaced = torch.where(injected, replaced, cond)
             return torch.cat([probs[:half], replaced])
         return probs
 

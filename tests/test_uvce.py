@@ -143,6 +143,28 @@ def test_injection_changes_the_start_and_restores_processors(tiny_components):
     assert torch.allclose(untouched, plain, atol=1e-5)
 
 
+def test_each_batch_item_can_have_its_own_number_of_injected_steps(tiny_components):
+    engine = GuidedDDIM(tiny_components)
+    sampler = SamplerConfig(num_steps=4, guidance_scale=3.0)
+    z_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+    source, target = engine.encode_text(["an image of a circle"]), engine.encode_text(["an image of a star"])
+    null = engine.encode_text([""])
+    recorded = AttentionControl()
+    recorded.record(store_steps=4, map_steps=0, map_tokens=None, map_side=16)
+    with attach(engine, recorded):
+        engine.sample(z_T[:1], source, null, sampler)
+    mapping = token_mapping(TokenSpan(5, 6), TokenSpan(5, 6), 77)
+
+    def sample_injecting(steps):
+        with attach(engine, AttentionControl.for_batch([recorded, recorded], [mapping, mapping], steps)):
+            return engine.sample(z_T, target.expand(2, -1, -1), null.expand(2, -1, -1), sampler)  # (2, 3, H, W)
+
+    one_and_three = sample_injecting([1, 3])
+    assert torch.allclose(one_and_three[0], sample_injecting(1)[0], atol=1e-5)
+    assert torch.allclose(one_and_three[1], sample_injecting(3)[1], atol=1e-5)
+    assert (one_and_three[0] - one_and_three[1]).abs().max() > 1e-3
+
+
 # -- inversion -----------------------------------------------------------------------
 
 
@@ -280,6 +302,26 @@ def test_uvce_cli_writes_every_output(tmp_path):
                 assert png.mode == "RGB"
     assert [line["classes"]["target"] for line in lines] == ["circle", "star"]
     assert not list(out.glob(".*part"))
+
+
+def test_uvce_starts_from_the_p2p_fraction_whose_start_has_the_lowest_loss(tmp_path):
+    image = scene_image(tmp_path / "scene.png")
+    fractions = ["--p2p-fraction", "0.25", "--p2p-fraction", "0.5", "--p2p-fraction", "1.0"]  # of 4 DDIM steps
+    result = runner.invoke(app, uvce(str(image), "--target", "circle", "--source-class", "bar", *fractions, out=tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    p2p = read_record(tmp_path / "o", "scene_circle")["p2p"]
+    losses = {int(steps): loss for steps, loss in p2p["start_loss_by_inject_steps"].items()}
+    assert sorted(losses) == [1, 2, 4] and len(set(losses.values())) == 3  # three different starts
+    assert p2p["inject_steps"] == min(losses, key=losses.get) and p2p["fraction"] == p2p["inject_steps"] / 4
+    # The search judged the very start the optimization then began from (its iterate 0).
+    start = read_record(tmp_path / "o", "scene_circle")["start"]["loss"]
+    assert start == pytest.approx(losses[p2p["inject_steps"]], rel=1e-4, abs=1e-5)
+    # One fraction: nothing to search, that one is used.
+    result = runner.invoke(app, uvce(str(image), "--target", "circle", "--source-class", "bar", "--p2p-fraction", "0.5",
+                                     out=tmp_path / "one"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert read_record(tmp_path / "one", "scene_circle")["p2p"] == {
+        "inject_steps": 2, "fraction": 0.5, "start_loss_by_inject_steps": {"2": None}}
 
 
 def test_uvce_folder_survives_a_bad_file_and_resumes(tmp_path):

@@ -30,8 +30,10 @@ def uvce(
         typer.Option("--csv", help="For a folder: rows file,class[,target]; a header row may add a caption column. Overrides --source-class."),
     ] = None,
     p2p_fraction: Annotated[
-        float, typer.Option("--p2p-fraction", help="Share of DDIM steps with injected cross-attention.")
-    ] = 0.3,
+        list[float] | None,
+        typer.Option("--p2p-fraction", help="Share of DDIM steps with injected cross-attention; repeat for several: each "
+                     "counterfactual starts from the one with the lowest loss (default 0.3, 0.4 and 0.5, as the reference)."),
+    ] = None,
     real: tuple | None = None,
     common: CommonOptions | None = None,
 ) -> None:
@@ -39,8 +41,10 @@ def uvce(
     from digin_cli.tasks.uvce import UvceJob, run_uvce
 
     real_options, weights = real
+    if p2p_fraction:
+        real_options = replace(real_options, p2p_fractions=tuple(p2p_fraction))
     job = UvceJob(classifier=classifier, inputs=inputs, targets=list(target or []), source_class=source_class,
-                  csv_file=csv_file, real=replace(real_options, p2p_fraction=p2p_fraction), **weights, **common.job_fields())  # fmt: skip
+                  csv_file=csv_file, real=real_options, **weights, **common.job_fields())  # fmt: skip
     result = call_with_progress(run_uvce, job, common.quiet)
     if not common.quiet:
         stdout.print(_table(result["items"]))

@@ -255,6 +255,19 @@ class GuidedDDIM:
         z_0, _ = self.run_chain(z_T.to(self.device), prompt_embs, null_embs, config.guidance_scale)
         return self.decode(z_0)
 
+    @torch.no_grad()
+    def start_report(
+        self, objective: Objective, z_T: torch.Tensor, prompt_emb: torch.Tensor, null_emb: torch.Tensor,
+        sampler: SamplerConfig,
+    ) -> ObjectiveOutput:  # fmt: skip
+        """The objective on the start `optimize` would begin from (its iterate 0, no held
+        region), without optimizing: to choose between starts before paying for the
+        optimization, as the reference's prompt-to-prompt schedule search does."""
+        T = sampler.num_steps
+        z_0, _ = self.run_chain(z_T.to(self.device), per_step(prompt_emb, T), per_step(null_emb, T), sampler.guidance_scale)
+        report, _ = self._plain_report(objective, z_0, None)
+        return report
+
     # -- the DiG-IN optimization -----------------------------------------
 
     def optimize(

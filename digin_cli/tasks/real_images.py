@@ -39,7 +39,10 @@ class RealImageOptions:
     mask_file: Path | None = None  # the user's own mask (white = class object), or a folder of masks named like the images
     sam_checkpoint: Path | None = None  # SAM-HQ weights; none = the attention map is the mask
     sam_model_type: str | None = None
-    p2p_fraction: float = 0.3  # share of the DDIM steps whose cross-attention is injected
+    # Shares of the DDIM steps whose cross-attention is injected; with several, each
+    # counterfactual starts from the one whose prompt-to-prompt start has the lowest loss
+    # (the reference's UVCE searches 0.3, 0.4 and 0.5).
+    p2p_fractions: tuple[float, ...] = (0.3, 0.4, 0.5)
     inversion: InversionConfig = field(default_factory=InversionConfig)
 
     def record(self) -> dict[str, Any]:
@@ -142,7 +145,7 @@ def prepare_image(
     # 2. Null-text inversion, from the cache when it was done before.
     inversion, hit = invert_cached(engine, image, caption, sampler, options.inversion)
     # 3. The reconstruction, with its cross-attention recorded.
-    reconstruction, control = _reconstruct(engine, inversion, caption, span, sampler, options.p2p_fraction)
+    reconstruction, control = _reconstruct(engine, inversion, caption, span, sampler, max(options.p2p_fractions))
     # 4. The object mask: the user's file, SAM-HQ from attention points, or the attention map.
     mask = _object_mask(engine, image, control, options, sam_predictor)
     return PreparedImage(

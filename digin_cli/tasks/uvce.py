@@ -72,7 +72,10 @@ def _check_uvce(job: UvceJob) -> None:
     check_engine_options(job.out, job.sampler, job.optim, job.batch_size, job.runtime)
     if not job.targets and job.csv_file is None:
         raise DiginError("give at least one --target class")
-    check_number("--p2p-fraction", job.real.p2p_fraction, low=0, high=1)
+    if not job.real.p2p_fractions:
+        raise DiginError("give at least one --p2p-fraction (a share of the DDIM steps, 0 to 1)")
+    for fraction in job.real.p2p_fractions:
+        check_number("--p2p-fraction", fraction, low=0, high=1)
     check_number("--w-latent", job.weight_latent, low=0)
     check_number("--w-pixel", job.weight_pixel, low=0)
     check_real_image_options(job.real, job.sampler)
@@ -156,9 +159,12 @@ def _counterfactuals(session: Session, tasks: list[Task], job: UvceJob, progress
     edits = [_edit(engine.components, classifier, p, task.label) for p, task in zip(prepared, tasks)]
     batch = batch_inputs(engine, prepared, False, job.weight_latent, job.weight_pixel)  # the background stays
     objective = Counterfactual(classifier, [e.target_index for e in edits], [p.source_index for p in prepared], batch.distance)
-    inject_steps = math.ceil(job.real.p2p_fraction * job.sampler.num_steps)
+    target_embs = engine.encode_text([e.target_caption for e in edits])  # (B, L, D)
+    # 2. Each task's prompt-to-prompt start: how many steps get the recorded attention.
+    search = _search_p2p_steps(session, objective, prepared, edits, batch, target_embs, job)
+    inject_steps = [min(search[b], key=search[b].get) for b in range(len(tasks))]
     control = AttentionControl.for_batch([p.control for p in prepared], [e.mapping for e in edits], inject_steps)
-    # 2. The optimization, from the prompt-to-prompt start.
+    # 3. The optimization, from the chosen prompt-to-prompt starts.
     label = ", ".join(f"{p.name} -> {e.target_name}" for p, e in zip(prepared, edits))
     progress.start(label if len(label) <= 60 else f"{len(tasks)} counterfactuals ({label[:40]}...)", session.optim.steps)
     try:
@@ -166,7 +172,7 @@ def _counterfactuals(session: Session, tasks: list[Task], job: UvceJob, progress
             result = engine.optimize(
                 objective,
                 batch.z_T,
-                engine.encode_text([e.target_caption for e in edits]),  # (B, L, D)
+                target_embs,
                 batch.null_embs,
                 job.sampler,
                 session.optim,
@@ -174,15 +180,40 @@ def _counterfactuals(session: Session, tasks: list[Task], job: UvceJob, progress
             )
     finally:
         progress.finish()
-    # 3. The originals' figures, then every task's files and record.
+    # 4. The originals' figures, then every task's files and record.
     with torch.no_grad():
         original = objective(plain_input(engine, batch.images)).metrics  # name -> (B,)
     share = (time.perf_counter() - started) / len(tasks)  # each task's share of the batch
+    T = job.sampler.num_steps
     return [
         _counterfactual_record(task, edit, {k: float(v[b]) for k, v in original.items()}, result, b, job,
-                               task.prepared.seconds + share, classifier.spec)  # fmt: skip
+                               task.prepared.seconds + share, classifier.spec,
+                               p2p={"inject_steps": inject_steps[b], "fraction": round(inject_steps[b] / T, 4),
+                                    "start_loss_by_inject_steps": {str(k): None if v is None else round(v, 6)
+                                                                   for k, v in search[b].items()}})  # fmt: skip
         for b, (task, edit) in enumerate(zip(tasks, edits))
     ]
+
+
+def _search_p2p_steps(session: Session, objective: Counterfactual, prepared: list[PreparedImage], edits: list[Edit],
+                      batch, target_embs: torch.Tensor, job: UvceJob) -> list[dict[int, float | None]]:  # fmt: skip
+    """Per task, the plain loss of its prompt-to-prompt start at each candidate number of
+    injected steps (the --p2p-fraction shares of the DDIM steps, rounded up).
+
+    The reference's UVCE samples the start at 0.3, 0.4 and 0.5 and optimizes from the
+    one with the lowest loss: a longer injection keeps more of the original's layout (and
+    background), a shorter one lets the target's shape form. One forward sample a
+    candidate, no gradients; with one candidate nothing is sampled."""
+    T = job.sampler.num_steps
+    candidates = sorted({math.ceil(fraction * T) for fraction in job.real.p2p_fractions})
+    if len(candidates) == 1:
+        return [{candidates[0]: None} for _ in prepared]
+    losses = {}
+    for steps in candidates:
+        control = AttentionControl.for_batch([p.control for p in prepared], [e.mapping for e in edits], steps)
+        with attach(session.engine, control), finite_losses():
+            losses[steps] = session.engine.start_report(objective, batch.z_T, target_embs, batch.null_embs, job.sampler).loss
+    return [{steps: float(losses[steps][b]) for steps in candidates} for b in range(len(prepared))]
 
 
 def _counterfactual_record(
@@ -194,6 +225,7 @@ def _counterfactual_record(
     job: UvceJob,
     seconds: float,
     classifier_spec: str,
+    p2p: dict[str, Any],
 ) -> dict[str, Any]:
     """Files and record of item b of a batch's result."""
     prepared = task.prepared
@@ -211,6 +243,7 @@ def _counterfactual_record(
         start=rounded(result.initial(b)),
         caption=prepared.caption,
         target_caption=edit.target_caption,
+        p2p=p2p,
         source_index=prepared.source_index,
         target_index=edit.target_index,
         mask_source=prepared.mask.source,
