@@ -262,6 +262,11 @@ def test_prepare_image_masks_from_attention_or_file(tiny_components, tiny_classi
     # version the area average of it.
     assert torch.allclose(prepared.mask.pixels, attention_mask(prepared.control.attention_map().cpu(), 64))
     assert torch.allclose(prepared.mask.latents, torch.nn.functional.adaptive_avg_pool2d(prepared.mask.pixels, 16))
+    # The maps prompt-to-prompt injects: the first max(p2p fractions) of the steps (ceil(0.5 * 3) = 2).
+    assert {step for step, _ in prepared.control.stored} == {0, 1}
+    # neuron-cf swaps no words: the same mask, and nothing kept for injection.
+    without = prepare_image(engine, path, tiny_classifiers[0], "bar", options, sampler, record_p2p=False)
+    assert not without.control.stored and torch.allclose(without.mask.pixels, prepared.mask.pixels)
     Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
     options.mask_file = tmp_path / "mask.png"
     prepared = prepare_image(engine, path, tiny_classifiers[0], "bar", options, sampler)

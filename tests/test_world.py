@@ -112,6 +112,8 @@ def test_bench_smoke_run(tmp_path):
     item = uvce["items"][0]
     assert uvce["flip_rate"] == float(item["oracle"] == "bar")
     assert uvce["agreement_rate"] == float(item["oracle"] == item["oracle_2"] == "bar")
+    # At 4 DDIM steps the searched fractions 0.3, 0.4 and 0.5 all round up to 2 injected steps.
+    assert item["p2p_inject_steps"] == 2 and uvce["p2p_inject_steps_taken"] == {"2": 1}
     assert neuron_cf["runs"] == 3 and neuron_cf["neuron"] == shapes_classifier_meta("background-biased")["background_neuron"]["index"]
     assert neuron_cf["control_flagged_rate"] in (0.0, 1.0) and neuron_cf["flagged_rate"] in (0.0, 1.0)
     assert neuron_cf["control_cleared_rate"] + neuron_cf["control_flagged_rate"] <= 1.0

@@ -80,6 +80,9 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
         "agreement_rate": agreed / runs,
         "median_background_psnr_db": round(median_psnr, 2),
         "median_reconstruction_background_psnr_db": round(median_reconstruction, 2),
+        # How many runs started from each searched prompt-to-prompt start (injected steps).
+        "p2p_inject_steps_taken": {str(k): sum(item["p2p_inject_steps"] == k for item in items)
+                                   for k in sorted({item["p2p_inject_steps"] for item in items})},
         "runs": runs,
         "items": items,
     }
@@ -117,6 +120,7 @@ def _judge(out: Path, record: dict, scene, target: str, image: np.ndarray, mask:
         "geometry": drawn, "background_psnr_db": round(background_psnr, 2),
         "reconstruction_background_psnr_db": round(masked_psnr(reconstruction, as_tensor(image), background), 2),
         "inversion_psnr_db": record["inversion"]["psnr_null_text_db"],
-        "p_target": record["after"]["p_target"], "json": str(out / f"{record['item']}.json"),
+        "p_target": record["after"]["p_target"], "p2p_inject_steps": record["p2p"]["inject_steps"],
+        "json": str(out / f"{record['item']}.json"),
     }  # fmt: skip
     return item, background_psnr

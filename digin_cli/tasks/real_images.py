@@ -136,8 +136,11 @@ def prepare_image(
     sampler: SamplerConfig,
     sam_predictor=None,
     captioner=None,
+    record_p2p: bool = True,
 ) -> PreparedImage:
-    """Load, invert (cached), reconstruct while recording attention, and mask one image."""
+    """Load, invert (cached), reconstruct while recording attention, and mask one image.
+    `record_p2p`: keep the conditional cross-attention that prompt-to-prompt injects
+    (uvce); neuron-cf edits no words and needs only the class words' map."""
     started = time.perf_counter()
     # 1. The image as the model sees it, its class and its caption.
     image = load_image(path, engine.components.resolution)[None]  # (1, 3, H, W)
@@ -145,7 +148,8 @@ def prepare_image(
     # 2. Null-text inversion, from the cache when it was done before.
     inversion, hit = invert_cached(engine, image, caption, sampler, options.inversion)
     # 3. The reconstruction, with its cross-attention recorded.
-    reconstruction, control = _reconstruct(engine, inversion, caption, span, sampler, max(options.p2p_fractions))
+    store_fraction = max(options.p2p_fractions) if record_p2p else 0.0
+    reconstruction, control = _reconstruct(engine, inversion, caption, span, sampler, store_fraction)
     # 4. The object mask: the user's file, SAM-HQ from attention points, or the attention map.
     mask = _object_mask(engine, image, control, options, sam_predictor)
     return PreparedImage(
@@ -235,10 +239,11 @@ class Session:
     optim: OptimConfig  # with view_size set to the classifier's input size
     captioner: Any = None
 
-    def prepare(self, item: WorkItem, real: RealImageOptions, sampler: SamplerConfig) -> PreparedImage:
+    def prepare(self, item: WorkItem, real: RealImageOptions, sampler: SamplerConfig,
+                record_p2p: bool = True) -> PreparedImage:  # fmt: skip
         """One work item's image, prepared with that item's own options (caption, mask)."""
         return prepare_image(self.engine, item.path, self.classifier, item.source, item_options(real, item), sampler,
-                             self.sam_predictor, self.captioner)  # fmt: skip
+                             self.sam_predictor, self.captioner, record_p2p=record_p2p)  # fmt: skip
 
 
 def open_session(
