@@ -3,6 +3,7 @@ judged by ground truth, an independently trained classifier and the geometric sh
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,7 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
         "median_background_psnr_db": round(median_psnr, 2),
         "median_reconstruction_background_psnr_db": round(median_reconstruction, 2),
         # How many runs started from each searched prompt-to-prompt start (injected steps).
-        "p2p_inject_steps_taken": {str(k): sum(item["p2p_inject_steps"] == k for item in items)
-                                   for k in sorted({item["p2p_inject_steps"] for item in items})},
+        "p2p_inject_steps_taken": {str(k): n for k, n in sorted(Counter(i["p2p_inject_steps"] for i in items).items())},
         "runs": runs,
         "items": items,
     }

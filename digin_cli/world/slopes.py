@@ -33,12 +33,11 @@ from digin_cli.inversion import ddim_inversion, encode_image
 from digin_cli.models import load_diffusion
 from digin_cli.models.builtin import load_shapes_classifier, shapes_classifier_meta
 from digin_cli.tasks.runtime import sampling_components
-from digin_cli.world.scenes import render, sample_scene
+from digin_cli.world.scenes import sample_scene
+from digin_cli.world.train_classifiers import render_batch
 
 OTHER_BACKGROUNDS = ("grass", "sand", "snow")
 SCENE_SEED = 9000  # scene i: np.random.default_rng(SCENE_SEED + i); its partner SCENE_SEED + 100 + i
-
-
 MIN_FALL = 0.2  # a line whose falls add up to less has no jump share to speak of
 
 
@@ -47,11 +46,6 @@ def jump_share(activations: list[float]) -> float | None:
     they add up to less than MIN_FALL (the line hardly falls at all)."""
     falls = [max(a - b, 0.0) for a, b in zip(activations, activations[1:])]
     return round(max(falls) / sum(falls), 3) if sum(falls) >= MIN_FALL else None
-
-
-def to_unit(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (1, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255
 
 
 @torch.no_grad()
@@ -77,7 +71,7 @@ def measure_slopes(model: str = "shapes", scenes: int = 4, points: int = 11, ddi
         other = others[i % len(others)]
         scene = sample_scene(np.random.default_rng(SCENE_SEED + i), shape="bar", background=home)
         partner = sample_scene(np.random.default_rng(SCENE_SEED + 100 + i), shape="bar", background=other)
-        x_home, x_other = to_unit(render(scene)[0]), to_unit(render(partner)[0])
+        x_home, x_other = render_batch([scene, partner]).split(1)  # (1, 3, 64, 64) each, in [0, 1]
         z_home, z_other = encode_image(engine, x_home), encode_image(engine, x_other)  # (1, 4, h, w), scaled
 
         # 3. The latent line, through the decoder alone.

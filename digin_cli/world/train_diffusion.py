@@ -157,8 +157,7 @@ def finetune_decoder(
     started = time.perf_counter()
     for step in range(steps):
         index = torch.randint(len(images), (batch,), generator=generator)
-        rim = F.max_pool2d(masks[index].float(), kernel_size=5, stride=1, padding=2)  # (batch, 1, 64, 64)
-        z, target = latents[index], images[index]
+        z, target, object_mask = latents[index], images[index], masks[index]  # object_mask: (batch, 1, 64, 64)
         if mix_share:
             # Latent mixup: a share of the batch decodes a point on the line between two
             # scenes' latents to the same blend of their images, so the decoder stays
@@ -168,7 +167,8 @@ def finetune_decoder(
             t = t * (torch.rand(batch, 1, 1, 1, generator=generator) < mix_share)  # 0 where not mixed
             z = (1 - t) * z + t * latents[partner]
             target = (1 - t) * target + t * images[partner]
-            rim = torch.maximum(rim, F.max_pool2d(masks[partner].float(), kernel_size=5, stride=1, padding=2) * (t > 0))
+            object_mask = object_mask | (masks[partner] & (t > 0))
+        rim = F.max_pool2d(object_mask.float(), kernel_size=5, stride=1, padding=2)  # (batch, 1, 64, 64)
         loss = reconstruction_loss(vae.decode(z).sample, target, 1 + OBJECT_WEIGHT * rim)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
