@@ -12,6 +12,7 @@ colour.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,53 +31,28 @@ from digin_cli.world.scenes import COLOURS, SHAPES, judge_colours, render, sampl
 SUCCESS_P_F = 0.5  # f must see the class...
 SUCCESS_P_G = 0.2  # ...and g must not
 EXISTS_SCENES_PER_COLOUR = 100  # rendered scenes per shape and colour behind "a disagreement exists"
+COUNTS = ("runs", "success", "revealed", "success_before", "f_and_g")  # what each shape's runs are counted by
 
 
 def planted_colours() -> dict[str, str]:
-    """The colour each shape wears 95% of the time in shapes:color-biased's training."""
+    """The colour each shape wears in shapes:color-biased's training most of the time (its
+    meta.json's planted_share, 97%)."""
     planted = shapes_classifier_meta("color-biased")["planted"]
     return {shape: planted[shape] for shape in SHAPES}
 
 
 def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
+    # 1. The planted colours, the independent judge and where a disagreement exists at all.
     planted = planted_colours()
-    per_shape = {}
-    totals = {"runs": 0, "success": 0, "revealed": 0, "success_before": 0, "f_and_g": 0}
     judge = load_classifier("shapes:oracle-2")
     exists = disagreement_exists(load_classifier("shapes:oracle"), load_classifier("shapes:color-biased"), config.shapes)
+    # 2. Per shape: the runs, each judged.
+    per_shape = {}
+    totals = dict.fromkeys(COUNTS, 0)
     for shape in config.shapes:
-        job = DisagreeJob(
-            classifier_f="shapes:oracle",
-            classifier_g="shapes:color-biased",
-            class_name=shape,
-            out=config.out / "disagree" / shape,
-            seeds=list(range(config.seeds_per_shape)),
-            batch_size=config.batch_size,
-            runtime=config.runtime(),
-            sampler=config.sampler(),
-            optim=config.optim(),
-        )
-        record = run_disagree(job, progress)
-        counts = dict.fromkeys(totals, 0)
-        colours, oracle_2_classes, geometry_shapes = [], [], []
-        for item in record["items"]:
-            after, before = item["after"], item["before"]
-            image_file = job.out / item["files"]["optimized"]
-            pixels = read_rgb(image_file)
-            colour = judge_colours(pixels).colour
-            oracle_2_class = _top_class(judge, image_file)
-            geometry_shape = judge_shape(pixels).shape
-            colours.append(colour)
-            oracle_2_classes.append(oracle_2_class)
-            geometry_shapes.append(geometry_shape)
-            f_and_g = after["p_f"] >= SUCCESS_P_F and after["p_g"] <= SUCCESS_P_G
-            ok = f_and_g and oracle_2_class == shape and geometry_shape == shape
-            counts["runs"] += 1
-            counts["f_and_g"] += f_and_g
-            counts["success"] += ok
-            counts["success_before"] += before["p_f"] >= SUCCESS_P_F and before["p_g"] <= SUCCESS_P_G
-            # Revealed only when an object colour is seen and it is not the planted one.
-            counts["revealed"] += ok and colour is not None and colour != planted[shape]
+        folder = config.out / "disagree" / shape
+        record = _run_shape(config, shape, folder, progress)
+        counts, judged = _judge_runs(folder, record, shape, planted[shape], judge)
         per_shape[shape] = {
             "runs": counts["runs"],
             "success_rate": counts["success"] / counts["runs"],
@@ -86,12 +62,11 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
             "planted_colour": planted[shape],
             "disagreement_exists_share": exists[shape]["share"],
             "disagreement_exists_by_colour": exists[shape]["by_colour"],
-            "judged_colours": colours,
-            "oracle_2_classes": oracle_2_classes,
-            "geometry_shapes": geometry_shapes,
+            **judged,
         }
         for key in totals:
             totals[key] += counts[key]
+    # 3. The rates over all shapes.
     rates = {
         "success": rate(totals["success"], totals["runs"]),
         "revealed_of_successes": rate(totals["revealed"], totals["success"]),
@@ -122,6 +97,50 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
         "disagreement_exists_criterion": f"share of {EXISTS_SCENES_PER_COLOUR} rendered scenes per shape and colour "
                                          f"(background and pose random) with p_f >= {SUCCESS_P_F} and p_g <= {SUCCESS_P_G}",
     }
+
+
+
+def _run_shape(config: BenchConfig, shape: str, folder: Path, progress: Progress | None) -> dict[str, Any]:
+    """`digin disagree` for one shape, the bench's seeds, into `folder`."""
+    job = DisagreeJob(
+        classifier_f="shapes:oracle",
+        classifier_g="shapes:color-biased",
+        class_name=shape,
+        out=folder,
+        seeds=list(range(config.seeds_per_shape)),
+        batch_size=config.batch_size,
+        runtime=config.runtime(),
+        sampler=config.sampler(),
+        optim=config.optim(),
+    )
+    return run_disagree(job, progress)
+
+
+def _judge_runs(folder: Path, record: dict[str, Any], shape: str, planted_colour: str,
+                judge) -> tuple[dict[str, int], dict[str, list]]:  # fmt: skip
+    """One shape's runs counted by COUNTS, and what the colour judge, oracle-2 and the
+    geometric shape judge saw in each optimized image."""
+    counts = dict.fromkeys(COUNTS, 0)
+    judged = {"judged_colours": [], "oracle_2_classes": [], "geometry_shapes": []}
+    for item in record["items"]:
+        after, before = item["after"], item["before"]
+        image_file = folder / item["files"]["optimized"]
+        pixels = read_rgb(image_file)
+        colour = judge_colours(pixels).colour
+        oracle_2_class = _top_class(judge, image_file)
+        geometry_shape = judge_shape(pixels).shape
+        judged["judged_colours"].append(colour)
+        judged["oracle_2_classes"].append(oracle_2_class)
+        judged["geometry_shapes"].append(geometry_shape)
+        f_and_g = after["p_f"] >= SUCCESS_P_F and after["p_g"] <= SUCCESS_P_G
+        ok = f_and_g and oracle_2_class == shape and geometry_shape == shape
+        counts["runs"] += 1
+        counts["f_and_g"] += f_and_g
+        counts["success"] += ok
+        counts["success_before"] += before["p_f"] >= SUCCESS_P_F and before["p_g"] <= SUCCESS_P_G
+        # Revealed only when an object colour is seen and it is not the planted one.
+        counts["revealed"] += ok and colour is not None and colour != planted_colour
+    return counts, judged
 
 
 @torch.no_grad()
