@@ -90,3 +90,14 @@ def test_largest_region_fills_holes(hole):
     mask[0, 19] = True  # a separate pixel
     region = largest_region(mask)
     assert region.sum() == 144 and not region[0, 19]
+
+
+def test_a_crescent_is_other_not_a_circle():
+    # Its centroid lies outside it, so rays from there start outside: an earlier judge
+    # divided by a zero mean radius and, with NaN harmonics below no threshold, said "circle".
+    image = Image.new("RGB", (64, 64), (200, 178, 132))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([12, 12, 52, 52], fill=(215, 35, 35))
+    draw.ellipse([20, 12, 60, 52], fill=(200, 178, 132))
+    judged = judge_shape(np.asarray(image))
+    assert judged.shape == OTHER and judged.area > 200

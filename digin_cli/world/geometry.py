@@ -13,7 +13,9 @@ triangle). This judge cannot be optimized against: it has no gradients and no we
    only), a circle's none. The strongest of harmonics 2 to 6, relative to the mean
    radius, names the shape; when none exceeds `CIRCLE_THRESHOLD` it is a circle, and
    when the strongest is one no shape of the world has (4 or 6: a square, a
-   four-pointed star, a hexagon) the judgement is "other".
+   four-pointed star, a hexagon) the judgement is "other". So is a region that is not
+   star-shaped about its centroid (a crescent, a C: some ray starts outside it), which
+   no shape of the world is and whose signature has no meaning.
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ def judge_shape(image: np.ndarray, mask: np.ndarray | None = None) -> ShapeJudge
         return ShapeJudgement(shape=None, harmonics={}, area=area, solidity=0.0)
     # 2. Its radial signature and 3. that signature's harmonics.
     signature = radial_signature(region)  # (RAYS,)
+    if signature.min() <= 0:  # the centroid lies outside the region (or on its edge)
+        return ShapeJudgement(shape=OTHER, harmonics={}, area=area, solidity=round(solidity(region), 4))
     spectrum = np.abs(np.fft.rfft(signature)) / (signature.mean() * len(signature))  # (RAYS // 2 + 1,)
     harmonics = {k: round(float(spectrum[k]), 4) for k in HARMONICS}
     strongest = max(harmonics, key=harmonics.get)
