@@ -40,6 +40,7 @@ def test_attributes_can_be_fixed_and_caption_names_them():
     scene = sample_scene(np.random.default_rng(1), shape="star", colour="blue", background="snow")
     assert (scene.shape, scene.colour, scene.background) == ("star", "blue", "snow")
     assert caption(scene) == "a photograph of a blue star on snow"
+    assert caption(scene, colour=False) == "a photograph of a star on snow"
 
 
 def test_judge_reads_back_colour_and_background_with_and_without_mask():

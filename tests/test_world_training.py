@@ -7,6 +7,7 @@ import torch
 from digin_cli.world.train_diffusion import (
     build_vae, encoder_means, finetune_decoder, finetune_shipped_decoder, reconstruction_loss, render_dataset,
 )  # fmt: skip
+from digin_cli.world import train_diffusion
 
 
 def test_decoder_finetuning_leaves_the_encoder_and_so_the_latents_as_they_were():
@@ -65,3 +66,29 @@ def test_latent_mixup_teaches_the_decoder_the_blends_between_scenes():
             midpoint = vae.decode(latents.mean(0, keepdim=True)).sample
             losses[mix_share] = reconstruction_loss(midpoint, blend, no_weight).item()
     assert losses[1.0] < 0.85 * losses[0.0]  # measured: 0.22 against 0.29-0.33 over three seeds
+
+
+def test_colour_dropout_trains_on_captions_without_the_colour(monkeypatch):
+    # `--colour-dropout`: that share of the (not emptied) captions names no colour; at 0 the
+    # full captions only, as the shipped recipe trains.
+    n = 8
+    full = torch.arange(n)[:, None].repeat(1, 77)  # (n, 77): stand-ins, row i = caption i
+    colourless = full + 100
+    seen = []
+    build = train_diffusion.build_text_encoder
+
+    def spying_text_encoder():
+        encoder = build()
+        forward = encoder.forward
+        encoder.forward = lambda ids, *a, **k: (seen.append(ids.clone()), forward(ids, *a, **k))[1]
+        return encoder
+
+    monkeypatch.setattr(train_diffusion, "build_text_encoder", spying_text_encoder)
+    latents, empty = torch.randn(n, 4, 16, 16), torch.full((77,), 499)
+    for share, expect_colourless in ((0.0, False), (0.5, True)):
+        seen.clear()
+        train_diffusion.train_denoiser(latents, full, empty, steps=3, batch=16, seed=0, log=lambda _: None,
+                                       colourless_ids=colourless, colour_dropout=share)  # fmt: skip
+        rows = torch.cat(seen)[:, 0]  # the first token of every caption the encoder saw
+        assert (rows < 100).any()  # full captions in both
+        assert bool(((rows >= 100) & (rows < 499)).any()) == expect_colourless

@@ -77,8 +77,10 @@ def sample_scene(
     )
 
 
-def caption(scene: Scene) -> str:
-    return f"a photograph of a {scene.colour} {scene.shape} on {scene.background}"
+def caption(scene: Scene, colour: bool = True) -> str:
+    """The scene's caption; `colour=False` leaves the colour out ("a photograph of a bar on water")."""
+    what = f"{scene.colour} {scene.shape}" if colour else scene.shape
+    return f"a photograph of a {what} on {scene.background}"
 
 
 def _texture(background: str, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -31,6 +31,10 @@ from digin_cli.world.scenes import IMAGE_SIZE, caption, render, sample_scene
 LATENT_CHANNELS = 4
 OBJECT_WEIGHT = 4.0  # extra reconstruction weight on the object and its rim: the shape is what must survive
 CAPTION_DROPOUT = 0.1  # share of empty captions: the unconditional branch of classifier-free guidance
+# Share of the other captions that leave out the colour (`--colour-dropout`; 0 in the shipped
+# recipe, an experiment: README, "Status"). The background is never left out: a UNet trained
+# on captions without it (9c8bf63) read the background from the latent, not from the text.
+COLOUR_DROPOUT = 0.0
 # Decoder-only fine-tuning after the joint VAE training (encoder frozen). 0 in the shipped
 # recipe: 3000 steps lift the VAE from 20.0 to 28.6 dB and the backgrounds to 100%, but the
 # guided optimization then hardly moves a background (README, "Status"), so the shipped
@@ -39,8 +43,9 @@ DECODER_STEPS = 0
 DECODER_ONLY_STEPS = 3000  # `--decoder-only`'s default: 20.0 -> 28.6 dB on the shipped VAE (607 s)
 
 
-def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """n balanced scenes: images (n, 3, 64, 64) in [-1, 1], object masks (n, 1, 64, 64) and captions."""
+def render_dataset(n: int, seed: int, colour: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """n balanced scenes: images (n, 3, 64, 64) in [-1, 1], object masks (n, 1, 64, 64) and
+    captions (`colour=False`: without the colour)."""
     rng = np.random.default_rng(seed)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     masks = np.empty((n, 1, IMAGE_SIZE, IMAGE_SIZE), bool)
@@ -48,7 +53,7 @@ def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[
     for i in range(n):
         scene = sample_scene(rng)
         images[i], masks[i, 0] = render(scene)
-        captions.append(caption(scene))
+        captions.append(caption(scene, colour))
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, 64, 64)
     return tensor, torch.from_numpy(masks), captions
 
@@ -202,8 +207,13 @@ def train_denoiser(
     log,
     lr: float = 1e-3,
     min_snr_gamma: float = 5.0,
+    colourless_ids: torch.Tensor | None = None,
+    colour_dropout: float = 0.0,
 ):
     """Jointly train text encoder + UNet on epsilon prediction; returns EMA copies of both.
+
+    token_ids: (n, 77) the full captions; colourless_ids: (n, 77) the same without the
+    colour, taken for a `colour_dropout` share of the batch.
 
     The loss is Min-SNR-weighted (Hang et al. 2023, gamma 5): epsilon-prediction MSE
     weighs the nearly clean timesteps far above the noisy ones, where the layout and
@@ -224,6 +234,9 @@ def train_denoiser(
         index = torch.randint(len(latents), (batch,), generator=generator)
         z0 = latents[index]  # (batch, 4, 16, 16)
         ids = token_ids[index].clone()  # (batch, 77)
+        if colour_dropout:  # drawn only then, so the shipped recipe's random stream is unchanged
+            colourless = torch.rand(batch, generator=generator) < colour_dropout
+            ids[colourless] = colourless_ids[index][colourless]
         drop = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
         ids[drop] = empty_ids
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
@@ -252,7 +265,7 @@ def train_denoiser(
 
 def train(
     out: Path, n_images: int, vae_steps: int, vae_batch: int, unet_steps: int, batch: int, seed: int, log=print,
-    decoder_steps: int = DECODER_STEPS, decoder_mix_share: float = 0.0,
+    decoder_steps: int = DECODER_STEPS, decoder_mix_share: float = 0.0, colour_dropout: float = COLOUR_DROPOUT,
 ) -> dict:
     started = time.perf_counter()
     images, masks, captions = render_dataset(n_images, seed)
@@ -273,7 +286,9 @@ def train(
     tokenize = lambda texts: tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids  # noqa: E731
     token_ids = tokenize(captions)  # (n, 77)
     empty_ids = tokenize([""])[0]
-    unet, text_encoder = train_denoiser(latents, token_ids, empty_ids, unet_steps, batch, seed + 1, log)
+    colourless_ids = tokenize(render_dataset(n_images, seed, colour=False)[2]) if colour_dropout else None  # (n, 77)
+    unet, text_encoder = train_denoiser(latents, token_ids, empty_ids, unet_steps, batch, seed + 1, log,
+                                        colourless_ids=colourless_ids, colour_dropout=colour_dropout)  # fmt: skip
 
     pipeline = sd_parts.assemble_pipeline(vae, text_encoder, tokenizer, unet, build_scheduler())
     pipeline.to(torch.float16).save_pretrained(out)
@@ -284,6 +299,7 @@ def train(
         "vae_steps": vae_steps,
         "decoder_steps": decoder_steps,
         "decoder_mix_share": decoder_mix_share,
+        "colour_dropout": colour_dropout,
         "unet_steps": unet_steps,
         "vae_batch": vae_batch,
         "batch": batch,
@@ -336,11 +352,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="fine-tune the decoder of the model already in --out, and nothing else")  # fmt: skip
     parser.add_argument("--decoder-mix", type=float, default=0.0,
                         help="share of each decoder batch trained on latent mixup (blends of two scenes)")  # fmt: skip
+    parser.add_argument("--colour-dropout", type=float, default=COLOUR_DROPOUT,
+                        help="share of training captions without the colour (default %(default)s)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args(argv)
     if not 0 <= args.decoder_mix <= 1:
         parser.error("--decoder-mix is a share of the batch: give a number from 0 to 1")
+    if not 0 <= args.colour_dropout <= 1:
+        parser.error("--colour-dropout is a share of the captions: give a number from 0 to 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.decoder_only:
@@ -350,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         info = train(args.out, args.images, args.vae_steps, args.vae_batch, args.unet_steps, args.batch, args.seed,
                      decoder_steps=DECODER_STEPS if args.decoder_steps is None else args.decoder_steps,
-                     decoder_mix_share=args.decoder_mix)  # fmt: skip
+                     decoder_mix_share=args.decoder_mix, colour_dropout=args.colour_dropout)  # fmt: skip
     print(json.dumps(info, indent=2))
 
 
