@@ -176,6 +176,35 @@ def test_bench_rejects_unknown_shapes(tmp_path):
     assert not (tmp_path / "bench.json").exists()
 
 
+def test_bench_runs_a_candidate_world_model_and_another_g(tmp_path, monkeypatch):
+    # --model: a retrained world's folder is benched before it replaces the shipped weights;
+    # --disagree-g: the disagree row against another g. Both reach the rows and bench.json.
+    from digin_cli.bench import generator_row
+
+    folder = tmp_path / "candidate"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    models = []
+
+    def fake_evaluation(seeds, sampler, device, model):
+        models.append(model)
+        return {"images": 4, "recognised": {"oracle": 3, "oracle-2": 2, "geometry": 1}, "colours_correct": 4,
+                "backgrounds_correct": 4, "by_shape": {}}  # fmt: skip
+
+    monkeypatch.setattr(generator_row, "evaluate_generation", fake_evaluation)
+    out = tmp_path / "out"
+    args = ["bench", "--out", str(out), "--rows", "generator", "--model", str(folder), "--disagree-g", "shapes:oracle-2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "bench.json").read_text())
+    assert models == [str(folder)] and record["rows"][0]["row"] == f"generator: the {folder} model, every prompt"
+    assert record["config"]["model"] == str(folder) and record["config"]["disagree_g"] == "shapes:oracle-2"
+    assert record["rows"][0]["rates"]["shape_by_oracle"]["successes"] == 3
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "out2"), "--model", str(tmp_path / "missing")])
+    assert result.exit_code != 0 and "--model" in result.stderr and "model_index.json" in result.stderr
+    assert not (tmp_path / "out2" / "bench.json").exists()
+
+
 def test_bench_runs_only_the_chosen_rows(tmp_path, monkeypatch):
     from digin_cli.bench import quality as bench
 
@@ -193,3 +222,16 @@ def test_bench_runs_only_the_chosen_rows(tmp_path, monkeypatch):
     assert ran == ["disagree", "neuron-cf"]  # in the benchmark's order, not the option's
     assert [row["row"] for row in result["rows"]] == ran and result["config"]["rows"] == ran
     assert json.loads((tmp_path / "bench.json").read_text())["config"]["rows"] == ran
+
+
+def test_train_classifiers_planted_share_overrides_the_biased_recipes_only(tmp_path, monkeypatch):
+    from digin_cli.world import train_classifiers
+
+    trained = []
+    monkeypatch.setattr(train_classifiers, "EvalSets", lambda: None)
+    monkeypatch.setattr(train_classifiers, "train_and_save", lambda recipe, out, eval_sets, log: (
+        trained.append(recipe), (out / recipe.name).mkdir(), (out / recipe.name / "model.safetensors").write_bytes(b"x"),
+        {"train_seconds": 0, "accuracy": {}})[-1])  # fmt: skip
+    train_classifiers.main(["--out", str(tmp_path), "--only", "color-biased", "--only", "oracle", "--planted-share", "1.0"])
+    assert [(r.name, r.planted_share) for r in trained] == [("oracle", 0.95), ("color-biased", 1.0)]
+    assert train_classifiers.RECIPES[1].planted_share == 0.97  # the shipped recipe is left as it is

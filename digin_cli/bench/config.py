@@ -35,6 +35,10 @@ class BenchConfig:
     neuron_cf_seeds: int | None = None  # scenes per mode (max, min, control) for the neuron-cf row
     directions_images: int = 64  # images of the class handed to `digin directions` (balanced backgrounds)
     rows: list[str] = field(default_factory=lambda: list(ROW_NAMES))  # which rows to run, in ROW_NAMES order
+    # The diffusion model every row runs: the built-in, or a retrained world's model folder
+    # judged before it replaces the shipped weights. The classifiers are always the built-ins.
+    model: str = "shapes"
+    disagree_g: str = "shapes:color-biased"  # the disagree row's g (f is shapes:oracle)
 
     def __post_init__(self) -> None:
         per_shape = -(-self.runs // len(SHAPES))  # ceil: 4 shapes (or 4 starting prompts) share the runs
@@ -54,14 +58,17 @@ class BenchConfig:
             raise DiginError(f"--directions-images must be at least {2 * len(BACKGROUNDS)} (2 per background)")
         if self.spacing not in (None, *SPACINGS):
             raise DiginError(f"--spacing must be one of {', '.join(SPACINGS)}, got '{self.spacing}'")
+        if self.model != "shapes" and not (Path(self.model).expanduser() / "model_index.json").is_file():
+            raise DiginError(f"--model {self.model} is not a diffusers model folder (no model_index.json); give 'shapes' "
+                             "or a folder that python -m digin_cli.world.train_diffusion --out wrote")  # fmt: skip
         unknown_rows = [r for r in self.rows if r not in ROW_NAMES]
         if unknown_rows or not self.rows:
             raise DiginError(f"--rows: unknown or no row(s) '{','.join(self.rows)}'; the rows are {', '.join(ROW_NAMES)}")
 
     def runtime(self) -> RuntimeOptions:
-        """Every row runs the built-in shapes model on the bench's device, each run starting
+        """Every row runs the bench's diffusion model on the bench's device, each run starting
         again in its folder (a bench never counts items an earlier bench made)..."""
-        return RuntimeOptions(model="shapes", device=self.device, overwrite=True)
+        return RuntimeOptions(model=self.model, device=self.device, overwrite=True)
 
     def sampler(self) -> SamplerConfig:
         """...with the reference sampler settings but for the number of DDIM steps (and spacing)..."""

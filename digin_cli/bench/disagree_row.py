@@ -1,4 +1,4 @@
-"""Row "disagree": f = shapes:oracle, g = shapes:color-biased, for every shape.
+"""Row "disagree": f = shapes:oracle, g = shapes:color-biased (or `--disagree-g`), for every shape.
 
 A run succeeds when the kept image ends with p_f >= 0.5 and p_g <= 0.2 and two judges
 that are not optimized against see the class too: the independently trained
@@ -45,7 +45,7 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
     # 1. The planted colours, the independent judge and where a disagreement exists at all.
     planted = planted_colours()
     judge = load_classifier("shapes:oracle-2")
-    exists = disagreement_exists(load_classifier("shapes:oracle"), load_classifier("shapes:color-biased"), config.shapes)
+    exists = disagreement_exists(load_classifier("shapes:oracle"), load_classifier(config.disagree_g), config.shapes)
     # 2. Per shape: the runs, each judged.
     per_shape = {}
     totals = dict.fromkeys(COUNTS, 0)
@@ -74,7 +74,7 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
         "success_before_optimization": rate(totals["success_before"], totals["runs"]),
     }
     return {
-        "row": "disagree: shapes:oracle (f) vs shapes:color-biased (g)",
+        "row": f"disagree: shapes:oracle (f) vs {_short(config.disagree_g)} (g)",
         "headline": {
             "runs": str(totals["runs"]),
             "success (f and g, confirmed by oracle-2 and the shape judge)": format_rate(rates["success"]),
@@ -104,7 +104,7 @@ def _run_shape(config: BenchConfig, shape: str, folder: Path, progress: Progress
     """`digin disagree` for one shape, the bench's seeds, into `folder`."""
     job = DisagreeJob(
         classifier_f="shapes:oracle",
-        classifier_g="shapes:color-biased",
+        classifier_g=config.disagree_g,
         class_name=shape,
         out=folder,
         seeds=list(range(config.seeds_per_shape)),
@@ -162,6 +162,14 @@ def disagreement_exists(f, g, shapes: list[str], per_colour: int = EXISTS_SCENES
             by_colour[colour] = float(((p_f >= SUCCESS_P_F) & (p_g <= SUCCESS_P_G)).float().mean())
         result[shape] = {"share": sum(by_colour.values()) / len(COLOURS), "by_colour": by_colour}
     return result
+
+
+def _short(spec: str) -> str:
+    """A classifier spec as a row title shows it: a built-in's name, else the checkpoint's folder."""
+    if spec.startswith("shapes:"):
+        return spec
+    checkpoint = next((part.split("=", 1)[1] for part in spec.split(",") if part.startswith("checkpoint=")), None)
+    return f"{spec.split(',')[0]} from {Path(checkpoint).parent}" if checkpoint else spec
 
 
 @torch.no_grad()

@@ -18,13 +18,14 @@ PROMPTS = len(SHAPES) * len(COLOURS) * len(BACKGROUNDS)  # 64
 
 def generator_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     seeds = max(2, -(-8 * config.runs // PROMPTS))  # 2 seeds a prompt (128 images) by default, 6 with --full (384)
-    result = evaluate_generation(seeds, sampler=config.sampler(), device=str(resolve_device(config.device)))
+    result = evaluate_generation(seeds, sampler=config.sampler(), device=str(resolve_device(config.device)),
+                                 model=config.model)  # fmt: skip
     n = result["images"]
     rates = {f"shape_by_{judge.replace('-', '_')}": rate(result["recognised"][judge], n) for judge in SHAPE_JUDGES}
     rates["colour"] = rate(result["colours_correct"], n)
     rates["background"] = rate(result["backgrounds_correct"], n)
     return {
-        "row": "generator: the shapes model, every prompt",
+        "row": f"generator: the {config.model} model, every prompt",
         "headline": {
             "images": f"{n} ({seeds} per shape x colour x background prompt)",
             "prompted shape seen by oracle / oracle-2 / shape judge": " / ".join(

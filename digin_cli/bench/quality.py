@@ -51,6 +51,8 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
             "neuron_cf_seeds": config.neuron_cf_seeds,
             "directions_images": config.directions_images,
             "rows": chosen,
+            "model": config.model,
+            "disagree_g": config.disagree_g,
         },
         "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),

@@ -41,6 +41,13 @@ def bench(
         str | None,
         typer.Option(help="Comma-separated rows to run: generator, disagree, neuron, uvce, neuron-cf, directions (default: all)."),
     ] = None,
+    model: Annotated[
+        str, typer.Option(help="Diffusion model of every row: the built-in shapes model or a retrained world's model folder "
+                               "(python -m digin_cli.world.train_diffusion --out DIR), judged before it replaces the shipped one.")
+    ] = "shapes",
+    disagree_g: Annotated[
+        str, typer.Option("--disagree-g", help="Classifier g of the disagree row (f is shapes:oracle).")
+    ] = "shapes:color-biased",
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     perf: Annotated[
@@ -81,7 +88,8 @@ def bench(
 
     config = BenchConfig(out=out, runs=FULL_RUNS if full else DEFAULT_RUNS, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps,
                          spacing=spacing, batch_size=batch_size, uvce_seeds=uvce_seeds, neuron_seeds=neuron_seeds,
-                         neuron_cf_seeds=neuron_cf_seeds, directions_images=directions_images, device=device)  # fmt: skip
+                         neuron_cf_seeds=neuron_cf_seeds, directions_images=directions_images, device=device,
+                         model=model, disagree_g=disagree_g)  # fmt: skip
     config.shapes = _names(shapes) or config.shapes
     config.rows = _names(rows) if rows is not None else config.rows
     result = call_with_progress(run_bench, config, quiet)

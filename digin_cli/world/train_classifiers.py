@@ -28,7 +28,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -426,7 +426,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--only", action="append", choices=[r.name for r in RECIPES], help="train only these (repeatable)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps runs reproducible)")
+    parser.add_argument("--planted-share", type=float, default=None,
+                        help="how often the biased recipes' shapes come with their planted value (default: each recipe's)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.planted_share is not None and not 0 <= args.planted_share <= 1:
+        parser.error("--planted-share is a share of the training scenes: give a number from 0 to 1")
 
     torch.set_num_threads(args.threads)
     out: Path = args.out
@@ -437,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for recipe in RECIPES:
         if args.only and recipe.name not in args.only:
             continue
+        if args.planted_share is not None and recipe.bias is not None:
+            recipe = replace(recipe, planted_share=args.planted_share)
         print(f"training {recipe.name} ({recipe.arch}, bias {recipe.bias}, {recipe.steps} steps)", flush=True)
         meta = train_and_save(recipe, out, eval_sets, log=lambda line: print(line, flush=True))
         size = (out / recipe.name / "model.safetensors").stat().st_size
