@@ -92,3 +92,22 @@ def test_colour_dropout_trains_on_captions_without_the_colour(monkeypatch):
         rows = torch.cat(seen)[:, 0]  # the first token of every caption the encoder saw
         assert (rows < 100).any()  # full captions in both
         assert bool(((rows >= 100) & (rows < 499)).any()) == expect_colourless
+
+
+def test_vae_from_trains_the_denoiser_on_another_models_vae(tmp_path):
+    # `--vae-from`: the denoiser alone is retrained, on the latents of a trained model's VAE,
+    # which the new folder keeps as it was (scaling factor included).
+    torch.manual_seed(0)
+    source = tmp_path / "source"
+    vae = build_vae()
+    vae.register_to_config(scaling_factor=0.5)
+    vae.to(torch.float16).save_pretrained(source / "vae")
+    info = train_diffusion.train(tmp_path / "new", n_images=16, vae_steps=1000, vae_batch=8, unet_steps=2, batch=4,
+                                 seed=0, log=lambda _: None, vae_from=source)  # fmt: skip
+    from diffusers import AutoencoderKL
+
+    before = AutoencoderKL.from_pretrained(source / "vae").state_dict()
+    after = AutoencoderKL.from_pretrained(tmp_path / "new" / "vae").state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert info["scaling_factor"] == 0.5 and info["vae_from"] == str(source)
+    assert (tmp_path / "new" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -266,13 +266,21 @@ def train_denoiser(
 def train(
     out: Path, n_images: int, vae_steps: int, vae_batch: int, unet_steps: int, batch: int, seed: int, log=print,
     decoder_steps: int = DECODER_STEPS, decoder_mix_share: float = 0.0, colour_dropout: float = COLOUR_DROPOUT,
+    vae_from: Path | None = None,
 ) -> dict:
     started = time.perf_counter()
     images, masks, captions = render_dataset(n_images, seed)
     log(f"rendered {n_images} scenes ({time.perf_counter() - started:.0f}s)")
-    # 1. The VAE, then its decoder alone: the encoder, hence the UNet's latents, stays as trained.
-    vae, scaling = train_vae(images, masks, vae_steps, vae_batch, seed, log)
-    vae.register_to_config(scaling_factor=scaling)
+    # 1. The VAE (or `vae_from`'s, to retrain only the denoiser on its latents), then its
+    #    decoder alone: the encoder, hence the UNet's latents, stays as trained.
+    if vae_from is None:
+        vae, scaling = train_vae(images, masks, vae_steps, vae_batch, seed, log)
+        vae.register_to_config(scaling_factor=scaling)
+    else:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_from / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
+        scaling = float(vae.config.scaling_factor)
     means = encoder_means(vae, images)  # (n, 4, 16, 16)
     joint_psnr = vae_psnr_db(vae, images[:512])
     if decoder_steps:
@@ -297,6 +305,7 @@ def train(
         "seed": seed,
         "n_images": n_images,
         "vae_steps": vae_steps,
+        "vae_from": str(vae_from) if vae_from else None,
         "decoder_steps": decoder_steps,
         "decoder_mix_share": decoder_mix_share,
         "colour_dropout": colour_dropout,
@@ -354,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of each decoder batch trained on latent mixup (blends of two scenes)")  # fmt: skip
     parser.add_argument("--colour-dropout", type=float, default=COLOUR_DROPOUT,
                         help="share of training captions without the colour (default %(default)s)")  # fmt: skip
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="take this trained model folder's VAE instead of training one (the denoiser alone is trained)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args(argv)
@@ -370,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         info = train(args.out, args.images, args.vae_steps, args.vae_batch, args.unet_steps, args.batch, args.seed,
                      decoder_steps=DECODER_STEPS if args.decoder_steps is None else args.decoder_steps,
-                     decoder_mix_share=args.decoder_mix, colour_dropout=args.colour_dropout)  # fmt: skip
+                     decoder_mix_share=args.decoder_mix, colour_dropout=args.colour_dropout,
+                     vae_from=args.vae_from)  # fmt: skip
     print(json.dumps(info, indent=2))
 
 
