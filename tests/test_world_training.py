@@ -70,7 +70,7 @@ def test_latent_mixup_teaches_the_decoder_the_blends_between_scenes():
 
 def test_colour_dropout_trains_on_captions_without_the_colour(monkeypatch):
     # `--colour-dropout`: that share of the (not emptied) captions names no colour; at 0 the
-    # full captions only, as the shipped recipe trains.
+    # full captions only.
     n = 8
     full = torch.arange(n)[:, None].repeat(1, 77)  # (n, 77): stand-ins, row i = caption i
     colourless = full + 100
@@ -96,18 +96,19 @@ def test_colour_dropout_trains_on_captions_without_the_colour(monkeypatch):
 
 def test_vae_from_trains_the_denoiser_on_another_models_vae(tmp_path):
     # `--vae-from`: the denoiser alone is retrained, on the latents of a trained model's VAE,
-    # which the new folder keeps as it was (scaling factor included).
+    # which the new folder keeps as it was (scaling factor included); with colour dropout,
+    # whose colourless captions come from the same rendered scenes.
     torch.manual_seed(0)
     source = tmp_path / "source"
     vae = build_vae()
     vae.register_to_config(scaling_factor=0.5)
     vae.to(torch.float16).save_pretrained(source / "vae")
     info = train_diffusion.train(tmp_path / "new", n_images=16, vae_steps=1000, vae_batch=8, unet_steps=2, batch=4,
-                                 seed=0, log=lambda _: None, vae_from=source)  # fmt: skip
+                                 seed=0, log=lambda _: None, vae_from=source, colour_dropout=0.5)  # fmt: skip
     from diffusers import AutoencoderKL
 
     before = AutoencoderKL.from_pretrained(source / "vae").state_dict()
     after = AutoencoderKL.from_pretrained(tmp_path / "new" / "vae").state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
-    assert info["scaling_factor"] == 0.5 and info["vae_from"] == str(source)
+    assert info["scaling_factor"] == 0.5 and info["vae_from"] == str(source) and info["colour_dropout"] == 0.5
     assert (tmp_path / "new" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
