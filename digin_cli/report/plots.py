@@ -23,7 +23,13 @@ def plot_png(history: list[dict[str, float]] | dict[str, list[dict[str, float]]]
     runs = history if isinstance(history, dict) else {"": history}
     bests = best_step if isinstance(best_step, dict) else {"": best_step}
     names = [name for name in next(iter(runs.values()), [{}])[0] if name not in NOT_PLOTTED] if runs else []
-    figure = Figure(figsize=(2.6 * max(1, len(names)), 2.3), dpi=100, layout="constrained")
+    # Fixed margins (in inches, so every panel count looks alike) rather than a constrained
+    # layout: its solver took a third of a plot's time (three panels 0.21 -> 0.14 s, five
+    # 0.34 -> 0.25 s), and a bench writes some 130 plots.
+    width, height = 2.6 * max(1, len(names)), 2.3
+    figure = Figure(figsize=(width, height), dpi=100)
+    figure.subplots_adjust(left=0.45 / width, right=1 - 0.1 / width, bottom=0.42 / height, top=1 - 0.55 / height,
+                           wspace=0.4)  # fmt: skip
     axes = figure.subplots(1, max(1, len(names)), squeeze=False)[0]
     for axis, name in zip(axes, names):
         for mode, steps in runs.items():

@@ -100,7 +100,7 @@ def run_items(
     items: list[WorkItem],
     folder: RunFolder,
     labels: Callable[[WorkItem], list[str]],
-    prepare: Callable[[WorkItem], Any],
+    prepare: Callable[[list[WorkItem]], list[Any]],
     run_batch: Callable[[list[Task]], list[dict[str, Any]]],
     batch_size: int = 1,
     shard: Shard | None = None,
@@ -108,13 +108,14 @@ def run_items(
     """The resumable loop of a real-image run, over this process's shard of `items`.
 
     An item's label is one record, `<image name>_<label slug>`; it is skipped when its
-    record is finished with this run's settings. prepare(item) loads, inverts and masks
-    one image; the pending labels of prepared images queue up as Tasks, and
+    record is finished with this run's settings. prepare(items) loads, inverts and masks
+    images (their inversions in one batch) and returns per item its prepared image or the
+    error that makes it unusable; the pending labels of prepared images queue up as Tasks, and
     run_batch(tasks) runs up to `batch_size` of them in one engine batch, writes their
     files and returns one record per task, which is written last. A bad image (unreadable,
     missing, no mask) fails alone: its labels get failure records and the run goes on;
     the next run retries them. summary.jsonl is rebuilt from the records on disk after
-    every image and batch. Returns every label's record in input order; raises DiginError
+    every batch and every failure. Returns every label's record in input order; raises DiginError
     at the end when any item of this shard failed."""
     return FolderRun(items, folder, labels, prepare, run_batch, batch_size, shard or Shard.current()).run()
 
@@ -135,13 +136,23 @@ class FolderRun:
         return f"{self.image_names[str(item.path)]}_{slug(label)}"
 
     def run(self) -> list[dict[str, Any]]:
-        # 1. Every image of this shard: skip its finished labels, prepare it for the rest,
-        #    and run full batches as they fill up.
+        # 1. Every image of this shard: skip its finished labels; prepare the rest in groups
+        #    whose tasks fill the next batch (their inversions run together), and run full
+        #    batches as they fill up.
+        group: list[tuple[WorkItem, list[str]]] = []
         for item in self.mine:
-            self._queue(item)
+            pending = [label for label in self.labels(item) if self.folder.finished(self.record_name(item, label)) is None]
+            if not pending:
+                continue
+            group.append((item, pending))
+            if len(self.queue) + sum(len(labels) for _, labels in group) >= self.batch_size:
+                self._prepare(group)
+                group = []
             while len(self.queue) >= self.batch_size:
                 self._flush()
-        # 2. The last, partial batch.
+        # 2. The last images and the last, partial batch.
+        if group:
+            self._prepare(group)
         while self.queue:
             self._flush()
         records = self.folder.rebuild_summary(self.records)
@@ -156,17 +167,18 @@ class FolderRun:
             )
         return records
 
-    def _queue(self, item: WorkItem) -> None:
-        pending = [label for label in self.labels(item) if self.folder.finished(self.record_name(item, label)) is None]
-        if not pending:
-            return
-        try:
-            prepared = self.prepare(item)
-        except (ImageReadError, DiginError) as error:
-            self._fail(item, pending, error)
-            self.folder.rebuild_summary(self.records)  # its failure records; a prepared image changes nothing on disk
-        else:
-            self.queue.extend(Task(item, prepared, label, self.record_name(item, label)) for label in pending)
+    def _prepare(self, group: list[tuple[WorkItem, list[str]]]) -> None:
+        """Prepare a group of images together; one that cannot be used fails alone."""
+        prepared = self.prepare([item for item, _ in group])
+        failed = False
+        for (item, pending), image in zip(group, prepared):
+            if isinstance(image, (ImageReadError, DiginError)):
+                self._fail(item, pending, image)
+                failed = True
+            else:
+                self.queue.extend(Task(item, image, label, self.record_name(item, label)) for label in pending)
+        if failed:
+            self.folder.rebuild_summary(self.records)  # their failure records; a prepared image changes nothing on disk
 
     def _flush(self) -> None:
         batch = self.queue[: self.batch_size]

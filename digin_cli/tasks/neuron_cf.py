@@ -153,7 +153,7 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
     session = open_session(job.classifier, job.runtime, job.real, job.sampler, job.optim, check=check)
     run = NeuronCfRun(job, session, modes, fixed_class[0] if fixed_class else None, progress)
     # 3. The resumable loop over the images, batched.
-    prepare = lambda item: session.prepare(item, job.real, job.sampler, record_p2p=False)  # noqa: E731
+    prepare = lambda items: session.prepare(items, job.real, job.sampler, record_p2p=False)  # noqa: E731
     records = run_items(items, run.folder, lambda item: [run.label], prepare, run.run_batch, job.batch_size)
     result = run_result(run.folder, records, started)
     judged = [r for r in records if (r.get("verdict") or {}).get("flagged") is not None]

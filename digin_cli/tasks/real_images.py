@@ -17,8 +17,8 @@ import torch
 from digin_cli.attention import AttentionControl, attach, find_word_tokens
 from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig
 from digin_cli.errors import DiginError
-from digin_cli.inversion import Inversion, InversionConfig, encode_image, null_text_inversion, resolved_lr
-from digin_cli.io import cache_dir, list_images, load_image, load_mask, load_tensors, save_tensors
+from digin_cli.inversion import Inversion, InversionConfig, encode_image, null_text_inversions, resolved_lr
+from digin_cli.io import ImageReadError, cache_dir, list_images, load_image, load_mask, load_tensors, save_tensors
 from digin_cli.masks import Mask, attention_mask, sam_mask, to_latent_grid
 from digin_cli.metrics import psnr
 from digin_cli.models import Classifier, load_classifier, resolve_class
@@ -93,18 +93,30 @@ def invert_cached(
     engine: GuidedDDIM, image: torch.Tensor, caption: str, sampler: SamplerConfig, config: InversionConfig
 ) -> tuple[Inversion, bool]:
     """Null-text inversion of (1, 3, H, W), from the cache when the same inversion was done before."""
+    return invert_cached_batch(engine, [image], [caption], sampler, config)[0]
+
+
+def invert_cached_batch(engine: GuidedDDIM, images: list[torch.Tensor], captions: list[str], sampler: SamplerConfig,
+                        config: InversionConfig) -> list[tuple[Inversion, bool]]:  # fmt: skip
+    """Null-text inversions of several (1, 3, H, W) images, each under its caption: those done
+    before from the cache, the others in one batch. Returns (inversion, cache hit) per image."""
     config = replace(config, lr=resolved_lr(engine, config))  # the key holds the lr actually used
-    key = inversion_key(image, engine.components.identity, str(engine.unet_dtype), caption, sampler, config,
-                        engine.components.scheduler.config.timestep_spacing)  # fmt: skip
-    path = cache_dir() / "inversions" / f"{key}.pt"
-    cached = load_tensors(path)
-    if cached is not None:
-        return Inversion(**cached), True
-    prompt_emb = engine.encode_text([caption])
-    null_emb = engine.null_embedding()
-    inversion = null_text_inversion(engine, image, prompt_emb, null_emb, sampler, config)
-    save_tensors(asdict(inversion), path)
-    return inversion, False
+    model, dtype = engine.components.identity, str(engine.unet_dtype)
+    spacing = engine.components.scheduler.config.timestep_spacing
+    keys = [inversion_key(image, model, dtype, text, sampler, config, spacing) for image, text in zip(images, captions)]
+    paths = [cache_dir() / "inversions" / f"{key}.pt" for key in keys]
+    cached = [load_tensors(path) for path in paths]
+    results: list[tuple[Inversion, bool] | None] = [(Inversion(**c), True) if c is not None else None for c in cached]
+    missing = [k for k, result in enumerate(results) if result is None]
+    if missing:
+        inversions = null_text_inversions(
+            engine, torch.cat([images[k] for k in missing]), engine.encode_text([captions[k] for k in missing]),
+            engine.null_embedding(), sampler, config,
+        )  # fmt: skip
+        for k, inversion in zip(missing, inversions):
+            save_tensors(asdict(inversion), paths[k])
+            results[k] = (inversion, False)
+    return results
 
 
 # -- one image -----------------------------------------------------------------------
@@ -141,30 +153,72 @@ def prepare_image(
     """Load, invert (cached), reconstruct while recording attention, and mask one image.
     `record_p2p`: keep the conditional cross-attention that prompt-to-prompt injects
     (uvce); neuron-cf edits no words and needs only the class words' map."""
+    (prepared,) = prepare_images(engine, [(path, source, options)], classifier, sampler, sam_predictor, captioner,
+                                 record_p2p)  # fmt: skip
+    if isinstance(prepared, Exception):
+        raise prepared
+    return prepared
+
+
+# What makes one image unusable: it cannot be read, or its options do not fit it (no class
+# word in the caption, no mask for it). It fails alone; the others of its batch go on.
+ImageError = (ImageReadError, DiginError)
+
+
+def prepare_images(
+    engine: GuidedDDIM,
+    images: list[tuple[Path, str | None, RealImageOptions]],
+    classifier: Classifier,
+    sampler: SamplerConfig,
+    sam_predictor=None,
+    captioner=None,
+    record_p2p: bool = True,
+) -> list[PreparedImage | ImageReadError | DiginError]:
+    """prepare_image for several (path, source class, options) at once, their inversions in
+    one batch (the options differ in caption and mask only: the inversion settings are the
+    run's, taken from the first). Returns per image its PreparedImage, or the error that
+    makes it unusable."""
+    # 1. Each image as the model sees it, its class and its caption.
+    loaded: list[tuple[torch.Tensor, int, str, Any, float] | Exception] = []
+    for path, source, options in images:
+        started = time.perf_counter()
+        try:
+            image = load_image(path, engine.components.resolution)[None]  # (1, 3, H, W)
+            source_index, caption, span = _source_and_caption(engine, image, classifier, source, options, captioner)
+        except ImageError as error:
+            loaded.append(error)
+        else:
+            loaded.append((image, source_index, caption, span, time.perf_counter() - started))
+    # 2. Null-text inversion of those that loaded, from the cache when done before, else in one batch.
+    ready = [k for k, entry in enumerate(loaded) if not isinstance(entry, Exception)]
     started = time.perf_counter()
-    # 1. The image as the model sees it, its class and its caption.
-    image = load_image(path, engine.components.resolution)[None]  # (1, 3, H, W)
-    source_index, caption, span = _source_and_caption(engine, image, classifier, source, options, captioner)
-    # 2. Null-text inversion, from the cache when it was done before.
-    inversion, hit = invert_cached(engine, image, caption, sampler, options.inversion)
-    # 3. The reconstruction, with its cross-attention recorded.
-    store_fraction = max(options.p2p_fractions) if record_p2p else 0.0
-    reconstruction, control = _reconstruct(engine, inversion, caption, span, sampler, store_fraction)
-    # 4. The object mask: the user's file, SAM-HQ from attention points, or the attention map.
-    mask = _object_mask(engine, image, control, options, sam_predictor)
-    return PreparedImage(
-        name=Path(path).stem,
-        image=image,
-        caption=caption,
-        source_index=source_index,
-        inversion=inversion,
-        cache_hit=hit,
-        reconstruction=reconstruction,
-        reconstruction_psnr=psnr(reconstruction, image),
-        mask=mask,
-        control=control,
-        seconds=time.perf_counter() - started,
-    )
+    inversions = dict(zip(ready, invert_cached_batch(
+        engine, [loaded[k][0] for k in ready], [loaded[k][2] for k in ready], sampler, images[0][2].inversion,
+    ))) if ready else {}  # fmt: skip
+    inversion_share = (time.perf_counter() - started) / max(1, len(ready))
+    # 3. Each reconstruction, with its cross-attention recorded, and the object mask: the
+    #    user's file, SAM-HQ from attention points, or the attention map.
+    prepared: list[PreparedImage | Exception] = []
+    for k, ((path, _, options), entry) in enumerate(zip(images, loaded)):
+        if isinstance(entry, Exception):
+            prepared.append(entry)
+            continue
+        started = time.perf_counter()
+        image, source_index, caption, span, load_seconds = entry
+        inversion, hit = inversions[k]
+        store_fraction = max(options.p2p_fractions) if record_p2p else 0.0
+        reconstruction, control = _reconstruct(engine, inversion, caption, span, sampler, store_fraction)
+        try:
+            mask = _object_mask(engine, image, control, options, sam_predictor)
+        except ImageError as error:
+            prepared.append(error)
+            continue
+        prepared.append(PreparedImage(
+            name=Path(path).stem, image=image, caption=caption, source_index=source_index, inversion=inversion,
+            cache_hit=hit, reconstruction=reconstruction, reconstruction_psnr=psnr(reconstruction, image), mask=mask,
+            control=control, seconds=load_seconds + inversion_share + time.perf_counter() - started,
+        ))  # fmt: skip
+    return prepared
 
 
 def _source_and_caption(engine: GuidedDDIM, image: torch.Tensor, classifier: Classifier, source: str | None,
@@ -239,11 +293,20 @@ class Session:
     optim: OptimConfig  # with view_size set to the classifier's input size
     captioner: Any = None
 
-    def prepare(self, item: WorkItem, real: RealImageOptions, sampler: SamplerConfig,
-                record_p2p: bool = True) -> PreparedImage:  # fmt: skip
-        """One work item's image, prepared with that item's own options (caption, mask)."""
-        return prepare_image(self.engine, item.path, self.classifier, item.source, item_options(real, item), sampler,
-                             self.sam_predictor, self.captioner, record_p2p=record_p2p)  # fmt: skip
+    def prepare(self, items: list[WorkItem], real: RealImageOptions, sampler: SamplerConfig,
+                record_p2p: bool = True) -> list[PreparedImage | ImageReadError | DiginError]:  # fmt: skip
+        """Work items' images, each prepared with that item's own options (caption, mask), their
+        inversions in one batch; an image that cannot be used gets its error instead."""
+        options: list[RealImageOptions | DiginError] = []
+        for item in items:
+            try:
+                options.append(item_options(real, item))
+            except DiginError as error:
+                options.append(error)
+        usable = [(item, option) for item, option in zip(items, options) if not isinstance(option, DiginError)]
+        prepared = iter(prepare_images(self.engine, [(item.path, item.source, option) for item, option in usable],
+                                       self.classifier, sampler, self.sam_predictor, self.captioner, record_p2p))  # fmt: skip
+        return [option if isinstance(option, DiginError) else next(prepared) for option in options]
 
 
 def open_session(

@@ -110,7 +110,7 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
     folder = open_run_folder(job.out, "uvce", config, session.engine.device, job.runtime)
     # 3. The resumable loop over the images, image x target pairs batched.
     records = run_items(
-        items, folder, lambda item: item.targets, lambda item: session.prepare(item, job.real, job.sampler),
+        items, folder, lambda item: item.targets, lambda items: session.prepare(items, job.real, job.sampler),
         lambda tasks: _counterfactuals(session, tasks, job, progress), job.batch_size,
     )  # fmt: skip
     return run_result(folder, records, started)

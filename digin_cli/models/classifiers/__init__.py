@@ -61,6 +61,12 @@ def load_classifier(spec: str | Classifier, device: torch.device | str = "cpu") 
         classifier = LOADERS[kind](spec, name, options, device)
     classifier.requires_grad_(False)
     classifier.eval()
+    if device.type == "cpu" and kind != "torchscript":
+        # oneDNN's CPU convolutions run faster on channels-last weights (timm's scripts offer
+        # --channels-last for the same reason): the shapes classifier's forward and backward
+        # on 192 views of 64 px took 0.095 s instead of 0.138 s (median of 3, 2 cores). A
+        # scripted model keeps the layout it was saved with.
+        classifier.to(memory_format=torch.channels_last)
     return classifier
 
 
