@@ -126,6 +126,10 @@ def test_bench_smoke_run(tmp_path):
     judged = circle["oracle_2_classes"] + circle["geometry_shapes"]
     assert len(judged) == 2 and circle["f_and_g_rate"] == f_and_g
     assert disagree["rates"]["success"]["successes"] == int(f_and_g == 1 and judged == ["circle", "circle"])
+    # Successes from starts not already apart: the run counts there only if its start was not a success by p_f, p_g.
+    fresh = disagree["rates"]["success_from_fresh_starts"]
+    assert fresh["runs"] == 1 - disagree["rates"]["success_before_optimization"]["successes"]
+    assert fresh["successes"] == (disagree["rates"]["success"]["successes"] if fresh["runs"] else 0)
     assert "geometric shape judge" in disagree["criterion"]
     assert circle["disagreement_exists_share"] == pytest.approx(sum(circle["disagreement_exists_by_colour"].values()) / 4)
     assert uvce["rates"]["flip"]["successes"] == int(item["oracle"] == "bar")

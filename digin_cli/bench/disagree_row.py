@@ -31,7 +31,11 @@ from digin_cli.world.scenes import COLOURS, SHAPES, judge_colours, render, sampl
 SUCCESS_P_F = 0.5  # f must see the class...
 SUCCESS_P_G = 0.2  # ...and g must not
 EXISTS_SCENES_PER_COLOUR = 100  # rendered scenes per shape and colour behind "a disagreement exists"
-COUNTS = ("runs", "success", "revealed", "success_before", "f_and_g")  # what each shape's runs are counted by
+# What each shape's runs are counted by. "fresh": runs whose start was not already apart
+# (p_f and p_g); "fresh_success": the confirmed successes among them, what the optimization
+# itself found (where the model draws starts that already disagree, the success rate
+# counts those too).
+COUNTS = ("runs", "success", "revealed", "success_before", "f_and_g", "fresh", "fresh_success")
 
 
 def planted_colours() -> dict[str, str]:
@@ -59,6 +63,8 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
             "f_and_g_rate": counts["f_and_g"] / counts["runs"],
             "revealed_share_of_successes": counts["revealed"] / counts["success"] if counts["success"] else 0.0,
             "success_rate_before_optimization": counts["success_before"] / counts["runs"],
+            "fresh_starts": counts["fresh"],
+            "successes_from_fresh_starts": counts["fresh_success"],
             "planted_colour": planted[shape],
             "disagreement_exists_share": exists[shape]["share"],
             "disagreement_exists_by_colour": exists[shape]["by_colour"],
@@ -72,6 +78,7 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
         "revealed_of_successes": rate(totals["revealed"], totals["success"]),
         "f_and_g_only": rate(totals["f_and_g"], totals["runs"]),
         "success_before_optimization": rate(totals["success_before"], totals["runs"]),
+        "success_from_fresh_starts": rate(totals["fresh_success"], totals["fresh"]),
     }
     return {
         "row": f"disagree: shapes:oracle (f) vs {_short(config.disagree_g)} (g)",
@@ -79,6 +86,7 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
             "runs": str(totals["runs"]),
             "success (f and g, confirmed by oracle-2 and the shape judge)": format_rate(rates["success"]),
             "revealed shortcut (of successes)": format_rate(rates["revealed_of_successes"]),
+            "success from starts not already apart": format_rate(rates["success_from_fresh_starts"]),
             "p_f>=0.5 and p_g<=0.2 alone": f"{format_rate(rates['f_and_g_only'])}; before optimization "
                                            f"{rates['success_before_optimization']['rate']:.0%}",
             "a disagreement exists (rendered scenes, by shape)": ", ".join(
@@ -137,7 +145,10 @@ def _judge_runs(folder: Path, record: dict[str, Any], shape: str, planted_colour
         counts["runs"] += 1
         counts["f_and_g"] += f_and_g
         counts["success"] += ok
-        counts["success_before"] += before["p_f"] >= SUCCESS_P_F and before["p_g"] <= SUCCESS_P_G
+        apart_before = before["p_f"] >= SUCCESS_P_F and before["p_g"] <= SUCCESS_P_G
+        counts["success_before"] += apart_before
+        counts["fresh"] += not apart_before
+        counts["fresh_success"] += ok and not apart_before
         # Revealed only when an object colour is seen and it is not the planted one.
         counts["revealed"] += ok and colour is not None and colour != planted_colour
     return counts, judged
