@@ -31,11 +31,11 @@ from digin_cli.world.scenes import COLOURS, SHAPES, judge_colours, render, sampl
 SUCCESS_P_F = 0.5  # f must see the class...
 SUCCESS_P_G = 0.2  # ...and g must not
 EXISTS_SCENES_PER_COLOUR = 100  # rendered scenes per shape and colour behind "a disagreement exists"
-# What each shape's runs are counted by. "fresh": runs whose start was not already apart
-# (p_f and p_g); "fresh_success": the confirmed successes among them, what the optimization
-# itself found (where the model draws starts that already disagree, the success rate
-# counts those too).
-COUNTS = ("runs", "success", "revealed", "success_before", "f_and_g", "fresh", "fresh_success")
+# What each shape's runs are counted by. "fresh_success": the confirmed successes among the
+# runs whose start was not already apart by p_f and p_g (runs - success_before of them),
+# what the optimization itself found (where the model draws starts that already disagree,
+# the success rate counts those too).
+COUNTS = ("runs", "success", "revealed", "success_before", "f_and_g", "fresh_success")
 
 
 def planted_colours() -> dict[str, str]:
@@ -63,7 +63,7 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
             "f_and_g_rate": counts["f_and_g"] / counts["runs"],
             "revealed_share_of_successes": counts["revealed"] / counts["success"] if counts["success"] else 0.0,
             "success_rate_before_optimization": counts["success_before"] / counts["runs"],
-            "fresh_starts": counts["fresh"],
+            "fresh_starts": counts["runs"] - counts["success_before"],
             "successes_from_fresh_starts": counts["fresh_success"],
             "planted_colour": planted[shape],
             "disagreement_exists_share": exists[shape]["share"],
@@ -78,7 +78,7 @@ def disagreement_row(config: BenchConfig, progress: Progress | None = None) -> d
         "revealed_of_successes": rate(totals["revealed"], totals["success"]),
         "f_and_g_only": rate(totals["f_and_g"], totals["runs"]),
         "success_before_optimization": rate(totals["success_before"], totals["runs"]),
-        "success_from_fresh_starts": rate(totals["fresh_success"], totals["fresh"]),
+        "success_from_fresh_starts": rate(totals["fresh_success"], totals["runs"] - totals["success_before"]),
     }
     return {
         "row": f"disagree: shapes:oracle (f) vs {_short(config.disagree_g)} (g)",
@@ -147,7 +147,6 @@ def _judge_runs(folder: Path, record: dict[str, Any], shape: str, planted_colour
         counts["success"] += ok
         apart_before = before["p_f"] >= SUCCESS_P_F and before["p_g"] <= SUCCESS_P_G
         counts["success_before"] += apart_before
-        counts["fresh"] += not apart_before
         counts["fresh_success"] += ok and not apart_before
         # Revealed only when an object colour is seen and it is not the planted one.
         counts["revealed"] += ok and colour is not None and colour != planted_colour

@@ -27,6 +27,10 @@ class WorkItem:
 
 CSV_COLUMNS = ("file", "class", "target", "caption")
 
+# What makes one image unusable: it cannot be read, or its options do not fit it (no class
+# word in the caption, no mask for it). It fails alone; the others of its batch go on.
+ImageError = (ImageReadError, DiginError)
+
 
 def read_csv(path: Path, folder: Path, default_targets: list[str], need_target: bool = True) -> list[WorkItem]:
     """Rows `file,class[,target]`. A first row with a cell 'file' is a header and may name the
@@ -172,7 +176,7 @@ class FolderRun:
         prepared = self.prepare([item for item, _ in group])
         failed = False
         for (item, pending), image in zip(group, prepared):
-            if isinstance(image, (ImageReadError, DiginError)):
+            if isinstance(image, ImageError):
                 self._fail(item, pending, image)
                 failed = True
             else:

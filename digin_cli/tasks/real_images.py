@@ -23,7 +23,7 @@ from digin_cli.masks import Mask, attention_mask, sam_mask, to_latent_grid
 from digin_cli.metrics import psnr
 from digin_cli.models import Classifier, load_classifier, resolve_class
 from digin_cli.objectives import ObjectiveInput, RegionDistance
-from digin_cli.tasks.folder_runs import WorkItem
+from digin_cli.tasks.folder_runs import ImageError, WorkItem
 from digin_cli.tasks.runtime import RuntimeOptions, open_engine, resolve_runtime
 
 INVERSION_FORMAT = 4  # bump when the cached content or the key changes
@@ -158,11 +158,6 @@ def prepare_image(
     if isinstance(prepared, Exception):
         raise prepared
     return prepared
-
-
-# What makes one image unusable: it cannot be read, or its options do not fit it (no class
-# word in the caption, no mask for it). It fails alone; the others of its batch go on.
-ImageError = (ImageReadError, DiginError)
 
 
 def prepare_images(
