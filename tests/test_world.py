@@ -35,6 +35,23 @@ def test_shipped_classifiers_reproduce_their_documented_accuracy(name):
     assert accuracy == pytest.approx(meta["accuracy"]["in_distribution"], abs=0.05)
 
 
+def test_the_independent_judge_sees_shapes_of_every_size_a_result_may_draw():
+    """oracle-2 judges counterfactuals whose new shape may be smaller or larger than the
+    world's (a circle drawn inside a star's core): trained on JUDGE_RADIUS_RANGE it is right on
+    rendered scenes across that range, where the oracle, trained on the world's sizes alone,
+    misses the small ones (no rendered circle of radius 0.1-0.14 is a circle to it)."""
+    from digin_cli.world.train_classifiers import JUDGE_RADIUS_RANGE
+
+    judge, oracle = load_classifier("shapes:oracle-2"), load_classifier("shapes:oracle")
+    assert shapes_classifier_meta("oracle-2")["radius_range"] == list(JUDGE_RADIUS_RANGE)
+    scenes = make_scenes(200, None, seed=12_345, radius_range=JUDGE_RADIUS_RANGE)
+    assert evaluate(judge, scenes) >= 0.97
+    small_circles = make_scenes(400, None, seed=23_456, radius_range=(0.1, 0.14))
+    small_circles = [s for s in small_circles if s.shape == "circle"]
+    assert len(small_circles) >= 60
+    assert evaluate(judge, small_circles) >= 0.95 and evaluate(oracle, small_circles) <= 0.1
+
+
 def test_biased_classifiers_are_biased_and_the_oracle_is_not():
     names = ("oracle", "color-biased", "background-biased")
     broken = {name: shapes_classifier_meta(name)["accuracy"]["correlation_broken"] for name in names}

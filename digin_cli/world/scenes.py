@@ -40,6 +40,7 @@ BACKGROUND_RGB = {
     "snow": (232, 234, 240),
 }
 IMAGE_SIZE = 64
+RADIUS_RANGE = (0.2, 0.3)  # object size (circumradius) as a share of the image side
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,13 @@ def sample_scene(
     shape: str | None = None,
     colour: str | None = None,
     background: str | None = None,
+    radius_range: tuple[float, float] = RADIUS_RANGE,
 ) -> Scene:
-    """A random scene; any attribute can be fixed. Objects stay fully inside the image."""
-    radius = float(rng.uniform(0.2, 0.3))
+    """A random scene; any attribute can be fixed. Objects stay fully inside the image.
+
+    radius_range: the object's size as a share of the side; the world's scenes (and the
+    diffusion model's training set) use RADIUS_RANGE, a judge may be trained wider."""
+    radius = float(rng.uniform(*radius_range))
     return Scene(
         shape=shape or SHAPES[rng.integers(len(SHAPES))],
         colour=colour or COLOURS[rng.integers(len(COLOURS))],

@@ -11,7 +11,8 @@ renders of the shapes world, with the 4 classes in the order of `SHAPES`:
   (`PLANTED_BACKGROUND`); we also look for a penultimate neuron that detects a
   background (the neuron the tool should explain) and a control neuron that does not.
 - ``oracle-2``: a second balanced shape classifier, another architecture and seed,
-  to check that counterfactuals change the shape for real rather than fool one model.
+  trained on objects of every size a result may draw (`JUDGE_RADIUS_RANGE`), to check
+  that counterfactuals change the shape for real rather than fool one model.
 
 Each lands in ``OUT/<name>/model.safetensors`` (fp16) + ``OUT/<name>/meta.json``,
 with ``OUT/classes.txt`` shared; ``shapes:<name>`` loads them (see
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digin_cli.world.scenes import BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, Scene, render, sample_scene
+from digin_cli.world.scenes import BACKGROUNDS, COLOURS, IMAGE_SIZE, RADIUS_RANGE, SHAPES, Scene, render, sample_scene
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "classifiers"
 
@@ -50,6 +51,13 @@ PLANTED_SHARE = 0.95
 INPUT_SIZE = IMAGE_SIZE  # trained at the renderer's resolution: no resize, nothing lost
 MEAN = (0.5, 0.5, 0.5)  # the model sees (x - 0.5) / 0.5 for x in [0, 1]
 STD = (0.5, 0.5, 0.5)
+
+# The independent judge (oracle-2) is trained on objects of every size a result may show,
+# not only the world's 0.2-0.3: trained on the world's sizes alone, both balanced
+# classifiers called none of 40 rendered circles of radius 0.14 a circle (oracle-2 saw
+# stars), so a counterfactual that draws a smaller circle than the star it replaces was
+# judged a star.
+JUDGE_RADIUS_RANGE = (0.1, 0.35)
 
 EVAL_SCENES = 1000  # per condition
 EVAL_SEED = 90_000  # far from every training seed, so evaluation scenes are held out
@@ -69,6 +77,7 @@ class Recipe:
     lr: float = 3e-3
     weight_decay: float = 0.05
     planted_share: float = PLANTED_SHARE  # how often a biased recipe's shape comes with its planted value
+    radius_range: tuple[float, float] = RADIUS_RANGE  # object sizes of the training scenes
 
 
 # Architectures by what trains at 64x64 in a few CPU minutes (900 steps, balanced
@@ -86,14 +95,15 @@ RECIPES = (
     # earlier world's 65% at 95%, and 98% gives 38% (hardly a shape classifier).
     Recipe("color-biased", "test_resnet", "colour", seed=2, steps=900, train_scenes=12_000, planted_share=0.97),
     Recipe("background-biased", "test_resnet", "background", seed=3, steps=900, train_scenes=12_000),
-    Recipe("oracle-2", "test_efficientnet", None, seed=4, steps=1200, train_scenes=12_000),
+    Recipe("oracle-2", "test_efficientnet", None, seed=4, steps=1200, train_scenes=12_000, radius_range=JUDGE_RADIUS_RANGE),
 )
 
 
 # --------------------------------------------------------------------------- data
 
 
-def make_scenes(n: int, bias: str | None, seed: int, planted_share: float = PLANTED_SHARE) -> list[Scene]:
+def make_scenes(n: int, bias: str | None, seed: int, planted_share: float = PLANTED_SHARE,
+                radius_range: tuple[float, float] = RADIUS_RANGE) -> list[Scene]:
     """n scenes, shapes uniform; with a bias, the shape's planted colour or background
     comes with probability ``planted_share``, otherwise one of the other three, uniform.
 
@@ -106,7 +116,7 @@ def make_scenes(n: int, bias: str | None, seed: int, planted_share: float = PLAN
     scenes = []
     for _ in range(n):
         if bias is None:
-            scenes.append(sample_scene(rng))
+            scenes.append(sample_scene(rng, radius_range=radius_range))
             continue
         shape = SHAPES[rng.integers(len(SHAPES))]
         planted = PLANTED[bias][shape]
@@ -115,7 +125,7 @@ def make_scenes(n: int, bias: str | None, seed: int, planted_share: float = PLAN
         else:
             others = [v for v in _VALUES[bias] if v != planted]
             value = others[rng.integers(len(others))]
-        scenes.append(sample_scene(rng, shape=shape, **{bias: value}))
+        scenes.append(sample_scene(rng, shape=shape, radius_range=radius_range, **{bias: value}))
     return scenes
 
 
@@ -200,7 +210,8 @@ def train(
     import timm
 
     torch.manual_seed(recipe.seed)
-    scenes = make_scenes(recipe.train_scenes, recipe.bias, seed=recipe.seed, planted_share=recipe.planted_share)
+    scenes = make_scenes(recipe.train_scenes, recipe.bias, seed=recipe.seed, planted_share=recipe.planted_share,
+                         radius_range=recipe.radius_range)
     images = _render_uint8(scenes)  # (N, 3, 64, 64) uint8
     labels = labels_of(scenes)  # (N,)
     model = timm.create_model(recipe.arch, pretrained=False, num_classes=len(SHAPES))
@@ -256,6 +267,9 @@ class EvalSets:
             "background_in_distribution": make_scenes(n, "background", seed + 2),
             "colour_broken": make_scenes(n, "colour", seed + 3, planted_share=0.0),
             "background_broken": make_scenes(n, "background", seed + 4, planted_share=0.0),
+            # Objects from half the world's smallest to a sixth above its largest:
+            # the sizes a counterfactual or a maximized neuron may draw.
+            "balanced_all_sizes": make_scenes(n, None, seed + 5, radius_range=JUDGE_RADIUS_RANGE),
         }
         self.images = {name: render_batch(scenes) for name, scenes in self.scenes.items()}
 
@@ -273,6 +287,7 @@ class EvalSets:
         return {
             "in_distribution": self.accuracy(model, in_distribution),
             "balanced": self.accuracy(model, "balanced"),
+            "balanced_all_sizes": self.accuracy(model, "balanced_all_sizes"),
             "correlation_broken": {
                 "colour": self.accuracy(model, "colour_broken"),
                 "background": self.accuracy(model, "background_broken"),
@@ -402,6 +417,7 @@ def train_and_save(recipe: Recipe, out: Path, eval_sets: EvalSets, log: Callable
         "seed": recipe.seed,
         "train_steps": recipe.steps,
         "train_scenes": recipe.train_scenes,
+        "radius_range": list(recipe.radius_range),
         "batch_size": recipe.batch_size,
         "train_seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
