@@ -16,13 +16,22 @@ For each line it reports the activations and the largest single fall between
 neighbouring points as a share of the whole fall (1: one jump; 1 / (points - 1): an
 even ramp).
 
+`--pixels` asks the classifier alone which way is uphill from the neuron row's starts
+(each shape in its row colour, off the neuron's background): the neuron, or a
+`digin directions` component (`--direction FILE`), along pixel blends of a rendered
+scene towards the same scene on each other background. Where a pale background raises
+it as early as water does, the optimization may bleach the scene instead of turning it.
+
     python -m digin_cli.world.slopes [--model DIR] [--scenes 4] [--points 11] [--json out.json]
+    python -m digin_cli.world.slopes --pixels [--direction FILE] [--scenes 4] [--points 11]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +42,7 @@ from digin_cli.inversion import ddim_inversion, encode_image
 from digin_cli.models import load_diffusion
 from digin_cli.models.builtin import load_shapes_classifier, shapes_classifier_meta
 from digin_cli.tasks.runtime import sampling_components
-from digin_cli.world.scenes import sample_scene
+from digin_cli.world.scenes import BACKGROUNDS, COLOURS, SHAPES, sample_scene
 from digin_cli.world.train_classifiers import render_batch
 
 OTHER_BACKGROUNDS = ("grass", "sand", "snow")
@@ -100,15 +109,67 @@ def measure_slopes(model: str = "shapes", scenes: int = 4, points: int = 11, ddi
             "scenes": rows, "summary": summary}  # fmt: skip
 
 
+@torch.no_grad()
+def pixel_lines(scenes: int = 4, points: int = 11, direction_file: Path | None = None) -> dict:
+    """The water neuron (or a direction's projection) along pixel blends from each of the
+    neuron row's starts towards the same rendered scenes on every other background.
+
+    Returns {"starts": [{"start": "red circle on sand", "towards": {background: [mean value
+    per point]}}], ...}; the classifier alone, no diffusion model."""
+    # 1. The classifier and what is measured on its penultimate features.
+    classifier = load_shapes_classifier("shapes:background-biased", "cpu")
+    documented = shapes_classifier_meta("background-biased")["background_neuron"]
+    neuron, home = documented["index"], documented["background"]
+    if direction_file is None:
+        def measure(features: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
+            return features[:, neuron]
+    else:
+        direction = torch.from_numpy(np.load(direction_file)).float().reshape(-1)  # (D,)
+        def measure(features: torch.Tensor) -> torch.Tensor:
+            return features @ direction
+    # 2. The starts as the neuron row makes them: shape k in colour k, on the k-th background
+    #    (cycling) other than the neuron's.
+    others = [b for b in BACKGROUNDS if b != home]
+    ts = np.linspace(0.0, 1.0, points)
+    rows = []
+    for k, (shape, colour) in enumerate(zip(SHAPES, COLOURS)):
+        start = others[k % len(others)]
+        rng = np.random.default_rng(SCENE_SEED + 1000 * (k + 1))
+        starts = [sample_scene(rng, shape=shape, colour=colour, background=start) for _ in range(scenes)]
+        towards = {}
+        for target in [b for b in BACKGROUNDS if b != start]:
+            x_start = render_batch(starts)  # (S, 3, 64, 64)
+            x_end = render_batch([dataclasses.replace(scene, background=target) for scene in starts])
+            blends = torch.cat([(1 - t) * x_start + t * x_end for t in ts])  # (points * S, 3, 64, 64)
+            features, _ = classifier.features_and_logits(blends)
+            values = measure(features).view(points, scenes).mean(dim=1)  # (points,)
+            towards[target] = [round(v, 3) for v in values.tolist()]
+        rows.append({"start": f"{colour} {shape} on {start}", "towards": towards})
+    what = f"neuron {neuron}" if direction_file is None else f"direction {direction_file}"
+    return {"measured": what, "background": home, "points": points, "scenes": scenes, "starts": rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m digin_cli.world.slopes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="shapes", help="diffusion model folder (default: the shipped shapes model)")
     parser.add_argument("--scenes", type=int, default=4)
     parser.add_argument("--points", type=int, default=11)
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--pixels", action="store_true", help="the classifier alone, on pixel blends (see above)")
+    parser.add_argument("--direction", type=Path, default=None, help="with --pixels: a digin directions .npy")
     args = parser.parse_args(argv)
     if args.points < 2 or args.scenes < 1:
         parser.error("--points must be at least 2 and --scenes at least 1")
+    if args.direction is not None and not (args.pixels and args.direction.is_file()):
+        parser.error("--direction needs --pixels and an existing .npy file (digin directions writes them)")
+    if args.pixels:
+        result = pixel_lines(args.scenes, args.points, args.direction)
+        for row in result["starts"]:
+            for target, values in row["towards"].items():
+                print(f"{result['measured']}, {row['start']} -> {target}: " + " ".join(f"{v:.2f}" for v in values))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return
     result = measure_slopes(args.model, args.scenes, args.points)
     for row in result["scenes"]:
         for line in ("latent", "caption"):
