@@ -12,18 +12,12 @@ from digin_cli.io import read_rgb
 from digin_cli.models.builtin import shapes_classifier_meta
 from digin_cli.tasks.neuron import NeuronJob, run_neuron
 from digin_cli.tasks.runtime import Progress
-from digin_cli.world.scenes import BACKGROUNDS, COLOURS, SHAPES, judge_colours
+from digin_cli.world.scenes import judge_colours, one_start_per_shape
 
 
-# Starting scenes for the neuron row: maximizing starts away from the neuron's background,
-# minimizing starts on it. One prompt per shape, each with its own colour and background.
 def _neuron_prompts(background: str, on: bool) -> list[str]:
-    others = [b for b in BACKGROUNDS if b != background]
-    prompts = []
-    for k, (shape, colour) in enumerate(zip(SHAPES, COLOURS)):
-        where = background if on else others[k % len(others)]
-        prompts.append(f"a photograph of a {colour} {shape} on {where}")
-    return prompts
+    """The neuron row's starting prompts: one per shape, each with its own colour and background."""
+    return [f"a photograph of a {colour} {shape} on {where}" for shape, colour, where in one_start_per_shape(background, on)]
 
 
 def neuron_runs(config: BenchConfig, progress: Progress | None, out: Path, background: str, maximize: bool,

@@ -82,6 +82,15 @@ def sample_scene(
     )
 
 
+def one_start_per_shape(background: str, on: bool) -> list[tuple[str, str, str]]:
+    """(shape, colour, background) starts, one per shape, each in its own colour: on
+    `background`, or off it (the other backgrounds in turn). The neuron row's starting
+    scenes (maximize off the neuron's background, minimize on it)."""
+    others = [b for b in BACKGROUNDS if b != background]
+    return [(shape, colour, background if on else others[k % len(others)])
+            for k, (shape, colour) in enumerate(zip(SHAPES, COLOURS))]  # fmt: skip
+
+
 def caption(scene: Scene, colour: bool = True) -> str:
     """The scene's caption; `colour=False` leaves the colour out ("a photograph of a bar on water")."""
     what = f"{scene.colour} {scene.shape}" if colour else scene.shape

@@ -40,9 +40,12 @@ from digin_cli.engine import GuidedDDIM, SamplerConfig
 from digin_cli.engine.loop import per_step
 from digin_cli.inversion import ddim_inversion, encode_image
 from digin_cli.models import load_diffusion
+from digin_cli.errors import DiginError
 from digin_cli.models.builtin import load_shapes_classifier, shapes_classifier_meta
+from digin_cli.objectives import FeatureMap, NeuronObjective
+from digin_cli.tasks.neuron_target import neuron_target
 from digin_cli.tasks.runtime import sampling_components
-from digin_cli.world.scenes import BACKGROUNDS, COLOURS, SHAPES, sample_scene
+from digin_cli.world.scenes import BACKGROUNDS, one_start_per_shape, sample_scene
 from digin_cli.world.train_classifiers import render_batch
 
 OTHER_BACKGROUNDS = ("grass", "sand", "snow")
@@ -116,34 +119,28 @@ def pixel_lines(scenes: int = 4, points: int = 11, direction_file: Path | None =
 
     Returns {"starts": [{"start": "red circle on sand", "towards": {background: [mean value
     per point]}}], ...}; the classifier alone, no diffusion model."""
-    # 1. The classifier and what is measured on its penultimate features.
+    # 1. The classifier and what `digin neuron` maximizes on it: the neuron, or the
+    #    projection of its features on the (checked) direction.
     classifier = load_shapes_classifier("shapes:background-biased", "cpu")
     documented = shapes_classifier_meta("background-biased")["background_neuron"]
     neuron, home = documented["index"], documented["background"]
-    if direction_file is None:
-        def measure(features: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
-            return features[:, neuron]
-    else:
-        direction = torch.from_numpy(np.load(direction_file)).float().reshape(-1)  # (D,)
-        def measure(features: torch.Tensor) -> torch.Tensor:
-            return features @ direction
-    # 2. The starts as the neuron row makes them: shape k in colour k, on the k-th background
-    #    (cycling) other than the neuron's.
-    others = [b for b in BACKGROUNDS if b != home]
+    feature_map = FeatureMap(classifier)
+    direction = neuron_target(feature_map, feature_map.width(), neuron, direction_file, "cpu")
+    objective = NeuronObjective(feature_map, neuron=neuron if direction is None else None, direction=direction)
+    # 2. From each of the neuron row's starts (off the neuron's background) towards the
+    #    same scenes on every other background.
     ts = np.linspace(0.0, 1.0, points)
     rows = []
-    for k, (shape, colour) in enumerate(zip(SHAPES, COLOURS)):
-        start = others[k % len(others)]
+    for k, (shape, colour, start) in enumerate(one_start_per_shape(home, on=False)):
         rng = np.random.default_rng(SCENE_SEED + 1000 * (k + 1))
         starts = [sample_scene(rng, shape=shape, colour=colour, background=start) for _ in range(scenes)]
+        x_start = render_batch(starts)  # (S, 3, 64, 64)
         towards = {}
         for target in [b for b in BACKGROUNDS if b != start]:
-            x_start = render_batch(starts)  # (S, 3, 64, 64)
             x_end = render_batch([dataclasses.replace(scene, background=target) for scene in starts])
             blends = torch.cat([(1 - t) * x_start + t * x_end for t in ts])  # (points * S, 3, 64, 64)
-            features, _ = classifier.features_and_logits(blends)
-            values = measure(features).view(points, scenes).mean(dim=1)  # (points,)
-            towards[target] = [round(v, 3) for v in values.tolist()]
+            values, _ = objective.activation(blends[:, None])  # (points * S,): one view each
+            towards[target] = [round(v, 3) for v in values.view(points, scenes).mean(dim=1).tolist()]
         rows.append({"start": f"{colour} {shape} on {start}", "towards": towards})
     what = f"neuron {neuron}" if direction_file is None else f"direction {direction_file}"
     return {"measured": what, "background": home, "points": points, "scenes": scenes, "starts": rows}
@@ -160,10 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.points < 2 or args.scenes < 1:
         parser.error("--points must be at least 2 and --scenes at least 1")
-    if args.direction is not None and not (args.pixels and args.direction.is_file()):
-        parser.error("--direction needs --pixels and an existing .npy file (digin directions writes them)")
+    if args.direction is not None and not args.pixels:
+        parser.error("--direction needs --pixels")
     if args.pixels:
-        result = pixel_lines(args.scenes, args.points, args.direction)
+        try:
+            result = pixel_lines(args.scenes, args.points, args.direction)
+        except DiginError as error:  # a direction file that is missing or of the wrong length
+            parser.error(f"--direction: {error}")
         for row in result["starts"]:
             for target, values in row["towards"].items():
                 print(f"{result['measured']}, {row['start']} -> {target}: " + " ".join(f"{v:.2f}" for v in values))
