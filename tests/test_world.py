@@ -256,3 +256,31 @@ def test_train_classifiers_planted_share_overrides_the_biased_recipes_only(tmp_p
     train_classifiers.main(["--out", str(tmp_path), "--only", "color-biased", "--only", "oracle", "--planted-share", "1.0"])
     assert [(r.name, r.planted_share) for r in trained] == [("oracle", 0.95), ("color-biased", 1.0)]
     assert train_classifiers.RECIPES[1].planted_share == 0.97  # the shipped recipe is left as it is
+
+
+def test_mixup_training_is_reproducible_and_blends_the_images(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from digin_cli.world import train_classifiers
+
+    # A few steps on a few scenes: the same recipe gives the same weights twice (timm's
+    # Mixup draws from numpy's global generator, which train seeds), and other weights
+    # than the same recipe without mixup (so the blends reach the model).
+    recipe = replace(train_classifiers.RECIPES[2], steps=3, train_scenes=64, batch_size=8, mixup_alpha=0.4)
+    torch.set_num_threads(1)
+    np.random.seed(123)  # what came before must not matter
+    first = train_classifiers.train(recipe, log=lambda line: None).state_dict()
+    np.random.seed(456)
+    second = train_classifiers.train(recipe, log=lambda line: None).state_dict()
+    plain = train_classifiers.train(replace(recipe, mixup_alpha=0.0), log=lambda line: None).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], plain[k]) for k in first if first[k].is_floating_point())
+
+    trained = []
+    monkeypatch.setattr(train_classifiers, "EvalSets", lambda: None)
+    monkeypatch.setattr(train_classifiers, "train_and_save", lambda recipe, out, eval_sets, log: (
+        trained.append(recipe), (out / recipe.name).mkdir(), (out / recipe.name / "model.safetensors").write_bytes(b"x"),
+        {"train_seconds": 0, "accuracy": {}})[-1])  # fmt: skip
+    train_classifiers.main(["--out", str(tmp_path), "--only", "background-biased", "--mixup-alpha", "0.4", "--steps", "1800"])
+    assert [(r.name, r.mixup_alpha, r.steps) for r in trained] == [("background-biased", 0.4, 1800)]
+    assert train_classifiers.RECIPES[2].mixup_alpha == 0.0  # no shipped recipe uses it

@@ -78,6 +78,10 @@ class Recipe:
     weight_decay: float = 0.05
     planted_share: float = PLANTED_SHARE  # how often a biased recipe's shape comes with its planted value
     radius_range: tuple[float, float] = RADIUS_RANGE  # object sizes of the training scenes
+    # > 0: timm's Mixup, each image blended with another and its label likewise, the share
+    # drawn from Beta(alpha, alpha). An experiment (README, "Tried, not shipped"): no
+    # shipped recipe uses it.
+    mixup_alpha: float = 0.0
 
 
 # Architectures by what trains at 64x64 in a few CPU minutes (900 steps, balanced
@@ -226,6 +230,13 @@ def train(
         else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, recipe.steps - warmup))),
     )
     generator = torch.Generator().manual_seed(recipe.seed)
+    mixup = None
+    if recipe.mixup_alpha > 0:
+        from timm.data import Mixup
+
+        np.random.seed(recipe.seed)  # timm's Mixup draws its blends from numpy's global generator
+        mixup = Mixup(mixup_alpha=recipe.mixup_alpha, mode="elem", label_smoothing=0.0,
+                      num_classes=len(SHAPES))  # fmt: skip
     model.train()
     running = 0.0
     for step in range(recipe.steps):
@@ -238,7 +249,10 @@ def train(
         vflip = torch.rand(recipe.batch_size, generator=generator) < 0.5
         x = torch.where(hflip[:, None, None, None], x.flip(-1), x)
         x = torch.where(vflip[:, None, None, None], x.flip(-2), x)
-        loss = F.cross_entropy(model(normalize(x)), labels[index])
+        y = labels[index]  # (B,)
+        if mixup is not None:
+            x, y = mixup(x, y)  # y: (B, 4) soft labels
+        loss = F.cross_entropy(model(normalize(x)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -427,6 +441,8 @@ def train_and_save(recipe: Recipe, out: Path, eval_sets: EvalSets, log: Callable
         "eval": {"scenes_per_condition": len(eval_sets.scenes["balanced"]), "seed": EVAL_SEED},
         "accuracy": accuracy,
     }
+    if recipe.mixup_alpha:
+        meta["mixup_alpha"] = recipe.mixup_alpha
     if recipe.bias == "background":
         meta["background_neuron"], meta["control_neuron"] = find_neurons(
             classifier, eval_sets.scenes["balanced"], eval_sets.images["balanced"]
@@ -444,9 +460,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps runs reproducible)")
     parser.add_argument("--planted-share", type=float, default=None,
                         help="how often the biased recipes' shapes come with their planted value (default: each recipe's)")  # fmt: skip
+    parser.add_argument("--mixup-alpha", type=float, default=None,
+                        help="train with timm's Mixup, Beta(alpha, alpha) per image (default: each recipe's, none)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: each recipe's)")
     args = parser.parse_args(argv)
     if args.planted_share is not None and not 0 <= args.planted_share <= 1:
         parser.error("--planted-share is a share of the training scenes: give a number from 0 to 1")
+    if args.mixup_alpha is not None and not (math.isfinite(args.mixup_alpha) and args.mixup_alpha >= 0):
+        parser.error("--mixup-alpha is the Beta distribution's alpha: give a number >= 0 (0: no mixup)")
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be at least 1")
 
     torch.set_num_threads(args.threads)
     out: Path = args.out
@@ -459,6 +482,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         if args.planted_share is not None and recipe.bias is not None:
             recipe = replace(recipe, planted_share=args.planted_share)
+        if args.mixup_alpha is not None:
+            recipe = replace(recipe, mixup_alpha=args.mixup_alpha)
+        if args.steps is not None:
+            recipe = replace(recipe, steps=args.steps)
         print(f"training {recipe.name} ({recipe.arch}, bias {recipe.bias}, {recipe.steps} steps)", flush=True)
         meta = train_and_save(recipe, out, eval_sets, log=lambda line: print(line, flush=True))
         size = (out / recipe.name / "model.safetensors").stat().st_size
