@@ -245,7 +245,8 @@ def test_bench_runs_only_the_chosen_rows(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "bench.json").read_text())["config"]["rows"] == ran
 
 
-def test_train_classifiers_planted_share_overrides_the_biased_recipes_only(tmp_path, monkeypatch):
+def _recipes_trained_by_main(monkeypatch) -> list:
+    """Make `train_classifiers.main` record the recipes it would train instead of training them."""
     from digin_cli.world import train_classifiers
 
     trained = []
@@ -253,6 +254,13 @@ def test_train_classifiers_planted_share_overrides_the_biased_recipes_only(tmp_p
     monkeypatch.setattr(train_classifiers, "train_and_save", lambda recipe, out, eval_sets, log: (
         trained.append(recipe), (out / recipe.name).mkdir(), (out / recipe.name / "model.safetensors").write_bytes(b"x"),
         {"train_seconds": 0, "accuracy": {}})[-1])  # fmt: skip
+    return trained
+
+
+def test_train_classifiers_planted_share_overrides_the_biased_recipes_only(tmp_path, monkeypatch):
+    from digin_cli.world import train_classifiers
+
+    trained = _recipes_trained_by_main(monkeypatch)
     train_classifiers.main(["--out", str(tmp_path), "--only", "color-biased", "--only", "oracle", "--planted-share", "1.0"])
     assert [(r.name, r.planted_share) for r in trained] == [("oracle", 0.95), ("color-biased", 1.0)]
     assert train_classifiers.RECIPES[1].planted_share == 0.97  # the shipped recipe is left as it is
@@ -276,11 +284,7 @@ def test_mixup_training_is_reproducible_and_blends_the_images(tmp_path, monkeypa
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], plain[k]) for k in first if first[k].is_floating_point())
 
-    trained = []
-    monkeypatch.setattr(train_classifiers, "EvalSets", lambda: None)
-    monkeypatch.setattr(train_classifiers, "train_and_save", lambda recipe, out, eval_sets, log: (
-        trained.append(recipe), (out / recipe.name).mkdir(), (out / recipe.name / "model.safetensors").write_bytes(b"x"),
-        {"train_seconds": 0, "accuracy": {}})[-1])  # fmt: skip
+    trained = _recipes_trained_by_main(monkeypatch)
     train_classifiers.main(["--out", str(tmp_path), "--only", "background-biased", "--mixup-alpha", "0.4", "--steps", "1800"])
     assert [(r.name, r.mixup_alpha, r.steps) for r in trained] == [("background-biased", 0.4, 1800)]
     assert train_classifiers.RECIPES[2].mixup_alpha == 0.0  # no shipped recipe uses it
