@@ -288,3 +288,16 @@ def test_mixup_training_is_reproducible_and_blends_the_images(tmp_path, monkeypa
     train_classifiers.main(["--out", str(tmp_path), "--only", "background-biased", "--mixup-alpha", "0.4", "--steps", "1800"])
     assert [(r.name, r.mixup_alpha, r.steps) for r in trained] == [("background-biased", 0.4, 1800)]
     assert train_classifiers.RECIPES[2].mixup_alpha == 0.0  # no shipped recipe uses it
+
+
+def test_neuron_row_states_no_gain_factor_from_a_start_at_or_below_zero(tmp_path, monkeypatch):
+    from digin_cli.bench import neuron_row as row
+    from digin_cli.bench.config import BenchConfig
+
+    # A leaky unit starts just below 0: a factor would be meaningless (and was printed "xNone").
+    seen = {True: [(-0.01, 0.6, "water"), (-0.01, 0.4, "sand")], False: [(1.2, 0.1, "sand"), (1.0, 0.2, "water")]}
+    monkeypatch.setattr(row, "neuron_runs", lambda config, progress, out, background, maximize, neuron: seen[maximize])
+    result = row.neuron_row(BenchConfig(out=tmp_path))
+    assert result["maximize"]["gain_factor"] is None
+    assert result["headline"]["max: activation gain"] == "(-0.01 -> 0.50)"
+    assert result["minimize"]["rates"]["lowered"]["successes"] == 2

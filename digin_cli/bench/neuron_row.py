@@ -82,7 +82,9 @@ def neuron_row(config: BenchConfig, progress: Progress | None = None) -> dict[st
         "row": f"neuron: shapes:background-biased neuron {index} ({background})",
         "headline": {
             "runs": f"{up['runs']} max + {down['runs']} min",
-            "max: activation gain": f"x{up['gain_factor']} ({up['mean_activation_before']:.2f} -> {up['mean_activation_after']:.2f})",
+            # A factor needs a positive start (a leaky or signed unit can start at or below 0).
+            "max: activation gain": ("" if up["gain_factor"] is None else f"x{up['gain_factor']} ")
+            + f"({up['mean_activation_before']:.2f} -> {up['mean_activation_after']:.2f})",
             f"max: background turned to {background}": format_rate(up["rates"]["background_judged"]),
             "min: activation lowered": f"{format_rate(down['rates']['lowered'])}; {down['mean_activation_before']:.2f} -> "
                                        f"{down['mean_activation_after']:.2f}",
