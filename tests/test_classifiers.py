@@ -112,6 +112,19 @@ def test_timm_checkpoint_loads_through_timm_with_inferred_num_classes(files, che
     assert_frozen_and_differentiable(classifier, images)
 
 
+def test_timm_checkpoint_trained_with_another_activation_says_so_in_the_spec(files, tmp_path):
+    torch.manual_seed(1)
+    leaky = timm.create_model("test_resnet", pretrained=False, num_classes=4, act_layer="leaky_relu").eval()
+    save_file(leaky.state_dict(), str(tmp_path / "leaky.safetensors"))
+    spec = f"timm:test_resnet,checkpoint={tmp_path / 'leaky.safetensors'},classes={files['shapes']}"
+    images = torch.rand(2, 3, 160, 160)
+    with torch.no_grad():
+        reference = reference_logits(leaky, images, (160, 160), (0.5,) * 3, (0.5,) * 3)
+    # Activations have no weights: without act_layer the same file loads into ReLUs, silently.
+    torch.testing.assert_close(load_classifier(spec + ",act_layer=leaky_relu")(images), reference)
+    assert not torch.allclose(load_classifier(spec)(images), reference)
+
+
 def test_timm_preprocessing_comes_from_the_model_config(files):
     classifier = load_classifier(timm_spec(files, "vit4", arch="test_vit"))
     config = timm.data.resolve_model_data_config(classifier.model)
@@ -249,13 +262,14 @@ def test_num_classes_without_checkpoint_is_refused():
         ("timm:test_resnet,classes", r"malformed option 'classes' .* key=value"),
         (
             "timm:test_resnet,colour=red",
-            r"unknown option 'colour' in .*; timm: accepts checkpoint, classes, mean, num_classes, size, std",
+            r"unknown option 'colour' in .*; timm: accepts act_layer, checkpoint, classes, mean, num_classes, size, std",
         ),
         (
             "keras:model.h5",
             r"unknown classifier kind 'keras' .* accepted forms: timm:NAME.*openclip:ARCH/PRETRAINED.*torchscript:PATH",
         ),
         ("timm:test_resnet,num_classes=four", r"num_classes='four' .* must be a positive integer"),
+        ("timm:test_resnet,act_layer=leaky", r"unknown act_layer 'leaky' in .*; give a timm activation name"),
     ],
 )
 def test_malformed_specs(spec, pattern):

@@ -285,8 +285,9 @@ def test_mixup_training_is_reproducible_and_blends_the_images(tmp_path, monkeypa
     assert any(not torch.equal(first[k], plain[k]) for k in first if first[k].is_floating_point())
 
     trained = _recipes_trained_by_main(monkeypatch)
-    train_classifiers.main(["--out", str(tmp_path), "--only", "background-biased", "--mixup-alpha", "0.4", "--steps", "1800"])
-    assert [(r.name, r.mixup_alpha, r.steps) for r in trained] == [("background-biased", 0.4, 1800)]
+    train_classifiers.main(["--out", str(tmp_path), "--only", "background-biased", "--mixup-alpha", "0.4", "--steps", "1800",
+                            "--act-layer", "leaky_relu"])  # fmt: skip
+    assert [(r.name, r.mixup_alpha, r.steps, r.act_layer) for r in trained] == [("background-biased", 0.4, 1800, "leaky_relu")]
     assert train_classifiers.RECIPES[2].mixup_alpha == 0.0  # no shipped recipe uses it
 
 
@@ -301,3 +302,25 @@ def test_neuron_row_states_no_gain_factor_from_a_start_at_or_below_zero(tmp_path
     assert result["maximize"]["gain_factor"] is None
     assert result["headline"]["max: activation gain"] == "(-0.01 -> 0.50)"
     assert result["minimize"]["rates"]["lowered"]["successes"] == 2
+
+
+def test_a_shapes_classifier_trained_with_another_activation_loads_with_it(tmp_path, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    from digin_cli.models import builtin
+    from digin_cli.world.train_classifiers import normalize
+
+    # meta.json's act_layer reaches the loader: the same weights in ReLUs would answer otherwise.
+    torch.manual_seed(0)
+    leaky = timm.create_model("test_resnet", pretrained=False, num_classes=4, act_layer="leaky_relu").eval()
+    folder = tmp_path / "classifiers" / "leaky"
+    folder.mkdir(parents=True)
+    save_file(leaky.state_dict(), str(folder / "model.safetensors"))
+    (tmp_path / "classifiers" / "classes.txt").write_text("\n".join(SHAPES) + "\n")
+    meta = {"arch": "test_resnet", "input_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "act_layer": "leaky_relu"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(builtin, "SHAPES_WEIGHTS", tmp_path)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(builtin.load_shapes_classifier("shapes:leaky", "cpu")(images), leaky(normalize(images)))

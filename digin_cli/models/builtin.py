@@ -161,8 +161,9 @@ def load_shapes_classifier(spec: str, device: torch.device | str) -> Classifier:
     meta = shapes_classifier_meta(name)
     folder = SHAPES_WEIGHTS / "classifiers" / name
     triple = lambda values: ";".join(str(v) for v in values)  # noqa: E731
+    activation = f"act_layer={meta['act_layer']}," if "act_layer" in meta else ""  # trained with another activation
     classifier = load_classifier(
-        f"timm:{meta['arch']},checkpoint={folder / 'model.safetensors'},"
+        f"timm:{meta['arch']},checkpoint={folder / 'model.safetensors'},{activation}"
         f"classes={SHAPES_WEIGHTS / 'classifiers' / 'classes.txt'},size={meta['input_size']},"
         f"mean={triple(meta['mean'])},std={triple(meta['std'])}",
         device,

@@ -82,6 +82,7 @@ class Recipe:
     # drawn from Beta(alpha, alpha). An experiment (README, "Tried, not shipped"): no
     # shipped recipe uses it.
     mixup_alpha: float = 0.0
+    act_layer: str | None = None  # a timm activation name instead of the architecture's own (an experiment too)
 
 
 # Architectures by what trains at 64x64 in a few CPU minutes (900 steps, balanced
@@ -218,7 +219,8 @@ def train(
                          radius_range=recipe.radius_range)
     images = _render_uint8(scenes)  # (N, 3, 64, 64) uint8
     labels = labels_of(scenes)  # (N,)
-    model = timm.create_model(recipe.arch, pretrained=False, num_classes=len(SHAPES))
+    activation = {} if recipe.act_layer is None else {"act_layer": recipe.act_layer}
+    model = timm.create_model(recipe.arch, pretrained=False, num_classes=len(SHAPES), **activation)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = max(1, recipe.steps // 20)
     # Linear warmup then cosine decay to zero: from-scratch training at a high lr
@@ -397,11 +399,12 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
     path.chmod(0o644)  # safetensors writes 0600; package data must be readable by all users
 
 
-def classifier_spec(arch: str, folder: Path, classes: Path) -> str:
+def classifier_spec(arch: str, folder: Path, classes: Path, act_layer: str | None = None) -> str:
     """The `load_classifier` spec of a saved classifier, with its resolution and normalization."""
     triple = ";".join(str(v) for v in MEAN), ";".join(str(v) for v in STD)
+    activation = "" if act_layer is None else f",act_layer={act_layer}"
     return (
-        f"timm:{arch},checkpoint={folder / 'model.safetensors'},classes={classes},"
+        f"timm:{arch},checkpoint={folder / 'model.safetensors'}{activation},classes={classes},"
         f"size={INPUT_SIZE},mean={triple[0]},std={triple[1]}"
     )
 
@@ -417,7 +420,7 @@ def train_and_save(recipe: Recipe, out: Path, eval_sets: EvalSets, log: Callable
     save_checkpoint(model, folder / "model.safetensors")
 
     # Score what users will load, through the same loader they use.
-    classifier = load_classifier(classifier_spec(recipe.arch, folder, out / "classes.txt"))
+    classifier = load_classifier(classifier_spec(recipe.arch, folder, out / "classes.txt", recipe.act_layer))
     accuracy = eval_sets.report(classifier, recipe.bias)
     fp32_balanced = eval_sets.accuracy(model, "balanced")
     log(f"  {recipe.name}: balanced accuracy fp32 {fp32_balanced:.4f}, reloaded fp16 {accuracy['balanced']:.4f}")
@@ -443,6 +446,8 @@ def train_and_save(recipe: Recipe, out: Path, eval_sets: EvalSets, log: Callable
     }
     if recipe.mixup_alpha:
         meta["mixup_alpha"] = recipe.mixup_alpha
+    if recipe.act_layer is not None:
+        meta["act_layer"] = recipe.act_layer  # the loader must build the same activation
     if recipe.bias == "background":
         meta["background_neuron"], meta["control_neuron"] = find_neurons(
             classifier, eval_sets.scenes["balanced"], eval_sets.images["balanced"]
@@ -463,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mixup-alpha", type=float, default=None,
                         help="train with timm's Mixup, Beta(alpha, alpha) per image (default: each recipe's, none)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: each recipe's)")
+    parser.add_argument("--act-layer", default=None,
+                        help="a timm activation name, e.g. leaky_relu (default: the architecture's own)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.planted_share is not None and not 0 <= args.planted_share <= 1:
         parser.error("--planted-share is a share of the training scenes: give a number from 0 to 1")
@@ -486,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             recipe = replace(recipe, mixup_alpha=args.mixup_alpha)
         if args.steps is not None:
             recipe = replace(recipe, steps=args.steps)
+        if args.act_layer is not None:
+            recipe = replace(recipe, act_layer=args.act_layer)
         print(f"training {recipe.name} ({recipe.arch}, bias {recipe.bias}, {recipe.steps} steps)", flush=True)
         meta = train_and_save(recipe, out, eval_sets, log=lambda line: print(line, flush=True))
         size = (out / recipe.name / "model.safetensors").stat().st_size

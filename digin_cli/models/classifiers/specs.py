@@ -16,12 +16,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ACCEPTED_FORMS = (
-    "timm:NAME[,checkpoint=PATH][,num_classes=N][,classes=FILE][,size=N][,mean=r;g;b][,std=r;g;b]",
+    "timm:NAME[,checkpoint=PATH][,num_classes=N][,act_layer=NAME][,classes=FILE][,size=N][,mean=r;g;b][,std=r;g;b]",
     "openclip:ARCH/PRETRAINED[,classes=FILE][,mean=r;g;b][,std=r;g;b]",
     "torchscript:PATH,classes=FILE[,size=224][,mean=r;g;b][,std=r;g;b]",
 )
 OPTION_KEYS = {
-    "timm": {"checkpoint", "num_classes", "classes", "size", "mean", "std"},
+    "timm": {"checkpoint", "num_classes", "act_layer", "classes", "size", "mean", "std"},
     "openclip": {"classes", "mean", "std"},
     "torchscript": {"classes", "size", "mean", "std"},
 }

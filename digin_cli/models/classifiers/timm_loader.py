@@ -142,6 +142,20 @@ def _weights_kwargs(spec: str, name: str, options: dict[str, str]) -> tuple[dict
             f"num_classes= in '{spec}' only applies together with checkpoint=PATH; timm would give "
             "the pretrained model a random head of that size"
         )
+    if "act_layer" in options:
+        # A checkpoint trained with another activation than the architecture's default
+        # loads without complaint into the default one (activations have no weights), so
+        # the spec must say it; timm's create_model takes it for most architectures.
+        from timm.layers import get_act_layer
+
+        try:
+            get_act_layer(options["act_layer"])
+        except KeyError:
+            raise DiginError(
+                f"unknown act_layer '{options['act_layer']}' in '{spec}'; give a timm activation name "
+                "such as relu, leaky_relu, gelu or silu"
+            ) from None
+        kwargs["act_layer"] = options["act_layer"]
     return kwargs, checkpoint
 
 
