@@ -3,7 +3,7 @@
     sd = digin.load_model("shapes")                          # load once...
     run = digin.disagree("shapes:oracle", "shapes:color-biased", "circle", model=sd, num_images=2)
     run[0].after_image                                       # ...a PIL image; run[0].after["p_f"]
-    run = digin.neuron("shapes:background-biased", neuron=84, model=sd, prompts=["a photograph of a red circle on sand"])
+    run = digin.neuron("shapes:background-biased", neuron=38, model=sd, prompts=["a photograph of a red circle on sand"])
 
 One function per task, with the command line's options as keyword arguments and the same
 defaults (`--lr-latent` is `lr_latent=`, `--freeze-prompt` is `optimize_prompt=False`).

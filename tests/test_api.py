@@ -24,7 +24,7 @@ def readme_example() -> str:
 def test_the_readme_notebook_example_runs(capsys):
     namespace: dict = {}
     exec(compile(readme_example(), "README.md", "exec"), namespace)  # noqa: S102 - our own README
-    run, water = namespace["run"], namespace["water"]
+    run, grass = namespace["run"], namespace["grass"]
     printed = capsys.readouterr().out
     assert len(run) == 2 and [item.record["input"]["seed"] for item in run] == [0, 1]
     assert run.out is None and run.report is None, "without out= nothing stays on disk"
@@ -33,8 +33,8 @@ def test_the_readme_notebook_example_runs(capsys):
         assert item.history[item.best_step]["p_f"] == item.after["p_f"]
         assert f"{item.name} p_f {item.before['p_f']} -> {item.after['p_f']} | p_g {item.after['p_g']}" in printed
     documented = shapes_classifier_meta("background-biased")["background_neuron"]["index"]
-    assert water.header["config"]["neuron"] == documented and water.header["config"]["prompt"] == "a photograph of a red circle on sand"
-    assert water[0].after["activation"] >= water[0].before["activation"], "the kept iterate is never worse than the start"
+    assert grass.header["config"]["neuron"] == documented and grass.header["config"]["prompt"] == "a photograph of a red circle on sand"
+    assert grass[0].after["activation"] >= grass[0].before["activation"], "the kept iterate is never worse than the start"
 
 
 def test_api_writes_the_run_folder_and_report_with_out(tmp_path):
