@@ -1,7 +1,7 @@
 """Row "directions": neural PCA of a background-planted class of shapes:background-biased.
 
-The background is the documented background neuron's (meta.json; water in the shipped
-world), the class the shape planted on it (bar).
+The background is the documented background neuron's (meta.json; grass in the shipped
+world), the class the shape planted on it (triangle).
 1. `digin directions` on a folder of rendered scenes of the class, its backgrounds
    balanced, as a user would hand in images of a class.
 2. Which of its components is the background feature, judged by the renderer's ground

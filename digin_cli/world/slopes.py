@@ -4,13 +4,14 @@ DiG-IN moves an image by gradient steps through the decoder and, for the prompt
 deltas, through the UNet's text conditioning. A generator that has learned a world of
 four background textures can become categorical: it snaps every input to one of them,
 and between the jumps the classifier's gradient is zero. This measures, on rendered
-bars on water (the scenes the neuron-cf row lowers the water neuron on), the water
-neuron of `shapes:background-biased` along two straight lines towards another
-background:
+scenes of the planted shape on the documented neuron's background (the scenes the
+neuron-cf row lowers the neuron on; `meta.json` names it: grass since the classifier
+has leaky ReLUs, water before), that neuron of `shapes:background-biased` along two
+straight lines towards another background:
 
-- latent: the VAE decodes (1 - t) E(x_water) + t E(x_other), E the encoder's mean;
-- caption: x_water is DDIM-inverted with its caption (guidance 1), then the same z_T is
-  sampled at guidance 3 with (1 - t) C("... on water") + t C("... on <other>").
+- latent: the VAE decodes (1 - t) E(x_on) + t E(x_other), E the encoder's mean;
+- caption: x_on is DDIM-inverted with its caption (guidance 1), then the same z_T is
+  sampled at guidance 3 with (1 - t) C("... on <its background>") + t C("... on <other>").
 
 For each line it reports the activations and the largest single fall between
 neighbouring points as a share of the whole fall (1: one jump; 1 / (points - 1): an
@@ -19,8 +20,8 @@ even ramp).
 `--pixels` asks the classifier alone which way is uphill from the neuron row's starts
 (each shape in its row colour, off the neuron's background): the neuron, or a
 `digin directions` component (`--direction FILE`), along pixel blends of a rendered
-scene towards the same scene on each other background. Where a pale background raises
-it as early as water does, the optimization may bleach the scene instead of turning it.
+scene towards the same scene on each other background. Where another background raises
+it as early as the neuron's own does, the optimization may turn the scene there instead.
 
     python -m digin_cli.world.slopes [--model DIR] [--scenes 4] [--points 11] [--json out.json]
     python -m digin_cli.world.slopes --pixels [--direction FILE] [--scenes 4] [--points 11]
@@ -114,7 +115,7 @@ def measure_slopes(model: str = "shapes", scenes: int = 4, points: int = 11, ddi
 
 @torch.no_grad()
 def pixel_lines(scenes: int = 4, points: int = 11, direction_file: Path | None = None) -> dict:
-    """The water neuron (or a direction's projection) along pixel blends from each of the
+    """The documented neuron (or a direction's projection) along pixel blends from each of the
     neuron row's starts towards the same rendered scenes on every other background.
 
     Returns {"starts": [{"start": "red circle on sand", "towards": {background: [mean value
