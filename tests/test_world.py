@@ -14,7 +14,7 @@ from digin_cli.engine import GuidedDDIM, SamplerConfig, initial_latents
 from digin_cli.models import load_classifier, load_diffusion
 from digin_cli.models.builtin import shapes_classifier_meta
 from digin_cli.world.scenes import SHAPES, judge_colours
-from digin_cli.world.train_classifiers import evaluate, make_scenes
+from digin_cli.world.train_classifiers import RECIPES, evaluate, make_scenes
 
 
 def test_shipped_pipeline_loads_through_the_diffusers_loader():
@@ -33,6 +33,18 @@ def test_shipped_classifiers_reproduce_their_documented_accuracy(name):
     scenes = make_scenes(200, meta["bias"], seed=meta["eval"]["seed"] + 7)
     accuracy = evaluate(classifier, scenes)
     assert accuracy == pytest.approx(meta["accuracy"]["in_distribution"], abs=0.05)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda recipe: recipe.name)
+def test_each_shipped_classifier_is_what_its_recipe_trains(recipe):
+    """`python -m digin_cli.world.train_classifiers` must make what ships: the settings
+    recorded in each meta.json are the recipe's (the activation too, which the loader
+    reads from there: background-biased has leaky ReLUs, the others timm's own)."""
+    meta = shapes_classifier_meta(recipe.name)
+    assert (meta["arch"], meta["seed"], meta["train_steps"], meta["train_scenes"]) == (
+        recipe.arch, recipe.seed, recipe.steps, recipe.train_scenes)  # fmt: skip
+    assert meta.get("act_layer") == recipe.act_layer and meta.get("mixup_alpha", 0.0) == recipe.mixup_alpha
+    assert (recipe.name == "background-biased") == (recipe.act_layer == "leaky_relu")
 
 
 def test_the_independent_judge_sees_shapes_of_every_size_a_result_may_draw():
