@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -156,16 +157,28 @@ def shape_planted_with(meta: dict, value: str) -> str:
     return next(shape for shape, planted in meta["planted"].items() if planted == value)
 
 
+def saved_classifier_spec(
+    arch: str, folder: Path, classes: Path, size: int, mean: Sequence[float], std: Sequence[float],
+    act_layer: str | None = None,
+) -> str:
+    """The `load_classifier` spec of a shapes classifier saved as `folder`/model.safetensors,
+    with its resolution and normalization (and its activation, when it was trained with
+    another than the architecture's own: activations have no weights to tell)."""
+    triple = lambda values: ";".join(str(v) for v in values)  # noqa: E731
+    activation = "" if act_layer is None else f",act_layer={act_layer}"
+    return (
+        f"timm:{arch},checkpoint={folder / 'model.safetensors'}{activation},classes={classes},"
+        f"size={size},mean={triple(mean)},std={triple(std)}"
+    )
+
+
 def load_shapes_classifier(spec: str, device: torch.device | str) -> Classifier:
     name = spec.split(":", 1)[1]
     meta = shapes_classifier_meta(name)
-    folder = SHAPES_WEIGHTS / "classifiers" / name
-    triple = lambda values: ";".join(str(v) for v in values)  # noqa: E731
-    activation = f"act_layer={meta['act_layer']}," if "act_layer" in meta else ""  # trained with another activation
     classifier = load_classifier(
-        f"timm:{meta['arch']},checkpoint={folder / 'model.safetensors'},{activation}"
-        f"classes={SHAPES_WEIGHTS / 'classifiers' / 'classes.txt'},size={meta['input_size']},"
-        f"mean={triple(meta['mean'])},std={triple(meta['std'])}",
+        saved_classifier_spec(meta["arch"], SHAPES_WEIGHTS / "classifiers" / name,
+                              SHAPES_WEIGHTS / "classifiers" / "classes.txt", meta["input_size"],
+                              meta["mean"], meta["std"], meta.get("act_layer")),  # fmt: skip
         device,
     )
     classifier.spec = spec

@@ -403,19 +403,10 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
     path.chmod(0o644)  # safetensors writes 0600; package data must be readable by all users
 
 
-def classifier_spec(arch: str, folder: Path, classes: Path, act_layer: str | None = None) -> str:
-    """The `load_classifier` spec of a saved classifier, with its resolution and normalization."""
-    triple = ";".join(str(v) for v in MEAN), ";".join(str(v) for v in STD)
-    activation = "" if act_layer is None else f",act_layer={act_layer}"
-    return (
-        f"timm:{arch},checkpoint={folder / 'model.safetensors'}{activation},classes={classes},"
-        f"size={INPUT_SIZE},mean={triple[0]},std={triple[1]}"
-    )
-
-
 def train_and_save(recipe: Recipe, out: Path, eval_sets: EvalSets, log: Callable[[str], None] = print) -> dict:
     """Train, evaluate (the reloaded fp16 checkpoint, i.e. what ships), save; returns the meta."""
     from digin_cli.models import load_classifier
+    from digin_cli.models.builtin import saved_classifier_spec
 
     started = time.perf_counter()
     model = train(recipe, log)
@@ -424,7 +415,8 @@ def train_and_save(recipe: Recipe, out: Path, eval_sets: EvalSets, log: Callable
     save_checkpoint(model, folder / "model.safetensors")
 
     # Score what users will load, through the same loader they use.
-    classifier = load_classifier(classifier_spec(recipe.arch, folder, out / "classes.txt", recipe.act_layer))
+    spec = saved_classifier_spec(recipe.arch, folder, out / "classes.txt", INPUT_SIZE, MEAN, STD, recipe.act_layer)
+    classifier = load_classifier(spec)
     accuracy = eval_sets.report(classifier, recipe.bias)
     fp32_balanced = eval_sets.accuracy(model, "balanced")
     log(f"  {recipe.name}: balanced accuracy fp32 {fp32_balanced:.4f}, reloaded fp16 {accuracy['balanced']:.4f}")
