@@ -154,3 +154,25 @@ def test_neuron_cf_batch_with_a_mask_folder_survives_a_missing_mask_and_resumes(
     _, lines = read_run(out)
     assert [line["status"] for line in lines] == ["ok", "ok", "ok"]  # c retried; a and b kept with their figures
     assert all(line["verdict"] is not None for line in lines)
+
+
+def test_crops_are_torchvision_roi_align_values_and_gradients():
+    from torchvision.ops import roi_align
+
+    from digin_cli.engine.inputs import crop_and_resize
+
+    generator = torch.Generator().manual_seed(0)
+    for (height, width), size in (((64, 64), 64), ((48, 80), 24), ((32, 32), 96)):  # square, wide and down, up
+        images = torch.rand(2, 3, height, width, generator=generator, requires_grad=True)
+        side = (0.4 + 0.6 * torch.rand(6, generator=generator)) * min(height, width)  # 3 crops per image
+        left = torch.rand(6, generator=generator) * (width - side)
+        top = torch.rand(6, generator=generator) * (height - side)
+        boxes = torch.stack([torch.arange(2).repeat_interleave(3).float(), left, top, left + side, top + side], dim=1)
+        reference = roi_align(images, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        crops = crop_and_resize(images, left, top, side, 3, size)
+        assert crops.shape == reference.shape
+        assert (crops - reference).abs().max() < 1e-4
+        weights = torch.rand(reference.shape, generator=generator)
+        (expected,) = torch.autograd.grad((reference * weights).sum(), images)
+        (got,) = torch.autograd.grad((crops * weights).sum(), images)
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
