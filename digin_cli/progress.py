@@ -40,7 +40,7 @@ class RichProgress:
         self.task = self.bar.add_task(label, total=total_steps, status="")
 
     def step(self, report) -> None:
-        parts = [f"loss {report.loss.mean():+.3f}"]
+        parts = [f"loss {report.loss.mean():+.3f}"] if report.loss.numel() else []  # none: a count of tasks done
         parts += [f"{name} {values.mean():.3f}" for name, values in report.metrics.items()]
         self.bar.update(self.task, completed=report.step, status="  ".join(parts))
 

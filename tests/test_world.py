@@ -197,7 +197,7 @@ def test_bench_empties_its_row_folders(tmp_path, monkeypatch):
     keep.write_text("the user's")
     seen = []
     monkeypatch.setattr(bench, "ROWS", {"uvce": lambda config, progress=None: seen.append(stale.exists()) or {"row": "uvce", "headline": {}}})
-    bench.run_bench(bench.BenchConfig(out=tmp_path, rows=["uvce"]))
+    bench.run_bench(bench.BenchConfig(out=tmp_path, rows=["uvce"], jobs=1))  # in this process: the patched rows
     assert seen == [False] and keep.read_text() == "the user's"
 
 
@@ -251,10 +251,60 @@ def test_bench_runs_only_the_chosen_rows(tmp_path, monkeypatch):
         return row
 
     monkeypatch.setattr(bench, "ROWS", {name: fake(name) for name in bench.ROWS})
-    result = bench.run_bench(bench.BenchConfig(out=tmp_path, rows=["neuron-cf", "disagree"]))
+    result = bench.run_bench(bench.BenchConfig(out=tmp_path, rows=["neuron-cf", "disagree"], jobs=1))
     assert ran == ["disagree", "neuron-cf"]  # in the benchmark's order, not the option's
     assert [row["row"] for row in result["rows"]] == ran and result["config"]["rows"] == ran
     assert json.loads((tmp_path / "bench.json").read_text())["config"]["rows"] == ran
+
+
+def test_bench_rows_at_once_give_what_one_process_gives(tmp_path):
+    # Two real rows, small: in two spawned processes and in this one, at one torch thread
+    # each (the same arithmetic), the same figures in the benchmark's order; only the
+    # seconds differ. Stale files in a row folder are gone either way.
+    from digin_cli.bench import quality as bench
+
+    def small(out, jobs):
+        return bench.BenchConfig(out=out, rows=["directions", "neuron"], steps=1, ddim_steps=3, neuron_seeds=1,
+                                 directions_images=8, batch_size=4, device="cpu", jobs=jobs)  # fmt: skip
+
+    stale = tmp_path / "two" / "neuron" / "old.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        two = bench.run_bench(small(tmp_path / "two", 2))
+        one = bench.run_bench(small(tmp_path / "one", 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert (two["config"]["jobs"], one["config"]["jobs"]) == (2, 1)
+    assert [row["row"] for row in two["rows"]] == [row["row"] for row in one["rows"]] == [one["rows"][0]["row"], one["rows"][1]["row"]]
+    assert one["rows"][0]["row"].startswith("neuron") and one["rows"][1]["row"].startswith("directions")
+    for a, b in zip(two["rows"], one["rows"]):
+        a.pop("seconds"), b.pop("seconds")
+        assert a == b
+    assert not stale.exists() and (tmp_path / "two" / "neuron" / "maximize").is_dir()
+
+
+def test_bench_row_error_in_a_process_is_one_line(tmp_path):
+    # 2 DDIM steps with the 3 loss steps of the reference: each row's engine refuses it, in
+    # its own process; the parent says so in one line, stops the other row, writes no bench.json.
+    args = ["bench", "--out", str(tmp_path), "--rows", "neuron,directions", "--ddim-steps", "2", "--steps", "1",
+            "--neuron-seeds", "1", "--directions-images", "8", "--device", "cpu", "--jobs", "2", "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: --loss-steps must be between 1 and --ddim-steps (2)") and "Traceback" not in result.stderr
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_jobs_default_and_bounds(tmp_path):
+    from digin_cli.bench import quality as bench
+
+    assert bench.bench_jobs(bench.BenchConfig(out=tmp_path, device="cpu"), rows=6) == min(2, bench._cores())
+    assert bench.bench_jobs(bench.BenchConfig(out=tmp_path, device="cpu", jobs=4), rows=3) == 3
+    assert bench.bench_jobs(bench.BenchConfig(out=tmp_path, device="cpu"), rows=1) == 1
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--jobs", "0"])
+    assert result.exit_code != 0 and "--jobs must be at least 1" in result.stderr
 
 
 def _recipes_trained_by_main(monkeypatch) -> list:

@@ -39,6 +39,11 @@ class BenchConfig:
     # judged before it replaces the shipped weights. The classifiers are always the built-ins.
     model: str = "shapes"
     disagree_g: str = "shapes:color-biased"  # the disagree row's g (f is shapes:oracle)
+    # Rows run at once, each in a process of its own; None: 2 on a CPU of 2 cores or more, 1
+    # on a GPU. The shapes UNet is too small for torch's threads: on 2 cores its forward and
+    # backward at batch 16 take 0.093 s with 2 threads and 0.133 s with 1, so two
+    # one-thread processes do 1.4x the work of one two-thread process (README, "Performance").
+    jobs: int | None = None
 
     def __post_init__(self) -> None:
         per_shape = -(-self.runs // len(SHAPES))  # ceil: 4 shapes (or 4 starting prompts) share the runs
@@ -61,6 +66,8 @@ class BenchConfig:
         if self.model != "shapes" and not (Path(self.model).expanduser() / "model_index.json").is_file():
             raise DiginError(f"--model {self.model} is not a diffusers model folder (no model_index.json); give 'shapes' "
                              "or a folder that python -m digin_cli.world.train_diffusion --out wrote")  # fmt: skip
+        if self.jobs is not None and self.jobs < 1:
+            raise DiginError(f"--jobs must be at least 1, got {self.jobs}")
         unknown_rows = [r for r in self.rows if r not in ROW_NAMES]
         if unknown_rows or not self.rows:
             raise DiginError(f"--rows: unknown or no row(s) '{','.join(self.rows)}'; the rows are {', '.join(ROW_NAMES)}")

@@ -49,6 +49,9 @@ def bench(
         str, typer.Option("--disagree-g", help="Classifier g of the disagree row (f is shapes:oracle).")
     ] = "shapes:color-biased",
     device: DeviceOpt = "auto",
+    jobs: Annotated[
+        int | None, typer.Option(help="Rows run at once, each in its own process [default: 2 on a CPU, 1 on a GPU].")
+    ] = None,
     quiet: QuietOpt = False,
     perf: Annotated[
         bool, typer.Option("--perf", help="Run the performance benchmark instead (step cost, memory, batching).")
@@ -89,7 +92,7 @@ def bench(
     config = BenchConfig(out=out, runs=FULL_RUNS if full else DEFAULT_RUNS, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps,
                          spacing=spacing, batch_size=batch_size, uvce_seeds=uvce_seeds, neuron_seeds=neuron_seeds,
                          neuron_cf_seeds=neuron_cf_seeds, directions_images=directions_images, device=device,
-                         model=model, disagree_g=disagree_g)  # fmt: skip
+                         model=model, disagree_g=disagree_g, jobs=jobs)  # fmt: skip
     config.shapes = _names(shapes) or config.shapes
     config.rows = _names(rows) if rows is not None else config.rows
     result = call_with_progress(run_bench, config, quiet)
