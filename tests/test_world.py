@@ -305,6 +305,9 @@ def test_bench_jobs_default_and_bounds(tmp_path):
     assert bench.bench_jobs(bench.BenchConfig(out=tmp_path, device="cpu"), rows=1) == 1
     result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--jobs", "0"])
     assert result.exit_code != 0 and "--jobs must be at least 1" in result.stderr
+    # The help says the default (rich reads "[default: ...]" in a help text as markup and drops it).
+    shown = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "250"}).output
+    assert "(default: 2 on a CPU, 1 on a GPU)" in shown and "(default: 512 on CUDA, else 128)" in shown
 
 
 def _recipes_trained_by_main(monkeypatch) -> list:

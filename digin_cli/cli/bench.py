@@ -50,17 +50,17 @@ def bench(
     ] = "shapes:color-biased",
     device: DeviceOpt = "auto",
     jobs: Annotated[
-        int | None, typer.Option(help="Rows run at once, each in its own process [default: 2 on a CPU, 1 on a GPU].")
+        int | None, typer.Option(help="Rows run at once, each in its own process (default: 2 on a CPU, 1 on a GPU).")
     ] = None,
     quiet: QuietOpt = False,
     perf: Annotated[
         bool, typer.Option("--perf", help="Run the performance benchmark instead (step cost, memory, batching).")
     ] = False,
     perf_resolution: Annotated[
-        int | None, typer.Option(help="Image side of the SD-sized pipeline [default: 512 on CUDA, else 128].", rich_help_panel=PERF)
+        int | None, typer.Option(help="Image side of the SD-sized pipeline (default: 512 on CUDA, else 128).", rich_help_panel=PERF)
     ] = None,
     perf_steps: Annotated[
-        int | None, typer.Option(help="DDIM steps T [default: 20; 5 for the SD-sized pipeline on CPU].", rich_help_panel=PERF)
+        int | None, typer.Option(help="DDIM steps T (default: 20; 5 for the SD-sized pipeline on CPU).", rich_help_panel=PERF)
     ] = None,
     repeats: Annotated[int, typer.Option(help="Timed repeats per figure (after one warm-up).", rich_help_panel=PERF)] = 3,
     pipelines: Annotated[
@@ -76,7 +76,7 @@ def bench(
                           rich_help_panel=PERF)
     ] = "sd1-random",
     few_step_resolution: Annotated[
-        int | None, typer.Option(help="Image side of the few-step row [default: 512 on CUDA, else 64].", rich_help_panel=PERF)
+        int | None, typer.Option(help="Image side of the few-step row (default: 512 on CUDA, else 64).", rich_help_panel=PERF)
     ] = None,
 ) -> None:
     """Quality benchmark on the built-in shapes world, judged by ground truth (fixed seeds);
