@@ -94,6 +94,10 @@ def test_csv_header_names_the_columns_and_may_add_captions(tmp_path):
 
 
 def uvce(folder, csv, batch: int, out):
+    # The prompt-delta lr pinned to 0.05 (the tiny models' default is 0.2): Adam's first
+    # steps move every element by about lr whatever the gradient, so float noise between a
+    # batched and a single forward grows with it (at 0.2: 1.4 8-bit levels on average
+    # after two steps), and the image tolerance of the test below is meant for batching, not for lr.
     return ["uvce", str(folder), "--csv", str(csv), "--target", "circle", "--batch-size", str(batch), "--model", "tiny",
             "--classifier", "tiny:f", "--lr-prompt", "0.05", "--out", str(out), *FAST]  # fmt: skip
 
@@ -107,10 +111,6 @@ def test_uvce_batch_gives_the_results_of_one_by_one(tmp_path):
         rows.append(f"{name}.png,bar,{text}")
     csv = tmp_path / "items.csv"
     csv.write_text("\n".join(rows) + "\n")
-    # The prompt-delta lr pinned to 0.05 (the tiny models' default is 0.2): Adam's first
-    # steps move every element by about lr whatever the gradient, so float noise between a
-    # batched and a single forward grows with it (at 0.2: 1.4 8-bit levels on average
-    # after two steps), and the image tolerance below is meant for batching, not for lr.
     single = runner.invoke(app, uvce(folder, csv, 1, tmp_path / "one"))
     assert single.exit_code == 0, single.output
     batched = runner.invoke(app, uvce(folder, csv, 2, tmp_path / "two"))  # a + b together, then c

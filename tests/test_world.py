@@ -278,7 +278,7 @@ def test_bench_rows_at_once_give_what_one_process_gives(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert (two["config"]["jobs"], one["config"]["jobs"]) == (2, 1)
-    assert [row["row"] for row in two["rows"]] == [row["row"] for row in one["rows"]] == [one["rows"][0]["row"], one["rows"][1]["row"]]
+    assert [row["row"] for row in two["rows"]] == [row["row"] for row in one["rows"]]
     assert one["rows"][0]["row"].startswith("neuron") and one["rows"][1]["row"].startswith("directions")
     for a, b in zip(two["rows"], one["rows"]):
         a.pop("seconds"), b.pop("seconds")

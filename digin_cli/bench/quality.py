@@ -39,7 +39,10 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
     started = time.perf_counter()
     chosen = [name for name in ROWS if name in config.rows]  # in the benchmark's order
     jobs = bench_jobs(config, len(chosen))
-    rows = _run_rows(chosen, config, progress) if jobs == 1 else _run_rows_at_once(chosen, config, jobs, progress)
+    if jobs == 1:
+        rows = [run_row(name, config, progress) for name in chosen]
+    else:
+        rows = _run_rows_at_once(chosen, config, jobs, progress)
     result = {
         "benchmark": "shapes world, judged by ground truth",
         "config": {
@@ -88,10 +91,6 @@ def run_row(name: str, config: BenchConfig, progress: Progress | None = None) ->
     remove_tree(config.out / name)
     row_started = time.perf_counter()
     return {**ROWS[name](config, progress), "seconds": round(time.perf_counter() - row_started, 1)}
-
-
-def _run_rows(chosen: list[str], config: BenchConfig, progress: Progress | None) -> list[dict[str, Any]]:
-    return [run_row(name, config, progress) for name in chosen]
 
 
 def _run_rows_at_once(chosen: list[str], config: BenchConfig, jobs: int, progress: Progress | None) -> list[dict[str, Any]]:
