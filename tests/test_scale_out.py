@@ -10,11 +10,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from digin_cli.tasks.folder_runs import WorkItem
+from digin_cli.errors import DiginError
+from digin_cli.io import ImageReadError
+from digin_cli.tasks.folder_runs import WorkItem, run_items
+from digin_cli.tasks.records import RunFolder, item_record
 from digin_cli.tasks.runtime import Shard
 from run_records import read_run
 
@@ -41,6 +47,37 @@ def test_a_plain_process_is_the_only_shard():
     assert Shard.current() == Shard(0, 1)
 
 
+def shard_run(out, shard: Shard) -> list[dict]:
+    """One process's share of a folder run of 4 images, 1.png unreadable (no model: the
+    records as the engine would write them)."""
+    items = [WorkItem(out.parent / f"{k}.png", "bar", ["circle"]) for k in range(4)]
+    folder = RunFolder.open(out, "uvce", {"setting": 1}, "cpu", "fp32", is_main_process=shard.index == 0)
+
+    def prepare(batch):
+        return [ImageReadError(f"{i.path.name} is broken") if i.path.name == "1.png" else i.path.name for i in batch]
+
+    def run_batch(tasks):
+        return [item_record("uvce", task.name, {"file": str(task.item.path)}) for task in tasks]
+
+    return run_items(items, folder, lambda item: item.targets, prepare, run_batch, 1, shard)
+
+
+def test_the_main_process_waits_for_every_shard_and_reports_all_failures(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".digin-shard-1-of-2.done").write_bytes(b"")  # an earlier launch's: it must not count
+    raised = []
+    main = threading.Thread(target=lambda: raised.append(pytest.raises(DiginError, shard_run, out, Shard(0, 2))), daemon=True)
+    main.start()
+    time.sleep(1.5)
+    assert main.is_alive(), "the main process waits for process 1"
+    records = shard_run(out, Shard(1, 2))  # its own failure does not end it
+    assert [r["status"] for r in records] == ["ok", "failed", "ok", "ok"]
+    main.join(timeout=60)
+    assert not main.is_alive() and len(raised) == 1
+    assert str(raised[0].value).startswith("1 of 4 images failed (1.png: 1.png is broken); the others are in")
+
+
 def test_two_processes_share_one_folder_run(tmp_path):
     images, out = tmp_path / "images", tmp_path / "out"
     scenes(images, 3)
@@ -57,3 +94,25 @@ def test_two_processes_share_one_folder_run(tmp_path):
     # One entry per item, in the folder's order, every item done once by one of the two processes.
     assert [entry["input"]["file"].rsplit("/", 1)[-1] for entry in summary] == ["scene0.png", "scene1.png", "scene2.png"]
     assert all(entry["status"] == "ok" for entry in summary)
+
+
+def test_a_failed_item_of_one_process_stops_no_other(tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    scenes(images, 6)
+    # Process 1's shard (scenes 1, 3, 5) has the corrupt image, so it is done a whole item
+    # before process 0: it must not end the launch while process 0 works on scene4.
+    (images / "scene1.png").write_bytes(b"not a png")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--module", "digin_cli",
+        "uvce", str(images), "--target", "bar", "--model", "tiny", "--classifier", "tiny:f", "--out", str(out), *FAST,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr
+    _, summary = read_run(out)
+    statuses = {entry["input"]["file"].rsplit("/", 1)[-1]: entry["status"] for entry in summary}
+    assert statuses == {f"scene{k}.png": "failed" if k == 1 else "ok" for k in range(6)}, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    # Reported once, by the main process, for the whole run.
+    assert len(errors) == 1 and errors[0].startswith("Error: 1 of 6 images failed (scene1.png: "), done.stderr
+    assert not list(out.glob(".digin-shard-*")), "the main process removes the markers once all are there"

@@ -14,7 +14,7 @@ from typing import Any
 from digin_cli.errors import DiginError
 from digin_cli.io import ImageReadError, list_images
 from digin_cli.tasks.records import RunFolder
-from digin_cli.tasks.runtime import Shard, slug
+from digin_cli.tasks.runtime import MEMORY_ERRORS, Shard, counted, out_of_memory, release_memory, slug
 
 
 @dataclass
@@ -119,8 +119,11 @@ def run_items(
     files and returns one record per task, which is written last. A bad image (unreadable,
     missing, no mask) fails alone: its labels get failure records and the run goes on;
     the next run retries them. summary.jsonl is rebuilt from the records on disk after
-    every batch and every failure. Returns every label's record in input order; raises DiginError
-    at the end when any item of this shard failed."""
+    every batch and every failure. A batch that runs out of memory fails its items alike.
+    Returns every label's record in input order; raises DiginError at the end when any item
+    failed. With several processes each finishes its shard and returns; the main one waits
+    for all of them and raises for a failed item of any shard, so that no process's failure
+    makes the launcher stop the others mid-batch."""
     return FolderRun(items, folder, labels, prepare, run_batch, batch_size, shard or Shard.current()).run()
 
 
@@ -133,16 +136,29 @@ class FolderRun:
         self.image_names = dict(zip((str(item.path) for item in items), item_names(items)))
         self.records = [self.record_name(item, label) for item in items for label in labels(item)]
         self.mine = shard.take(items)
-        self.failures: list[str] = []
+        self.total = len(items)
         self.queue: list[Task] = []
 
     def record_name(self, item: WorkItem, label: str) -> str:
         return f"{self.image_names[str(item.path)]}_{slug(label)}"
 
     def run(self) -> list[dict[str, Any]]:
-        # 1. Every image of this shard: skip its finished labels; prepare the rest in groups
-        #    whose tasks fill the next batch (their inversions run together), and run full
-        #    batches as they fill up.
+        self._work()
+        records = self.folder.rebuild_summary(self.records)
+        if self.shard.count > 1:
+            # Every process finishes its shard; the main one then reports the whole run.
+            self.folder.mark_shard_done(self.shard)
+            if self.shard.index != 0:
+                return records
+            self.folder.wait_for_shards(self.shard.count)
+            records = self.folder.rebuild_summary(self.records)
+        self._raise_failures(records)
+        return records
+
+    def _work(self) -> None:
+        """Every image of this shard: skip its finished labels; prepare the rest in groups whose
+        tasks fill the next batch (their inversions run together), and run full batches as they
+        fill up; then the last images and the last, partial batch."""
         group: list[tuple[WorkItem, list[str]]] = []
         for item in self.mine:
             pending = [label for label in self.labels(item) if self.folder.finished(self.record_name(item, label)) is None]
@@ -154,30 +170,43 @@ class FolderRun:
                 group = []
             while len(self.queue) >= self.batch_size:
                 self._flush()
-        # 2. The last images and the last, partial batch.
         if group:
             self._prepare(group)
         while self.queue:
             self._flush()
-        records = self.folder.rebuild_summary(self.records)
-        # 3. Failures are reported once, at the end.
-        if self.failures:
-            if len(self.mine) == 1:
-                raise DiginError(self.failures[0])
-            listed = "; ".join(self.failures[:3]) + ("; ..." if len(self.failures) > 3 else "")
-            raise DiginError(
-                f"{len(self.failures)} of {len(self.mine)} images failed ({listed}); the others are in "
-                f"{self.folder.out}, see summary.jsonl; rerun the same command to retry only the failed ones"
-            )
-        return records
+
+    def _raise_failures(self, records: list[dict[str, Any]]) -> None:
+        """The failed images among `records` (the run's records on disk), reported once, at the end."""
+        failures = {}  # file -> its first error
+        for record in records:
+            if record.get("status") == "failed":
+                failures.setdefault(record["input"]["file"], f"{Path(record['input']['file']).name}: {record['error']}")
+        if not failures:
+            return
+        failed = list(failures.values())
+        if self.total == 1:
+            raise DiginError(failed[0])
+        listed = "; ".join(failed[:3]) + ("; ..." if len(failed) > 3 else "")
+        raise DiginError(
+            f"{len(failed)} of {self.total} images failed ({listed}); the others are in "
+            f"{self.folder.out}, see summary.jsonl; rerun the same command to retry only the failed ones"
+        )
 
     def _prepare(self, group: list[tuple[WorkItem, list[str]]]) -> None:
-        """Prepare a group of images together; one that cannot be used fails alone."""
-        prepared = self.prepare([item for item, _ in group])
+        """Prepare a group of images together; one that cannot be used fails alone, all of
+        them when their inversions together run out of memory."""
+        try:
+            prepared = self.prepare([item for item, _ in group])
+        except MEMORY_ERRORS:
+            prepared = None
+        if prepared is None:
+            release_memory()  # outside the `except`: the inversions' tensors are freed by now
+            error = DiginError(out_of_memory(self.batch_size, f"{counted(len(group), 'image')} inverted together"))
+            prepared = [error] * len(group)
         failed = False
         for (item, pending), image in zip(group, prepared):
             if isinstance(image, ImageError):
-                self._fail(item, pending, image)
+                self._fail(item, pending, str(image))
                 failed = True
             else:
                 self.queue.extend(Task(item, image, label, self.record_name(item, label)) for label in pending)
@@ -187,18 +216,23 @@ class FolderRun:
     def _flush(self) -> None:
         batch = self.queue[: self.batch_size]
         del self.queue[: self.batch_size]
+        error: str | None = None
         try:
             records = self.run_batch(batch)
-        except DiginError as error:
+        except DiginError as raised:
+            error = str(raised)
+        except MEMORY_ERRORS:
+            error = out_of_memory(self.batch_size, f"{counted(len(batch), 'counterfactual')} in one batch")
+        if error is None:
+            for record in records:  # last: a record marks its item finished
+                self.folder.write_item(record)
+        else:
+            release_memory()  # outside the `except`: the batch's tensors are freed by now
             for path in dict.fromkeys(task.item.path for task in batch):
                 tasks = [task for task in batch if task.item.path == path]
                 self._fail(tasks[0].item, [task.label for task in tasks], error)
-        else:
-            for record in records:  # last: a record marks its item finished
-                self.folder.write_item(record)
         self.folder.rebuild_summary(self.records)
 
-    def _fail(self, item: WorkItem, labels: list[str], error: Exception) -> None:
-        self.failures.append(f"{item.path.name}: {error}")
+    def _fail(self, item: WorkItem, labels: list[str], error: str) -> None:
         for label in labels:
-            self.folder.write_failure(self.record_name(item, label), {"file": str(item.path)}, str(error))
+            self.folder.write_failure(self.record_name(item, label), {"file": str(item.path)}, error)

@@ -9,7 +9,10 @@ A run folder holds:
   and after, best step, history, output files, status, error, seconds;
 - ``summary.jsonl``, one line per item (its record without the history), rebuilt from the
   records on disk after every batch, under a lock, so it is complete after any number of
-  resumes and of processes writing into the folder.
+  resumes and of processes writing into the folder;
+- while several processes share a folder run, ``.digin-shard-<index>-of-<count>.done``,
+  one per process that has written its share; the main process removes them once all are
+  there (and any left by a launch that was stopped, when it opens the folder).
 
 The fingerprint covers the settings that shape results. A rerun into a folder whose run
 had other settings stops with one line naming them, unless it is told to overwrite;
@@ -31,13 +34,15 @@ from typing import Any
 
 from digin_cli.errors import DiginError
 from digin_cli.io import read_json, remove_file, write_bytes, write_json, write_jsonl
-from digin_cli.tasks.runtime import RuntimeOptions, process_state, started_at, versions
+from digin_cli.tasks.runtime import RuntimeOptions, Shard, process_state, started_at, versions
 
 RUN_FORMAT = "digin-run/1"
 ITEM_FORMAT = "digin-item/1"
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.jsonl"
 LOCK_FILE = ".digin.lock"
+SHARD_DONE = ".digin-shard-{index}-of-{count}.done"  # a process of a launch has written its shard's records
+WAIT_SECONDS = 0.5  # how often the main process looks for the other shards' markers
 # Config keys that choose which items run or how fast, not what an item's result is.
 NOT_FINGERPRINTED = ("seeds", "inputs", "batch_size", "compile")
 
@@ -108,6 +113,8 @@ class RunFolder:
                     f"--out {out} holds a run with other settings ({'; '.join(changed[:4])}"
                     f"{'; ...' if len(changed) > 4 else ''}); give another --out, or --overwrite to start again"
                 )
+            if is_main_process:
+                folder.remove_shard_markers()  # an earlier launch's; the other processes open after this one
             if overwrite and earlier is not None and is_main_process:
                 folder.clear()  # start again
             elif same:
@@ -135,6 +142,30 @@ class RunFolder:
         remove_file(self.out / SUMMARY_FILE)
         for stale in self.out.glob(".*.part"):
             remove_file(stale)
+        self.remove_shard_markers()
+
+    # -- the processes of one launch ------------------------------------------------
+
+    def shard_marker(self, shard: Shard) -> Path:
+        return self.out / SHARD_DONE.format(index=shard.index, count=shard.count)
+
+    def mark_shard_done(self, shard: Shard) -> None:
+        """Say that this process has written every record of its shard."""
+        write_bytes(b"", self.shard_marker(shard))
+
+    def wait_for_shards(self, count: int) -> None:
+        """Wait until every process of this launch has marked its shard done, then remove
+        the markers. Files, not a torch.distributed barrier: a process whose items all
+        failed early would time out in a barrier while the others work; a process that
+        dies makes the launcher stop this one."""
+        markers = [self.shard_marker(Shard(index, count)) for index in range(count)]
+        while not all(marker.exists() for marker in markers):
+            time.sleep(WAIT_SECONDS)
+        self.remove_shard_markers()
+
+    def remove_shard_markers(self) -> None:
+        for marker in self.out.glob(SHARD_DONE.format(index="*", count="*")):
+            remove_file(marker)
 
     # -- items --------------------------------------------------------------------
 

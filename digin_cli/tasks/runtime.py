@@ -3,6 +3,7 @@ checks of the engine options, and the run record's header."""
 
 from __future__ import annotations
 
+import gc
 import math
 import platform
 import re
@@ -73,8 +74,7 @@ def process_state():
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            # One process per GPU under accelerate launch / torchrun: each takes its own.
-            return torch.device("cuda", process_state().local_process_index % torch.cuda.device_count())
+            return resolve_cuda(name, torch.device("cuda"))
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -82,15 +82,32 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise DiginError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DiginError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise DiginError(f"--device {name}: there is no such GPU, this machine has {count} (cuda:0-{count - 1}); use one of them or auto")
+    if device.type == "cuda":
+        return resolve_cuda(name, device)
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DiginError("--device mps was asked for but MPS is not available; use --device cpu or auto")
     if device.type not in ("cpu", "cuda", "mps"):
         raise DiginError(f"unsupported device '{name}'; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_cuda(name: str, device: torch.device) -> torch.device:
+    """This process's GPU, always with its index: `cuda` (and auto) is the process's own GPU
+    under accelerate launch / torchrun, one per process; `cuda:N` only for a single process."""
+    if not torch.cuda.is_available():
+        raise DiginError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    count = torch.cuda.device_count()
+    state = process_state()
+    if device.index is None:
+        device = torch.device("cuda", state.local_process_index % count)
+    elif state.num_processes > 1:
+        raise DiginError(f"--device {name} would put all {state.num_processes} processes on one GPU; use --device cuda "
+                         "or auto to give each process its own GPU")  # fmt: skip
+    elif device.index >= count:
+        raise DiginError(f"--device {name}: there is no such GPU, this machine has {count} (cuda:0-{count - 1}); use one of them or auto")
+    # Tensors made without a device (the text encoder's token ids) go to the current device,
+    # which must be the GPU the models are on.
+    torch.cuda.set_device(device)
     return device
 
 
@@ -227,6 +244,28 @@ def check_engine_options(out: Path, sampler: SamplerConfig, optim: OptimConfig, 
 def check_prompt_template(template: str) -> None:
     if "{}" not in template:
         raise DiginError(f"--prompt-template must contain {{}} where the class name goes, got '{template}'")
+
+
+# Running out of memory in a batch: CUDA's allocator (a RuntimeError) or the host's.
+MEMORY_ERRORS = (torch.OutOfMemoryError, MemoryError)
+
+
+def out_of_memory(batch_size: int, batch: str) -> str:
+    """The line for a batch that ran out of memory; `batch` says what was in it."""
+    return f"out of memory with --batch-size {batch_size} ({batch}); use a smaller --batch-size or --dtype bf16"
+
+
+def counted(number: int, noun: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{number} {noun}{'s' * (number != 1)}"
+
+
+def release_memory() -> None:
+    """After a batch ran out of memory (called outside the `except`, so that the error and
+    the frames holding its tensors are gone): the memory goes back, on the GPU too."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @contextmanager

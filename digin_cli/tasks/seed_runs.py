@@ -11,12 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from digin_cli.drawing import labelled_sheet
 from digin_cli.engine import GuidedDDIM, OptimConfig, OptimizationResult, SamplerConfig, initial_latents
 from digin_cli.errors import DiginError
 from digin_cli.io import save_png
 from digin_cli.tasks.records import RunFolder, item_record, open_run_folder, rounded
-from digin_cli.tasks.runtime import Progress, Shard, finite_losses, item_history, run_config
+from digin_cli.tasks.runtime import (MEMORY_ERRORS, Progress, Shard, counted, finite_losses, item_history,
+                                     out_of_memory, release_memory, run_config)
 
 
 def open_seed_run(command: str, job, specific: dict[str, Any], components, optim: OptimConfig, device) -> RunFolder:
@@ -74,6 +77,28 @@ class ItemWriter:
         return self.folder.write_item(record)
 
 
+def _optimize_chunk(engine: GuidedDDIM, objective, prompt_emb: torch.Tensor, null_emb: torch.Tensor, chunk: list[int],
+                    sampler: SamplerConfig, optim: OptimConfig, progress: Progress) -> OptimizationResult | None:  # fmt: skip
+    """One batch of seeds optimized together; None when it ran out of memory."""
+    batch = len(chunk)
+    progress.start(f"seed {chunk[0]}" if batch == 1 else f"seeds {chunk[0]}-{chunk[-1]}", optim.steps)
+    try:
+        with finite_losses():
+            return engine.optimize(
+                objective,
+                initial_latents(engine.components, chunk),
+                prompt_emb.expand(batch, -1, -1),  # (1, L, D) -> (B, L, D)
+                null_emb.expand(batch, -1, -1),  # (1, L, D) -> (B, L, D)
+                sampler,
+                optim,
+                on_step=progress.step,
+            )
+    except MEMORY_ERRORS:
+        return None
+    finally:
+        progress.finish()
+
+
 def optimize_seeds(
     engine: GuidedDDIM,
     objective,
@@ -88,7 +113,8 @@ def optimize_seeds(
 ) -> list[dict[str, Any]]:
     """Optimize one image per seed of this process's shard from `prompt`, `batch_size` at a
     time, skipping the seeds already finished; returns every seed's record on disk, in
-    seed order (also those of other processes, as far as they are done)."""
+    seed order (also those of other processes, as far as they are done). A batch that runs
+    out of memory stops the run in one line; the batches before it keep their records."""
     shard = shard or Shard.current()
     items = [writer.item(seed) for seed in seeds]
     pending = [seed for seed in shard.take(seeds) if writer.folder.finished(writer.item(seed)) is None]
@@ -96,21 +122,11 @@ def optimize_seeds(
     null_emb = engine.null_embedding()  # (1, L, D)
     for start in range(0, len(pending), batch_size):
         chunk = pending[start : start + batch_size]
-        batch = len(chunk)
-        progress.start(f"seed {chunk[0]}" if batch == 1 else f"seeds {chunk[0]}-{chunk[-1]}", optim.steps)
-        try:
-            with finite_losses():
-                result = engine.optimize(
-                    objective,
-                    initial_latents(engine.components, chunk),
-                    prompt_emb.expand(batch, -1, -1),
-                    null_emb.expand(batch, -1, -1),
-                    sampler,
-                    optim,
-                    on_step=progress.step,
-                )
-        finally:
-            progress.finish()
+        result = _optimize_chunk(engine, objective, prompt_emb, null_emb, chunk, sampler, optim, progress)
+        if result is None:
+            release_memory()  # outside the `except`: the batch's tensors are freed by now
+            raise DiginError(f"{out_of_memory(batch_size, counted(len(chunk), 'image') + ' in one batch')}; "
+                             f"the seeds done are in {writer.folder.out}, rerun to do the rest")  # fmt: skip
         for index, seed in enumerate(chunk):
             writer.write(result, index, seed, prompt)
         writer.folder.rebuild_summary(items)
