@@ -99,8 +99,14 @@ class AttentionControl:
         self.map_tokens: TokenSpan | None = None
         self.mapping: torch.Tensor | None = None  # (L, L)
         # (step, layer) -> (n * heads, Q, L): batch item 0 of a recording (n = 1), or one
-        # recording per batch item (n = B, see for_batch).
+        # recording per batch item (n = B, see for_batch). Stored as fp16 copies of their
+        # own: a slice of the layer's probabilities would keep all of them, both guidance
+        # halves of every item (a GB an image for SD 1.x at 512 px).
         self.stored: dict[tuple[int, str], torch.Tensor] = {}
+        # On the device of the probabilities, made at the first injection: built per layer
+        # and step, each would be a host-to-device copy.
+        self._device_mapping: torch.Tensor | None = None  # (L, L)
+        self._device_item_steps: torch.Tensor | None = None  # (B,) item_inject_steps
         self.map_sums: dict[int, torch.Tensor] = {}  # attention side -> summed (B, side, side)
         self.map_counts: dict[int, int] = {}
         self.map_side = 0
@@ -115,6 +121,7 @@ class AttentionControl:
     def inject(self, inject_steps: int | list[int], mapping: torch.Tensor | None) -> None:
         """Inject for the first `inject_steps` steps: one number for every item, or one per batch item."""
         self.mode, self.mapping = "inject", mapping
+        self._device_mapping = self._device_item_steps = None
         self.item_inject_steps = list(inject_steps) if isinstance(inject_steps, (list, tuple)) else None
         self.inject_steps = max(self.item_inject_steps) if self.item_inject_steps else int(inject_steps)
 
@@ -128,11 +135,14 @@ class AttentionControl:
         Layers and steps missing from any recording are left alone."""
         control = cls()
         keys = set.intersection(*(set(r.stored) for r in recorded))
+        if keys:
+            device = next(iter(recorded[0].stored.values())).device
+            mappings = [None if mapping is None else mapping.to(device) for mapping in mappings]  # (L, L) each
         for key in keys:
             parts = []
             for record, mapping in zip(recorded, mappings):
                 source = record.stored[key]  # (heads, Q, L): one recorded image
-                parts.append(source if mapping is None else source @ mapping.to(source).T)
+                parts.append(source if mapping is None else (source.float() @ mapping.T).to(source.dtype))
             control.stored[key] = torch.cat(parts)  # (B * heads, Q, L)
         control.inject(inject_steps, None)
         return control
@@ -184,7 +194,7 @@ class AttentionControl:
         cond = probs[half:]  # (B * heads, Q, L)
         if self.mode == "record":
             if self.step < self.store_steps:
-                self.stored[(self.step, layer)] = cond[:heads].detach()
+                self.stored[(self.step, layer)] = cond[:heads].detach().to(torch.float16, copy=True)  # (heads, Q, L)
             if self.step < self.map_steps and self.map_tokens is not None:
                 self._accumulate_map(cond.detach(), heads)
             return probs
@@ -194,17 +204,25 @@ class AttentionControl:
                 return probs
             source = source.to(probs)
             if self.mapping is not None:
-                source = source @ self.mapping.to(probs).T  # (heads, Q, L): re-index tokens
+                source = source @ self._on_device(probs.device)[0].to(probs).T  # (heads, Q, L): re-index tokens
             batch = half // heads
             # One recording for every item, or (for_batch) one recording per item already.
             replaced = source if source.shape[0] == half else source.repeat(batch, 1, 1)  # (B * heads, Q, L)
             if self.item_inject_steps is not None:
                 # Items past their own injected steps keep their own maps.
-                injected = torch.tensor([self.step < steps for steps in self.item_inject_steps], device=probs.device)
+                injected = self._on_device(probs.device)[1] > self.step  # (B,)
                 injected = injected.repeat_interleave(heads).view(-1, 1, 1)  # (B * heads, 1, 1)
                 replaced = torch.where(injected, replaced, cond)
             return torch.cat([probs[:half], replaced])
         return probs
+
+    def _on_device(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The token mapping (L, L) and the items' injected steps (B,) on `device`, copied once."""
+        if self._device_mapping is None and self.mapping is not None:
+            self._device_mapping = self.mapping.to(device)
+        if self._device_item_steps is None and self.item_inject_steps is not None:
+            self._device_item_steps = torch.tensor(self.item_inject_steps, device=device)
+        return self._device_mapping, self._device_item_steps
 
     def _accumulate_map(self, cond: torch.Tensor, heads: int) -> None:
         batch = cond.shape[0] // heads

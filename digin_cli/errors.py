@@ -1,4 +1,4 @@
-"""The one error type that reaches users as a one-line ``Error: ...`` message."""
+"""The one error type that reaches users as a one-line ``Error: ...`` message, and the one warning."""
 
 
 class DiginError(Exception):
@@ -7,3 +7,8 @@ class DiginError(Exception):
     The message must say what was wrong and how to fix it; the CLI prints it as
     ``Error: <message>`` and exits with a non-zero code, without a traceback.
     """
+
+
+class CompileFallbackWarning(UserWarning):
+    """torch.compile of the UNet failed at run time; the engine went on with the eager UNet.
+    The CLI shows it as one `Warning:` line (it silences the libraries' warnings)."""

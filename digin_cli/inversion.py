@@ -47,6 +47,11 @@ class Inversion:
     seconds: float  # this image's share of its batch's time
 
 
+def is_finite(inversion: Inversion) -> bool:
+    """Every tensor of the inversion is finite (an fp16 overflow leaves NaN or inf)."""
+    return all(bool(torch.isfinite(t).all()) for t in (inversion.z_T, inversion.null_embs, inversion.image_latents))
+
+
 @torch.no_grad()
 def encode_image(engine: GuidedDDIM, image: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> latents (B, C, h, w) (posterior mean, times the VAE scaling)."""
@@ -159,6 +164,8 @@ def _optimize_null_embeddings(engine: GuidedDDIM, trajectory: list[torch.Tensor]
     batch = current.shape[0]
     null_embs = []
     null = null_emb.detach().expand(batch, -1, -1).clone()  # (B, L, D)
+    # fp16 loss scaling, as in the optimization (engine/loop.py Variables.scaler); one scale for every step.
+    scaler = torch.amp.GradScaler(engine.device.type, enabled=engine.loss_scaling)
     for i, t in enumerate(timesteps):
         target = trajectory[T - i - 1]  # (B, C, h, w)
         with torch.no_grad():
@@ -167,20 +174,22 @@ def _optimize_null_embeddings(engine: GuidedDDIM, trajectory: list[torch.Tensor]
         optimizer = torch.optim.Adam([null], lr=lr * (1.0 - i / 100.0))
         running = torch.ones(batch, dtype=torch.bool, device=null.device)  # (B,) the images still optimizing
         for _ in range(config.inner_steps):
-            rows = torch.nonzero(running).flatten()  # (A,) only those go through the UNet
-            noise_uncond = engine.predict_noise(current[rows], t, null[rows])
-            guided = noise_uncond + guidance * (noise_cond[rows] - noise_uncond)
-            previous, _ = engine.ddim_step(guided, i, current[rows])
-            losses = F.mse_loss(previous, target[rows], reduction="none").flatten(1).mean(dim=1)  # (A,) each image's MSE
+            # Every image goes through the UNet, the finished ones with no loss: picking the
+            # running rows out (nonzero, boolean indexing) would wait on the device each time.
+            noise_uncond = engine.predict_noise(current, t, null)
+            guided = noise_uncond + guidance * (noise_cond - noise_uncond)
+            previous, _ = engine.ddim_step(guided, i, current)
+            losses = F.mse_loss(previous, target, reduction="none").flatten(1).mean(dim=1)  # (B,) each image's MSE
             optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
+            scaler.scale((losses * running).sum()).backward()
             kept = null.detach().clone()
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             with torch.no_grad():
                 # Images that stopped earlier keep their embedding: Adam's momentum would move them.
-                null[~running] = kept[~running]
-            running[rows[losses.detach() < config.early_stop + i * 2e-5]] = False
-            if not running.any():
+                null.copy_(torch.where(running.view(-1, 1, 1), null, kept))
+            running = running & (losses.detach() >= config.early_stop + i * 2e-5)
+            if not running.any():  # the inner step's one wait on the device: whether to stop
                 break
         null = null.detach()
         null_embs.append(null)

@@ -9,6 +9,7 @@ view per item.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -41,8 +42,19 @@ class Objective(Protocol):
 def per_item(index: int | list[int] | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
     """A class index for every item of a batch: an int (the same class for all), a list or a
     tensor of B indices -> (B,) long."""
-    indices = torch.as_tensor(index, dtype=torch.long, device=device)
+    if isinstance(index, torch.Tensor) and index.device.type != "cpu":
+        indices = index.long()
+    else:
+        values = index.tolist() if isinstance(index, torch.Tensor) else index
+        indices = _indices_on(tuple(values) if isinstance(values, (list, tuple)) else int(values), torch.device(device))
     return indices.expand(batch) if indices.dim() == 0 else indices
+
+
+@functools.lru_cache(maxsize=256)
+def _indices_on(values: tuple[int, ...] | int, device: torch.device) -> torch.Tensor:
+    """Class indices on `device`, made once: a host-to-device copy at every objective call
+    (every view pass of every loss step) would stall a GPU. Shared: never changed in place."""
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 def class_probability(classifier: Classifier, views: torch.Tensor, class_index: int) -> torch.Tensor:

@@ -81,9 +81,7 @@ def test_auto_checkpointing_follows_the_measured_activations_and_changes_no_valu
     from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig, configs, guided_ddim, initial_latents
     from digin_cli.objectives import ObjectiveOutput
 
-    engine = GuidedDDIM(tiny_components)
     z_T = initial_latents(tiny_components, [0, 1])
-    prompt, null = engine.encode_text(["a photograph of a circle"] * 2), engine.null_embedding(2)
 
     def brightness(inputs):
         return ObjectiveOutput(loss=inputs.views.mean(dim=(1, 2, 3, 4)))
@@ -99,6 +97,8 @@ def test_auto_checkpointing_follows_the_measured_activations_and_changes_no_valu
     results = {}
     for label, budget in (("small budget", 1e-9), ("default budget", configs.CHECKPOINT_MEMORY_SHARE)):
         monkeypatch.setattr(guided_ddim, "CHECKPOINT_MEMORY_SHARE", budget)
+        engine = GuidedDDIM(tiny_components)  # a run plans its memory once: a new run for each budget
+        prompt, null = engine.encode_text(["a photograph of a circle"] * 2), engine.null_embedding(2)
         used.clear()
         results[label] = engine.optimize(brightness, z_T, prompt, null, SamplerConfig(4),
                                          OptimConfig(steps=2, loss_steps=2, num_cutouts=2))  # fmt: skip

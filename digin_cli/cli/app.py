@@ -14,7 +14,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from digin_cli import __version__
-from digin_cli.errors import DiginError
+from digin_cli.errors import CompileFallbackWarning, DiginError
 from digin_cli.progress import RichProgress
 
 try:  # typer >= 0.24 vendors its own copy of click, whose exceptions are not click's
@@ -114,6 +114,16 @@ def _root(
     """Explain image classifiers by optimizing the inputs of a latent diffusion model (DiG-IN)."""
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, CompileFallbackWarning):
+        stderr.print(f"Warning: {message}", markup=False, highlight=False, soft_wrap=True)
+    else:  # DIGIN_DEBUG: the libraries' warnings as Python shows them
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 def main() -> None:
     if not os.environ.get("DIGIN_DEBUG"):
         # Libraries report through logging and warnings (retries, deprecations, a root
@@ -121,4 +131,7 @@ def main() -> None:
         # as one `Error:` line, so their messages only bury it. DIGIN_DEBUG=1 shows them.
         logging.getLogger().addHandler(logging.NullHandler())
         warnings.filterwarnings("ignore")
+    # What the engine warns of itself (a torch.compile that fell back to eager) is one line.
+    warnings.filterwarnings("always", category=CompileFallbackWarning)
+    warnings.showwarning = _warning_line
     app()

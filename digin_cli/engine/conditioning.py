@@ -73,5 +73,8 @@ def unet_conditions(components: DiffusionComponents, condition: torch.Tensor) ->
     # time ids as StableDiffusionXLPipeline's defaults: original size, crop top-left (0, 0),
     # target size, all at the sampling resolution.
     side = float(components.resolution)
-    time_ids = condition.new_tensor([side, side, 0.0, 0.0, side, side]).expand(condition.shape[0], -1)  # (N, 6)
+    # Made on the device (new_tensor from a list would copy from the host at every UNet call).
+    time_ids = condition.new_full((6,), side)
+    time_ids[2:4] = 0.0
+    time_ids = time_ids.expand(condition.shape[0], -1)  # (N, 6)
     return condition[:, :tokens], {"text_embeds": pooled, "time_ids": time_ids}

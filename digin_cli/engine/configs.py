@@ -32,10 +32,10 @@ class SamplerConfig:
         )
 
 
-# Without checkpointing, backward keeps every DDIM step's activations: while they (T x one
-# step's, plus the loss decodes') take at most this share of the device's available memory,
-# the chain runs without recomputation. The shapes model keeps 6.4 MB a step per image
-# (T = 20, batch 8: 1.2 GB with the decodes); SD 1.x 198 MB a step at 128 px, ~3 GB at 512 px.
+# The share of the device's available memory that one update may hold (engine/memory.py):
+# while the chain's activations, the loss decodes and the classifier views fit it, nothing
+# is recomputed. A share, not all of it: the allocator fragments, and the optimizer state,
+# the weights' copies under autocast and the reported images need room too.
 CHECKPOINT_MEMORY_SHARE = 0.25
 
 # The reference's Adam lr for every text-embedding variable (SD 1.x): the prompt and null-text
@@ -61,11 +61,16 @@ class OptimConfig:
     view_size: int | None = None  # cutout side in pixels; None = image resolution
     seed: int = 0  # seeds the cutout randomness, so runs repeat exactly
     # Per-UNet-call checkpointing: memory flat in num_steps, at the price of a second forward
-    # pass in backward. None (auto): only where the chain's activations (measured at the
-    # start of optimize) would take more than CHECKPOINT_MEMORY_SHARE of the device's
-    # available memory: not for the small built-in models, always for SD at 512 px.
+    # pass in backward. None (auto): only where what an update holds (measured on one item
+    # at the first optimize of a run, engine/memory.py) would take more than
+    # CHECKPOINT_MEMORY_SHARE of the device's available memory: not for the small built-in
+    # models, always for SD at 512 px.
     gradient_checkpointing: bool | None = None
     checkpoint_decode: bool = True  # with gradient_checkpointing, also recompute the VAE decodes of the loss
+    # Each item's cutouts that go through the objective (its classifiers) at once; their
+    # graphs are freed before the next pass. None (auto): all, unless that would not fit
+    # the memory budget (engine/memory.py). Changes how fast, not what: not fingerprinted.
+    views_per_pass: int | None = None
 
     def resolved(self, components: DiffusionComponents, view_size: int | None = None) -> OptimConfig:
         """A copy with every default made concrete, as it will run and be recorded.

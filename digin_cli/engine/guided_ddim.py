@@ -5,11 +5,13 @@ decoding), and `optimize`, the DiG-IN loop that runs on it in numbered phases.""
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
 import torch
+from torch._dynamo.exc import TorchDynamoException
 from torch.utils.checkpoint import checkpoint
 
 from digin_cli.components import DiffusionComponents
@@ -26,38 +28,9 @@ from digin_cli.engine.configs import (
 )
 from digin_cli.engine.hold import HeldTrajectory, HoldRegion
 from digin_cli.engine.loop import AugmentedLoss, BestIterates, Variables, composite, per_step
+from digin_cli.engine.memory import MemoryPlan, StepFootprint, available_memory, plan_memory, saved_activation_bytes
+from digin_cli.errors import CompileFallbackWarning
 from digin_cli.objectives import Objective, ObjectiveInput, ObjectiveOutput
-
-
-def saved_activation_bytes(forward: Callable[[], object], components: DiffusionComponents) -> int:
-    """Bytes of the tensors autograd keeps for backward while `forward` runs (each storage
-    once, the frozen weights not counted: they are there anyway)."""
-    weights = {p.untyped_storage().data_ptr() for m in (components.unet, components.vae) for p in m.parameters()}
-    sizes: dict[int, int] = {}  # storage address -> bytes
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            sizes[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward()
-    return sum(sizes.values())
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes the device can still give: CUDA's free memory, else the system's MemAvailable
-    (Linux); 4 GiB where neither can be read (MPS, other systems)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as handle:
-                return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable:"))
-        except (OSError, StopIteration, ValueError):
-            pass
-    return 4 * 2**30
 
 
 def uses_guidance(guidance_scale: float) -> bool:
@@ -79,6 +52,8 @@ class GuidedDDIM:
         self.device = torch.device(device)
         # bf16/fp16 autocast of the UNet only: z_T, embeddings, optimizer and VAE stay fp32.
         self.unet_dtype = unet_dtype
+        # fp16's gradients underflow below 6e-8: its backward passes scale the loss (loop.py).
+        self.loss_scaling = unet_dtype == torch.float16
         # torch.compile (TorchInductor) of the UNet, used only inside optimize() and only
         # while no attention is recorded or injected: there the same shapes repeat at every
         # step, so compiling once (tens of seconds on a CPU, forward and backward) pays
@@ -87,6 +62,15 @@ class GuidedDDIM:
         self.compiled_unet = torch.compile(components.unet) if compile_unet else None
         self._use_compiled = False
         self._timesteps: list[int] = []  # the schedule of the last timesteps() call
+        # Schedules by number of steps, made by `_schedules_of`, and their timesteps on the
+        # device (made at the first UNet call): a timestep tensor built for every UNet call
+        # would be a host-to-device copy each time.
+        self._schedules: dict[int, list[int]] = {}
+        self._schedules_of = None
+        self._timesteps_on_device: dict[int, dict[int, torch.Tensor]] = {}  # num_steps -> timestep -> ()
+        # The memory plan of the run's first optimize (engine/memory.py), reused while the
+        # batch is no larger: a later batch must not decide otherwise on a fuller allocator.
+        self._memory_plans: dict[tuple, tuple[int, MemoryPlan]] = {}
         # Told the step index at the start of every DDIM step (prompt-to-prompt attention
         # control, see attention.py); None when nothing needs to know.
         self.step_observer = None
@@ -107,10 +91,27 @@ class GuidedDDIM:
         return null_condition(self.components, batch, self.device)
 
     def timesteps(self, num_steps: int) -> list[int]:
-        """The schedule of `num_steps` DDIM steps, descending (the scheduler's own spacing)."""
-        self.components.scheduler.set_timesteps(num_steps)
-        self._timesteps = [int(t) for t in self.components.scheduler.timesteps]
+        """The schedule of `num_steps` DDIM steps, descending (the scheduler's own spacing);
+        made once per number of steps (and scheduler), with its copy on the device."""
+        scheduler = self.components.scheduler
+        if self._schedules_of is not scheduler:
+            self._schedules, self._timesteps_on_device, self._schedules_of = {}, {}, scheduler
+        if num_steps not in self._schedules:
+            scheduler.set_timesteps(num_steps)
+            self._schedules[num_steps] = [int(t) for t in scheduler.timesteps]
+        self._timesteps = self._schedules[num_steps]
         return self._timesteps
+
+    def _timestep_tensor(self, timestep: int) -> torch.Tensor:
+        """`timestep` of the current schedule as a 0-d tensor on the device, made once per schedule."""
+        on_device = self._timesteps_on_device.get(len(self._timesteps))
+        if on_device is None:
+            steps = torch.tensor(self._timesteps, device=self.device)  # (T,): one copy per schedule
+            on_device = {t: steps[i] for i, t in enumerate(self._timesteps)}
+            self._timesteps_on_device[len(self._timesteps)] = on_device
+        if timestep not in on_device:  # a timestep outside the current schedule (a caller's own)
+            return torch.tensor(timestep, device=self.device)
+        return on_device[timestep]
 
     def _unet_autocast(self):
         if self.unet_dtype is None or self.unet_dtype == torch.float32:
@@ -129,7 +130,7 @@ class GuidedDDIM:
     def predict_noise(self, latents: torch.Tensor, timestep: int, embeddings: torch.Tensor) -> torch.Tensor:
         """The UNet's output for (N, C, h, w) latents and (N, L, D) embeddings, in fp32."""
         model_input = self.components.scheduler.scale_model_input(latents, timestep)
-        t = torch.tensor(timestep, device=latents.device)
+        t = self._timestep_tensor(timestep)
         states, added = unet_conditions(self.components, embeddings)
         with self._unet_autocast():
             unet = self.compiled_unet if self._use_compiled else self.components.unet
@@ -291,33 +292,15 @@ class GuidedDDIM:
         HeldTrajectory); None holds nothing.
         """
         started = time.perf_counter()
-        # 1. Check inputs and make every default concrete.
-        config = config.resolved(self.components)
-        T = sampler.num_steps
-        if not 1 <= config.loss_steps <= T:
-            raise ValueError(f"loss_steps must be between 1 and the number of DDIM steps ({T})")
-        # 2. The variables and their optimizer.
-        variables = Variables.create(z_T, prompt_emb, null_emb, T, config, self.device, uses_guidance(sampler.guidance_scale))
-        # 3. The loss: its placement on the last K x0-predictions and its augmentations; whether
-        #    the chain is checkpointed (auto: where its activations would not fit the budget).
-        loss = AugmentedLoss.create(objective, config, batch=z_T.shape[0])
-        if config.gradient_checkpointing is None:
-            config = replace(config, gradient_checkpointing=self._needs_checkpointing(variables, sampler, config))
-        # 4. The held region's reference trajectory. Computed eagerly, before the compiled
-        #    UNet is switched on: a no-grad call would make it compile a second graph.
-        held = None
-        if hold is not None:
-            held = self.reference_trajectory(
-                variables.latent.detach(), variables.prompt_base, variables.null_base, sampler.guidance_scale, hold
-            )
+        # 1-4. The variables, the loss, the memory plan and the held region.
+        config, variables, loss, held = self._prepare(objective, z_T, prompt_emb, null_emb, sampler, config, hold)
         # 5. The loop: iterate 0 is the start; every iterate is judged on its plain image.
         total = config.steps if variables.optimizer is not None else 0
         best = BestIterates(variables.latent)
         with self._compiled_unet():
             for step in range(total + 1):
                 update = step < total
-                with torch.set_grad_enabled(update):
-                    z_0 = self._chain_and_backward(variables, loss, sampler, config, held, update)
+                z_0 = self._pass(variables, loss, sampler, config, held, update)
                 report, images = self._plain_report(objective, z_0, held)
                 finite = torch.isfinite(report.loss.detach())  # (B,)
                 if not finite.all():
@@ -329,6 +312,63 @@ class GuidedDDIM:
                     variables.update()
         # 6. Each item's kept iterate.
         return best.result(seconds=time.perf_counter() - started)
+
+    def first_gradients(
+        self, objective: Objective, z_T: torch.Tensor, prompt_emb: torch.Tensor, null_emb: torch.Tensor,
+        sampler: SamplerConfig, config: OptimConfig, hold: HoldRegion | None = None,
+    ) -> dict[str, torch.Tensor | None]:  # fmt: skip
+        """What the first update of `optimize` descends: the gradients of the augmented loss at
+        the start, unscaled, by variable ("latent" (B, C, h, w), "prompt" and "null"
+        (T, B, L, D); None where that is no variable)."""
+        config, variables, loss, held = self._prepare(objective, z_T, prompt_emb, null_emb, sampler, config, hold)
+        with self._compiled_unet():
+            self._pass(variables, loss, sampler, config, held, update=True)
+        return variables.gradients()
+
+    def _prepare(self, objective: Objective, z_T: torch.Tensor, prompt_emb: torch.Tensor, null_emb: torch.Tensor,
+                 sampler: SamplerConfig, config: OptimConfig, hold: HoldRegion | None,
+                 ) -> tuple[OptimConfig, Variables, AugmentedLoss, HeldTrajectory | None]:  # fmt: skip
+        """What an optimization starts from, every default made concrete."""
+        # 1. Check inputs and make every default concrete.
+        config = config.resolved(self.components)
+        T = sampler.num_steps
+        if not 1 <= config.loss_steps <= T:
+            raise ValueError(f"loss_steps must be between 1 and the number of DDIM steps ({T})")
+        # 2. The variables, their optimizer and (fp16) loss scaling.
+        variables = Variables.create(z_T, prompt_emb, null_emb, T, config, self.device, uses_guidance(sampler.guidance_scale),
+                                     loss_scaling=self.loss_scaling)  # fmt: skip
+        # 3. The loss: its placement on the last K x0-predictions and its augmentations; whether
+        #    the chain is checkpointed and how many views a pass (auto: what fits the budget).
+        loss = AugmentedLoss.create(objective, config, batch=z_T.shape[0], device=self.device)
+        config = self._with_memory_plan(objective, variables, sampler, config)
+        # 4. The held region's reference trajectory. Computed eagerly, before the compiled
+        #    UNet is switched on: a no-grad call would make it compile a second graph.
+        held = None
+        if hold is not None:
+            held = self.reference_trajectory(
+                variables.latent.detach(), variables.prompt_base, variables.null_base, sampler.guidance_scale, hold
+            )
+        return config, variables, loss, held
+
+    def _pass(self, variables: Variables, loss: AugmentedLoss, sampler: SamplerConfig, config: OptimConfig,
+              held: HeldTrajectory | None, update: bool) -> torch.Tensor:  # fmt: skip
+        """One pass of the chain (and backward, when updating). A compiled UNet that fails to
+        compile at run time (no C compiler, an unsupported operator, a failing backward
+        graph inside checkpointing) is dropped with one warning and the pass runs again eagerly."""
+        try:
+            with torch.set_grad_enabled(update):
+                return self._chain_and_backward(variables, loss, sampler, config, held, update)
+        except TorchDynamoException as error:
+            if not self._use_compiled:
+                raise
+            cause = getattr(error, "inner_exception", None) or error  # the backend's own error, where it has one
+            reason = (str(cause).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"torch.compile of the UNet failed ({type(cause).__name__}: {reason}); running it eagerly",
+                          CompileFallbackWarning, stacklevel=2)  # fmt: skip
+            self.compiled_unet, self._use_compiled = None, False
+            variables.zero_grad()
+            with torch.set_grad_enabled(update):
+                return self._chain_and_backward(variables, loss, sampler, config, held, update)
 
     def _chain_and_backward(
         self,
@@ -360,26 +400,48 @@ class GuidedDDIM:
                 return torch.cat([composite(held, chunk) for chunk in images.split(batch)])
 
             # Without checkpointing the activations fit the budget: one batched decode of the K predictions.
-            loss(x0_preds, decode, batched=not config.gradient_checkpointing).sum().backward()
+            loss.backward(x0_preds, decode, config.views_per_pass, batched=not config.gradient_checkpointing,
+                          scale=variables.scaler.scale)  # fmt: skip
         return z_0
 
-    def _needs_checkpointing(self, variables: Variables, sampler: SamplerConfig, config: OptimConfig) -> bool:
-        """Whether the chain's saved activations (T x those of one DDIM step, measured eagerly on
-        this batch, plus the K loss decodes') would take more than CHECKPOINT_MEMORY_SHARE of
-        the device's available memory."""
-        budget = CHECKPOINT_MEMORY_SHARE * available_memory(self.device)
+    def _with_memory_plan(self, objective: Objective, variables: Variables, sampler: SamplerConfig,
+                          config: OptimConfig) -> OptimConfig:  # fmt: skip
+        """The config with `gradient_checkpointing` and `views_per_pass` concrete: as given, else
+        the plan of what fits CHECKPOINT_MEMORY_SHARE of the available memory (engine/memory.py).
+        A run plans once, at its first batch, and keeps the plan for batches no larger."""
+        if config.gradient_checkpointing is not None and config.views_per_pass is not None:
+            return config
+        batch = variables.latent.shape[0]
+        key = (type(objective).__name__, sampler.num_steps, sampler.guidance_scale, config.loss_steps, config.num_cutouts,
+               config.view_size, config.gradient_checkpointing, config.views_per_pass, config.checkpoint_decode)  # fmt: skip
+        planned = self._memory_plans.get(key)
+        if planned is None or planned[0] < batch:
+            budget = CHECKPOINT_MEMORY_SHARE * available_memory(self.device)
+            plan = plan_memory(self._footprint(objective, variables, sampler, config), budget, batch, sampler.num_steps,
+                               config.loss_steps, config.views_per_pass or config.num_cutouts,
+                               checkpoint=config.gradient_checkpointing, checkpoint_decode=config.checkpoint_decode,
+                               fixed_views=config.views_per_pass is not None)  # fmt: skip
+            self._memory_plans[key] = planned = (batch, plan)
+        plan = planned[1]
+        checkpoint = plan.checkpoint if config.gradient_checkpointing is None else config.gradient_checkpointing
+        return replace(config, gradient_checkpointing=checkpoint, views_per_pass=config.views_per_pass or plan.views_per_pass)
+
+    def _footprint(self, objective: Objective, variables: Variables, sampler: SamplerConfig,
+                   config: OptimConfig) -> StepFootprint:  # fmt: skip
+        """Saved-activation bytes, measured eagerly: one DDIM step of this batch, one item's decode,
+        and the objective on one view of each item (random-free stand-in images)."""
         prompt_embs, null_embs = variables.embeddings()
-        latent = variables.latent.detach().requires_grad_(True)
+        latent = variables.latent.detach().requires_grad_(True)  # (B, C, h, w)
         self.timesteps(sampler.num_steps)
-        step_bytes = saved_activation_bytes(
-            lambda: self.denoise_step(latent, self._timesteps[0], prompt_embs[0], null_embs[0], sampler.guidance_scale),
-            self.components,
+        step = saved_activation_bytes(
+            lambda: self.denoise_step(latent, self._timesteps[0], prompt_embs[0], null_embs[0], sampler.guidance_scale)
         )
-        if step_bytes * sampler.num_steps > budget:
-            return True
-        decode_bytes = saved_activation_bytes(lambda: self.decode(latent.expand(config.loss_steps, *latent.shape).flatten(0, 1)),
-                                              self.components)  # fmt: skip
-        return step_bytes * sampler.num_steps + decode_bytes > budget
+        decode = saved_activation_bytes(lambda: self.decode(latent[:1]))
+        batch, side, size = latent.shape[0], self.components.resolution, config.view_size
+        images = torch.full((batch, 3, side, side), 0.5, device=self.device, requires_grad=True)
+        views = torch.full((batch, 1, 3, size, size), 0.5, device=self.device, requires_grad=True)
+        view = saved_activation_bytes(lambda: objective(ObjectiveInput(images, latent, views)).loss)
+        return StepFootprint(ddim_step=step, decode=decode, view=view)
 
     @torch.no_grad()
     def _plain_report(

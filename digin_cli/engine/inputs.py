@@ -17,6 +17,15 @@ def initial_latents(components: DiffusionComponents, seeds: list[int]) -> torch.
     return torch.cat(latents) * components.scheduler.init_noise_sigma
 
 
+def view_generators(device: torch.device, seed: int, batch: int) -> list[torch.Generator]:
+    """One generator per item, all seeded alike, on the device the views are drawn on: an
+    item's augmentations do not depend on the batch it shares (only on the seed). A CUDA
+    draw needs a CUDA generator; the CPU's serves the CPU and meta tensors (which hold no
+    values). A seed gives other views on a GPU than on the CPU, as its arithmetic differs too."""
+    where = device if device.type in ("cuda", "mps", "xpu") else torch.device("cpu")
+    return [torch.Generator(device=where).manual_seed(seed) for _ in range(batch)]
+
+
 def make_cutouts(
     images: torch.Tensor,
     num_cutouts: int,
@@ -31,14 +40,16 @@ def make_cutouts(
     One generator per item: an item's cutouts do not depend on what else is in the batch.
     """
     batch, _, height, width = images.shape
-    draws = [[torch.rand(num_cutouts, generator=g) for _ in range(3)] for g in generators]
+    device = images.device
+    # Drawn where the images are: on a GPU nothing is built on the host and copied per loss term.
+    draws = [[torch.rand(num_cutouts, generator=g, device=device) for _ in range(3)] for g in generators]
     u, left_u, top_u = (torch.cat(parts) for parts in zip(*draws))  # (B * num_cutouts,) each
     # Side as a share of the short side; squaring u pushes most draws toward full size.
     side = (1.0 - (1.0 - min_scale) * u**2) * min(height, width)  # (count,)
     left = left_u * (width - side)
     top = top_u * (height - side)
     crops = crop_and_resize(images, left, top, side, num_cutouts, size)  # (count, 3, size, size)
-    noise = torch.cat([torch.randn((num_cutouts, *crops.shape[1:]), generator=g) for g in generators])
+    noise = torch.cat([torch.randn((num_cutouts, *crops.shape[1:]), generator=g, device=device) for g in generators])
     return (crops + noise.to(crops) * noise_std).view(batch, num_cutouts, *crops.shape[1:])
 
 
@@ -68,9 +79,9 @@ def _resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, extent
     and side. Each of the `size` output bins averages `samples` bilinear samples at its
     sub-bin centres, clamped into the image as roi_align clamps them. Returns (count, size, extent).
     """
-    fractions = (torch.arange(size * samples, dtype=start.dtype) + 0.5) / (size * samples)  # (size * samples,)
+    fractions = (torch.arange(size * samples, dtype=start.dtype, device=start.device) + 0.5) / (size * samples)  # (size * samples,)
     positions = (start[:, None] + length[:, None] * fractions).clamp(0, extent - 1)  # (count, size * samples)
-    pixels = torch.arange(extent, dtype=start.dtype)  # (extent,)
+    pixels = torch.arange(extent, dtype=start.dtype, device=start.device)  # (extent,)
     # The bilinear weight of pixel i for a sample at y is the hat max(0, 1 - |y - i|).
     hats = (1 - (positions[..., None] - pixels).abs()).clamp(min=0)  # (count, size * samples, extent)
     return hats.view(len(start), size, samples, extent).mean(dim=2)

@@ -10,7 +10,7 @@ import torch
 
 from digin_cli.engine.configs import OptimConfig, OptimizationResult
 from digin_cli.engine.hold import HeldTrajectory
-from digin_cli.engine.inputs import make_cutouts
+from digin_cli.engine.inputs import make_cutouts, view_generators
 from digin_cli.objectives import Objective, ObjectiveInput, ObjectiveOutput
 
 
@@ -30,9 +30,14 @@ class Variables:
     optimizer: torch.optim.Adam | None  # None when every variable is frozen
     initial_norm: torch.Tensor  # (B,) the L2 norm of each item's z_T
     project_latent: bool
+    # Dynamic loss scaling (enabled for an fp16 UNet): fp16 gradients smaller than 6e-8
+    # underflow to zero without a word; the loss is scaled up before backward, the
+    # gradients unscaled before Adam, and a step whose gradients overflowed is skipped.
+    scaler: torch.amp.GradScaler
 
     @classmethod
-    def create(cls, z_T, prompt_emb, null_emb, num_steps: int, config: OptimConfig, device, guided: bool = True) -> Variables:
+    def create(cls, z_T, prompt_emb, null_emb, num_steps: int, config: OptimConfig, device, guided: bool = True,
+               loss_scaling: bool = False) -> Variables:  # fmt: skip
         """Without guidance (a scale of 1 or less) the null embeddings are never used, so
         their deltas are no variable."""
         prompt_base = per_step(prompt_emb.to(device), num_steps)  # (T, B, L, D)
@@ -53,15 +58,28 @@ class Variables:
         optimizer = torch.optim.Adam(groups) if groups else None
         # Per-item L2 norm of z_T; the projection keeps z_T on its sphere (typical set of the prior).
         initial_norm = latent.detach().flatten(1).norm(dim=1)  # (B,)
-        return cls(latent, prompt_base, prompt_delta, null_base, null_delta, optimizer, initial_norm, config.optimize_latent)
+        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=loss_scaling and optimizer is not None)
+        return cls(latent, prompt_base, prompt_delta, null_base, null_delta, optimizer, initial_norm,
+                   config.optimize_latent, scaler)  # fmt: skip
+
+    def gradients(self) -> dict[str, torch.Tensor | None]:
+        """The unscaled gradients of the last backward, by variable (None: not a variable)."""
+        if self.optimizer is not None:
+            self.scaler.unscale_(self.optimizer)
+        return {"latent": self.latent.grad, "prompt": self.prompt_delta.grad, "null": self.null_delta.grad}
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-step prompt and null embeddings of the current iterate: (T, B, L, D) each."""
         return self.prompt_base + self.prompt_delta, self.null_base + self.null_delta
 
+    def zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
     def update(self) -> None:
-        """One Adam step, then z_T back onto its initial norm."""
-        self.optimizer.step()
+        """One Adam step (skipped where fp16 gradients overflowed), then z_T back onto its initial norm."""
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.project_latent:
             with torch.no_grad():
@@ -82,29 +100,58 @@ class AugmentedLoss:
     generators: list[torch.Generator]
 
     @classmethod
-    def create(cls, objective: Objective, config: OptimConfig, batch: int) -> AugmentedLoss:
+    def create(cls, objective: Objective, config: OptimConfig, batch: int, device: torch.device) -> AugmentedLoss:
         K = config.loss_steps
         weights = [k / (K * (K + 1) / 2) for k in range(1, K + 1)]
-        generators = [torch.Generator().manual_seed(config.seed) for _ in range(batch)]
-        return cls(objective, weights, config, generators)
+        return cls(objective, weights, config, view_generators(device, config.seed, batch))
 
-    def __call__(self, x0_preds: list[torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor],
-                 batched: bool = False) -> torch.Tensor:  # fmt: skip
-        """The last K x0-predictions (B, C, h, w), oldest first, and how to decode latents into
-        images -> the per-item loss (B,). Each is decoded just before its use, or, `batched`,
-        all K in one decode of K * B (fewer, larger calls; K times the decode's memory)."""
+    def backward(self, x0_preds: list[torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor],
+                 views_per_pass: int, batched: bool = False,
+                 scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss) -> None:  # fmt: skip
+        """Backpropagate the loss of the last K x0-predictions (B, C, h, w), oldest first, into
+        what made them, holding the classifier graphs of one pass of `views_per_pass` views at
+        a time: K x B x V classifier graphs kept for one backward are what runs out of memory.
+
+        1. The K decodes (`batched`: one decode of K * B, fewer, larger calls); their graphs stay.
+        2. Per loss step, the image and its latent become leaves; the objective runs on the
+           views pass by pass, each pass backpropagated into the leaves at once (its
+           classifier graph freed), then the views' gradient through the cutouts into the image.
+        3. One backward from the K images and latents, with their gradients, through the
+           decodes and the chain.
+
+        Passes add up to the loss of all views at once because an objective's loss is a mean
+        over its views plus terms of the image and latent alone (objectives.Objective): pass
+        c, with share n_c / V of the views, enters weighted n_c / V. `scale` multiplies every
+        term before its backward (fp16 loss scaling)."""
         config = self.config
         batch = x0_preds[0].shape[0]
-        loss = torch.zeros(batch, device=x0_preds[0].device)
-        decoded_all = decode(torch.cat(x0_preds)).split(batch) if batched else None  # K x (B, 3, H, W)
-        for k, (weight, x0) in enumerate(zip(self.weights, x0_preds)):
-            decoded = decoded_all[k] if batched else decode(x0)  # (B, 3, H, W)
+        # 1. The decoded x0-predictions, K x (B, 3, H, W).
+        decoded_all = decode(torch.cat(x0_preds)).split(batch) if batched else [decode(x0) for x0 in x0_preds]
+        roots: list[torch.Tensor] = []
+        gradients: list[torch.Tensor] = []
+        # 2. Each loss step's terms, backpropagated into its leaves.
+        for weight, x0, decoded in zip(self.weights, x0_preds, decoded_all):
+            image = decoded.detach().requires_grad_(True)  # (B, 3, H, W)
+            latent = x0.detach().requires_grad_(True)  # (B, C, h, w)
             views = make_cutouts(
-                decoded, config.num_cutouts, config.view_size, config.cutout_min_scale, config.cutout_noise_std,
+                image, config.num_cutouts, config.view_size, config.cutout_min_scale, config.cutout_noise_std,
                 self.generators,
-            )  # fmt: skip
-            loss = loss + weight * self.objective(ObjectiveInput(decoded, x0, views)).loss
-        return loss
+            )  # (B, V, 3, S, S)  # fmt: skip
+            view_leaves = views.detach().requires_grad_(True)
+            num_views = views.shape[1]
+            for first in range(0, num_views, views_per_pass):
+                part = view_leaves[:, first : first + views_per_pass]  # (B, n, 3, S, S)
+                term = self.objective(ObjectiveInput(image, latent, part)).loss  # (B,)
+                scale(term.sum() * (weight * part.shape[1] / num_views)).backward()
+            if view_leaves.grad is not None:
+                views.backward(view_leaves.grad)  # into image.grad, through the crops
+            for root, leaf in ((decoded, image), (x0, latent)):
+                if leaf.grad is not None and root.requires_grad:
+                    roots.append(root)
+                    gradients.append(leaf.grad)
+        # 3. Through the decodes and the chain, once.
+        if roots:
+            torch.autograd.backward(roots, gradients)
 
 
 class BestIterates:

@@ -17,7 +17,7 @@ import torch
 from digin_cli.attention import AttentionControl, attach, find_word_tokens
 from digin_cli.engine import GuidedDDIM, OptimConfig, SamplerConfig
 from digin_cli.errors import DiginError
-from digin_cli.inversion import Inversion, InversionConfig, encode_image, null_text_inversions, resolved_lr
+from digin_cli.inversion import Inversion, InversionConfig, encode_image, is_finite, null_text_inversions, resolved_lr
 from digin_cli.io import ImageReadError, cache_dir, list_images, load_image, load_mask, load_tensors, save_tensors
 from digin_cli.masks import Mask, attention_mask, sam_mask, to_latent_grid
 from digin_cli.metrics import psnr
@@ -114,7 +114,8 @@ def invert_cached_batch(engine: GuidedDDIM, images: list[torch.Tensor], captions
             engine.null_embedding(), sampler, config,
         )  # fmt: skip
         for k, inversion in zip(missing, inversions):
-            save_tensors(asdict(inversion), paths[k])
+            if is_finite(inversion):  # a failed inversion is never cached: the next run tries again
+                save_tensors(asdict(inversion), paths[k])
             results[k] = (inversion, False)
     return results
 
@@ -201,6 +202,10 @@ def prepare_images(
         started = time.perf_counter()
         image, source_index, caption, span, load_seconds = entry
         inversion, hit = inversions[k]
+        if not is_finite(inversion):
+            prepared.append(DiginError("its null-text inversion is not finite (with --dtype fp16 the UNet can "
+                                       "overflow); use --dtype bf16 or fp32"))
+            continue
         store_fraction = max(options.p2p_fractions) if record_p2p else 0.0
         reconstruction, control = _reconstruct(engine, inversion, caption, span, sampler, store_fraction)
         try:

@@ -47,8 +47,15 @@ WAIT_SECONDS = 0.5  # how often the main process looks for the other shards' mar
 NOT_FINGERPRINTED = ("seeds", "inputs", "batch_size", "compile")
 
 
+# Optimization settings that choose how much memory a step holds, not its result.
+NOT_FINGERPRINTED_OPTIM = ("views_per_pass",)
+
+
 def fingerprint_settings(config: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in config.items() if key not in NOT_FINGERPRINTED}
+    settings = {key: value for key, value in config.items() if key not in NOT_FINGERPRINTED}
+    if isinstance(settings.get("optim"), dict):
+        settings["optim"] = {k: v for k, v in settings["optim"].items() if k not in NOT_FINGERPRINTED_OPTIM}
+    return settings
 
 
 def fingerprint(config: dict[str, Any]) -> str:
