@@ -87,6 +87,8 @@ def test_disagree_batches_like_single_runs(tmp_path):
         (["--class", "circle", "--device", "cuda:99"], "cuda:99"),  # no machine has 100 GPUs
         (["--class", "circle", "--dtype", "fp16", "--device", "cpu"], "needs a CUDA device; on cpu use --dtype bf16 or fp32"),
         (["--class", "circle", "--num-images", "0"], "--num-images must be at least 1"),
+        (["--class", "circle", "--resolution", "0"], "--resolution must be at least 8 pixels, got 0"),
+        (["--class", "circle", "--resolution=-64"], "--resolution must be at least 8 pixels, got -64"),
         (["--class", "circle", "--prompt-template", "no slot"], "must contain {}"),
     ],
 )

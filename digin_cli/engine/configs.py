@@ -28,7 +28,7 @@ class SamplerConfig:
             num_steps=family.ddim_steps if self.num_steps is None else self.num_steps,
             guidance_scale=family.guidance if self.guidance_scale is None else self.guidance_scale,
             timestep_spacing=self.timestep_spacing or family.spacing,
-            resolution=self.resolution or family.resolution,
+            resolution=family.resolution if self.resolution is None else self.resolution,
         )
 
 

@@ -145,6 +145,7 @@ def model_family(options: RuntimeOptions) -> Family:
 def with_family_defaults(job):
     """`job` (any task's job: it has runtime, sampler, optim) with the model family's defaults
     in every sampler option left open, and the loss on the last min(3, T) steps unless given."""
+    check_resolution(job.sampler)  # the user's value: the family's default would hide a 0
     check_model_path(model_name(job.runtime))  # a missing folder is named as such, not as a hub id
     sampler = job.sampler.resolved(model_family(job.runtime))
     optim = getattr(job, "optim", None)
@@ -153,6 +154,12 @@ def with_family_defaults(job):
     if optim.loss_steps is None:
         optim = replace(optim, loss_steps=min(3, max(sampler.num_steps, 1)))
     return replace(job, sampler=sampler, optim=optim)
+
+
+def check_resolution(sampler: SamplerConfig) -> None:
+    """The multiple of pixels a model samples is checked once it is loaded (sampling_components)."""
+    if sampler.resolution is not None and sampler.resolution < 8:
+        raise DiginError(f"--resolution must be at least 8 pixels, got {sampler.resolution}")
 
 
 def open_engine(options: RuntimeOptions, device: torch.device, unet_dtype: torch.dtype, sampler: SamplerConfig) -> GuidedDDIM:
@@ -216,14 +223,12 @@ def check_out(out: Path) -> None:
 def check_engine_options(out: Path, sampler: SamplerConfig, optim: OptimConfig, batch_size: int,
                          runtime: RuntimeOptions) -> None:  # fmt: skip
     """Validate cheap options before anything heavy is loaded or any file is written."""
-    check_out(out)  # the model path was checked by with_family_defaults, which comes first
+    check_out(out)  # the model path and --resolution were checked by with_family_defaults, which comes first
     if sampler.num_steps < 1:
         raise DiginError("--ddim-steps must be at least 1")
     check_number("--guidance", sampler.guidance_scale, low=0)
     if sampler.timestep_spacing not in (None, *SPACINGS):
         raise DiginError(f"--spacing must be one of {', '.join(SPACINGS)}, got '{sampler.timestep_spacing}'")
-    if sampler.resolution is not None and sampler.resolution < 8:
-        raise DiginError(f"--resolution must be at least 8 pixels, got {sampler.resolution}")
     for lora in runtime.loras:
         parse_lora(lora)
     if optim.steps < 0:
