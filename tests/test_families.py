@@ -338,6 +338,34 @@ def test_lora_on_the_command_line_is_recorded(tiny_folder, tmp_path):
     assert header["config"]["loras"] == [f"{lora}:0.5"] and f"+lora:{lora}:0.5" in header["config"]["model_identity"]
 
 
+def test_a_lora_scale_that_is_not_a_number_is_named_as_such(tiny_folder, tmp_path):
+    # tiny_folder: the built-in model is made before the run, whose stderr is then the error alone.
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["disagree", "--model", "tiny", "-f", "tiny:f", "-g", "tiny:g", "--class", "circle",
+                                 "--lora", f"{lora}:abc", "--out", str(out), *FAST])  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip() == (f"Error: --lora {lora}:abc: the scale 'abc' is not a number; "
+                                     "give PATH_OR_ID[:SCALE], e.g. my_lora.safetensors:0.8")  # fmt: skip
+    assert not out.exists()
+
+
+def test_a_lora_colon_is_a_scale_unless_the_path_has_it(tmp_path):
+    from digin_cli.models.diffusion import parse_lora
+
+    assert parse_lora("org/style") == ("org/style", 1.0)
+    assert parse_lora("org/style:0.8") == ("org/style", 0.8)
+    assert parse_lora("C:\\loras\\style") == ("C:\\loras\\style", 1.0)  # a Windows drive, no scale
+    assert parse_lora("C:\\loras\\style:0.5") == ("C:\\loras\\style", 0.5)
+    named = tmp_path / "style:v2"  # a folder whose name has a colon
+    named.mkdir()
+    assert parse_lora(str(named)) == (str(named), 1.0)
+    for spec, scale in (("org/style:abc", "abc"), (f"{named}:strong", "strong"), (f"{tmp_path}:", "")):
+        with pytest.raises(DiginError, match=f"the scale '{scale}' is not a number"):
+            parse_lora(spec)
+
+
 def test_a_weight_variant_loads_with_variant_only(tiny_folder, tmp_path):
     from diffusers import StableDiffusionPipeline
 

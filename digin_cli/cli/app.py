@@ -57,7 +57,8 @@ app = typer.Typer(
 
 
 def fail(message: str, code: int = 1) -> None:
-    stderr.print(f"Error: {message}", markup=False, highlight=False, soft_wrap=True)
+    # Printed as given: no markup, and no emoji codes (a `--lora style.safetensors:abc:` would show 🔤).
+    stderr.print(f"Error: {message}", markup=False, highlight=False, emoji=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -116,7 +117,7 @@ def _root(
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
     if issubclass(category, CompileFallbackWarning):
-        stderr.print(f"Warning: {message}", markup=False, highlight=False, soft_wrap=True)
+        stderr.print(f"Warning: {message}", markup=False, highlight=False, emoji=False, soft_wrap=True)
     else:  # DIGIN_DEBUG: the libraries' warnings as Python shows them
         _show_warning(message, category, filename, lineno, file, line)
 

@@ -215,12 +215,22 @@ def fuse_lora(components: DiffusionComponents, spec: str) -> None:
 def parse_lora(spec: str) -> tuple[str, float]:
     """'PATH_OR_ID[:SCALE]' -> (path, scale); one line naming the option when it is malformed."""
     head, separator, tail = spec.rpartition(":")
-    path, value = (head, float(tail)) if separator and _is_number(tail) else (spec, 1.0)
+    scaled = bool(separator) and _is_number(tail)
+    if separator and head and not scaled and not _colon_in_path(spec, tail):
+        raise DiginError(f"--lora {spec}: the scale '{tail}' is not a number; give PATH_OR_ID[:SCALE], "
+                         "e.g. my_lora.safetensors:0.8")  # fmt: skip
+    path, value = (head, float(tail)) if scaled else (spec, 1.0)
     if not path or not math.isfinite(value):
         raise DiginError(f"--lora {spec}: give PATH_OR_ID or PATH_OR_ID:SCALE with a finite SCALE, e.g. style.safetensors:0.8")
     if Path(path).suffix in (".safetensors", ".bin") and not Path(path).expanduser().is_file():
         raise DiginError(f"--lora {spec}: no such file; give an existing .safetensors file, a folder or a hub id")
     return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path, value
+
+
+def _colon_in_path(spec: str, tail: str) -> bool:
+    """Whether the last colon of `spec` belongs to its path: a file or folder named so, or a
+    Windows drive (C:\\loras\\style); hub ids have no colon, so any other tail was meant as a scale."""
+    return Path(spec).expanduser().exists() or tail.startswith(("\\", "/"))
 
 
 def _is_number(text: str) -> bool:
