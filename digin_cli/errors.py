@@ -9,6 +9,11 @@ class DiginError(Exception):
     """
 
 
+class NoSpaceError(DiginError):
+    """A file could not be written for want of disk space or quota. No fault of the item being
+    written: a folder run stops at it instead of recording it as that item's failure."""
+
+
 class CompileFallbackWarning(UserWarning):
     """torch.compile of the UNet failed at run time; the engine went on with the eager UNet.
     The CLI shows it as one `Warning:` line (it silences the libraries' warnings)."""

@@ -6,6 +6,7 @@ place, so an interrupted run never leaves a half-written PNG or JSON behind.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from digin_cli.errors import NoSpaceError
+
 
 def cache_dir() -> Path:
     """$DIGIN_CACHE, else $XDG_CACHE_HOME/digin, else ~/.cache/digin."""
@@ -38,7 +42,37 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()
 
 
+# The OSErrors of a full disk or quota: the user frees space and reruns.
+DISK_FULL = {errno.ENOSPC: "no space left on device"}
+if hasattr(errno, "EDQUOT"):  # not defined on Windows
+    DISK_FULL[errno.EDQUOT] = "disk quota exceeded"
+
+
 def _atomic_write(path: Path, write) -> None:
+    """`write(handle)` into a temporary file beside `path`, renamed into place once complete;
+    a full disk is one line naming the file (the temporary file is removed, `path` untouched)."""
+    try:
+        _write_then_rename(path, write)
+    except Exception as error:
+        full = _disk_full(error)
+        if full is None:
+            raise
+        raise NoSpaceError(f"{full} writing {path}; free some space and rerun the same command: the finished "
+                           "items are kept and the run goes on with the others") from None  # fmt: skip
+
+
+def _disk_full(error: BaseException | None) -> str | None:
+    """What a full-disk OSError behind `error` says (torch.save raises a RuntimeError caused by it), else None."""
+    for _ in range(4):  # the few links of a library's wrapping
+        if error is None:
+            return None
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            return DISK_FULL[error.errno]
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _write_then_rename(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:

@@ -3,6 +3,7 @@ failures, file permissions, non-finite losses, the inversion cache key, and kill
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -146,6 +147,43 @@ def test_a_csv_row_naming_a_missing_file_fails_alone_and_is_retried(tmp_path):
     assert second.exit_code == 0, second.output
     _, items = read_run(out)
     assert [item["status"] for item in items] == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("command", ["disagree", "uvce"])
+def test_a_full_disk_is_one_line_naming_the_file_and_a_rerun_finishes(tiny_folder, tmp_path, monkeypatch, command):
+    folder, out = tmp_path / "images", tmp_path / "out"
+    if command == "uvce":
+        scenes(folder, ["a.png", "b.png"])
+        args, done, stopped = uvce(folder, out), "a_circle", "b_circle"
+    else:
+        args, done, stopped = disagree(out, "-n", "2"), "circle_seed0", "circle_seed1"
+    faulted: list[Path] = []
+    replace = os.replace
+
+    def full_disk(src, dst, *rest, **options):
+        """The disk fills up at the second item's first image."""
+        if not faulted and Path(dst).name.startswith(stopped) and Path(dst).suffix == ".png":
+            faulted.append(Path(dst))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return replace(src, dst, *rest, **options)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", full_disk)
+        result = runner.invoke(app, args)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and faulted, result.output
+    assert lines[0] == (f"Error: no space left on device writing {faulted[0]}; free some space and rerun the same "
+                        "command: the finished items are kept and the run goes on with the others")  # fmt: skip
+    assert "Traceback" not in result.output
+    # The finished item stays; the stopped one has neither its image nor a record (not even a failure).
+    assert (out / f"{done}.json").is_file() and not (out / f"{stopped}.json").exists()
+    assert not faulted[0].exists() and not list(out.glob(".*.part"))
+    kept = (out / f"{done}.json").stat().st_mtime_ns
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    header, _ = read_run(out)
+    assert header["items"] == {"done": 2, "failed": 0} and faulted[0].is_file()
+    assert (out / f"{done}.json").stat().st_mtime_ns == kept, "the finished item is not redone"
 
 
 # -- values and failures ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from digin_cli.errors import DiginError
+from digin_cli.errors import DiginError, NoSpaceError
 from digin_cli.io import ImageReadError, list_images
 from digin_cli.tasks.records import RunFolder
 from digin_cli.tasks.runtime import MEMORY_ERRORS, Shard, counted, out_of_memory, release_memory, slug
@@ -219,6 +219,8 @@ class FolderRun:
         error: str | None = None
         try:
             records = self.run_batch(batch)
+        except NoSpaceError:
+            raise  # no fault of the batch's items: the run stops, a rerun redoes them
         except DiginError as raised:
             error = str(raised)
         except MEMORY_ERRORS:
