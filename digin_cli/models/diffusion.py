@@ -22,6 +22,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from digin_cli.components import DiffusionComponents
 from digin_cli.errors import DiginError
 from digin_cli.families import FAMILIES, SUPPORTED, Family, UnsupportedFamily, folder_reader, recognise
+from digin_cli.models.hub import cached_file, hub_unreachable, require_hub
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
@@ -33,6 +34,8 @@ SETTINGS_FILE = "digin.json"
 
 # The sub-models a Stable-Diffusion-style repo must have.
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Those with weights: a hub model is in the local cache when these are (as far as its model_index.json names them).
+WEIGHTED_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def quiet_library_output() -> None:
@@ -83,10 +86,12 @@ def model_location(model: str) -> str:
 
 def _load_pretrained(model: str, location: str, revision: str | None, variant: str | None) -> DiffusionComponents:
     """A diffusers folder or hub model (`location`), loaded part by part with from_pretrained."""
-    # 1. Which family it is, from its config files (each read once).
+    # 1. Which family it is, from its config files (each read once); by the hub id's name,
+    #    not the cache folder's, when a hub model is read from the cache.
+    name, location = location, location if Path(location).exists() else hub_location(model, location, revision)
     local = Path(location)
     read = functools.cache(lambda file: _read_config(location, file, revision))
-    family = _recognised(model, location, read)
+    family = _recognised(model, name, read)
     if local.is_dir():
         _check_subfolders(model, local, family)
     # 2. The parts, in fp32 whatever the stored dtype: the engine optimizes in fp32 and
@@ -185,8 +190,41 @@ def detect_family(model: str, revision: str | None = None) -> Family:
     does not sample it."""
     if is_single_file(model):
         return single_file_family(Path(model).expanduser())
-    location = model_location(model)
-    return _recognised(model, location, lambda file: _read_config(location, file, revision))
+    name = model_location(model)
+    location = name if Path(name).exists() else hub_location(model, name, revision)
+    return _recognised(model, name, lambda file: _read_config(location, file, revision))
+
+
+def hub_location(model: str, repo_id: str, revision: str | None = None) -> str:
+    """Where the hub model `repo_id` is read from: the hub id (the libraries keep the cache up to
+    date), or, when the hub cannot be reached, the model's folder in the local cache, read
+    without a request (the libraries would ask the hub for optional files such as adapter
+    configs and shard indexes, and retry each). A model missing from the cache with no hub
+    to fetch it from fails at once."""
+    snapshot = _cached_pipeline(repo_id, revision)
+    if snapshot is None:
+        require_hub(repo_id, f"--model {model}", f"or give a local diffusers folder with --model PATH "
+                    f"(no network needed: --model {_builtin_names()})", revision)  # fmt: skip
+        return repo_id
+    return repo_id if hub_unreachable() is None else str(snapshot)
+
+
+def _cached_pipeline(repo_id: str, revision: str | None) -> Path | None:
+    """The cache's folder of the pipeline when it holds the weights of every model its
+    model_index.json names, else None."""
+    index = cached_file(repo_id, "model_index.json", revision)
+    if index is None:
+        return None
+    try:
+        parts = [name for name in json.loads(index.read_text()) if name in WEIGHTED_SUBFOLDERS]
+    except (OSError, ValueError, TypeError):
+        return None
+    complete = bool(parts) and all(_has_weights(index.parent / part) for part in parts)
+    return index.parent if complete else None
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(file.suffix in (".safetensors", ".bin") for file in folder.glob("*"))
 
 
 def _recognised(model: str, location: str, read) -> Family:

@@ -17,6 +17,7 @@ from digin_cli.io import cache_dir
 from digin_cli.models.classifiers.base import Classifier, ZeroShotCLIP
 from digin_cli.models.classifiers.class_names import imagenet_names
 from digin_cli.models.classifiers.specs import first_line, pair, parse_floats, read_class_names
+from digin_cli.models.hub import cached_file, require_hub
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,22 @@ def zero_shot_weights(
     return weights
 
 
+def _check_hub_weights(arch: str, tag: str) -> None:
+    """Pretrained weights that open_clip fetches from the hub, and that are neither in the
+    local cache nor fetchable, fail at once (models/hub.py)."""
+    import open_clip
+
+    # "org/name/" (open_clip's default file) or "org/name/file"; open_clip tries .safetensors first.
+    repo_id, filename = os.path.split(open_clip.get_pretrained_cfg(arch, tag).get("hf_hub", ""))
+    if not repo_id:
+        return
+    filename = filename or "open_clip_pytorch_model.bin"
+    safe = "open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin" else filename.replace(".bin", ".safetensors")
+    if not any(cached_file(repo_id, file) for file in (safe, filename)):
+        require_hub(repo_id, f"the pretrained weights '{tag}' of open_clip {arch}",
+                    f"or pass a local file: openclip:{arch}//path/to/weights")  # fmt: skip
+
+
 def load_openclip(spec: str, name: str, options: dict[str, str], device: torch.device) -> Classifier:
     import open_clip
 
@@ -90,6 +107,7 @@ def load_openclip(spec: str, name: str, options: dict[str, str], device: torch.d
         raise DiginError(f"unknown open_clip architecture '{arch}' in '{spec}'; {hint}")
     if open_clip.is_pretrained_cfg(arch, pretrained):
         weights_id = "tag:" + pretrained.lower().replace("-", "_")  # open_clip's own tag spelling rule
+        _check_hub_weights(arch, pretrained)
     elif Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser())
         weights_id = file_fingerprint(Path(pretrained))

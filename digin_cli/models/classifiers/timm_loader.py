@@ -18,6 +18,7 @@ from digin_cli.models.classifiers.specs import (
     parse_size,
     read_class_names,
 )
+from digin_cli.models.hub import cached_file, require_hub
 
 
 def checkpoint_head_rows(path: Path, classifier_key: str) -> int | None:
@@ -80,6 +81,8 @@ def load_timm(spec: str, name: str, options: dict[str, str], device: torch.devic
 
     arch = _check_name(spec, name)
     kwargs, checkpoint = _weights_kwargs(spec, name, options)
+    if checkpoint is None:
+        _check_hub_weights(name)
     model = _create(spec, name, arch, kwargs, checkpoint)
 
     if "classes" in options:
@@ -157,6 +160,34 @@ def _weights_kwargs(spec: str, name: str, options: dict[str, str]) -> tuple[dict
             ) from None
         kwargs["act_layer"] = options["act_layer"]
     return kwargs, checkpoint
+
+
+def _hub_weights(name: str) -> tuple[str | None, tuple[str, ...]]:
+    """The hub repo timm fetches `name`'s pretrained weights from (None: not from the hub, or
+    a name timm reports itself), and the files that are those weights."""
+    from timm.models import get_pretrained_cfg
+
+    files = ("model.safetensors", "pytorch_model.bin")  # timm's own choice, in its order
+    if name.startswith("hf-hub:"):
+        return name.removeprefix("hf-hub:"), files
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # an invalid tag: create_model says so better
+        return None, files
+    if cfg is None or not cfg.hf_hub_id:
+        return None, files
+    return cfg.hf_hub_id, (cfg.hf_hub_filename,) if cfg.hf_hub_filename else files
+
+
+def _check_hub_weights(name: str) -> None:
+    """Weights that are neither in the local cache nor fetchable fail at once (models/hub.py)."""
+    repo, files = _hub_weights(name)
+    if repo is None:
+        return
+    repo_id, _, revision = repo.partition("@")  # timm's "id@revision"
+    if not any(cached_file(repo_id, file, revision or None) for file in files):
+        require_hub(repo_id, f"the pretrained weights of timm model '{name}'",
+                    "or pass local weights with checkpoint=PATH", revision or None)  # fmt: skip
 
 
 def _create(spec: str, name: str, arch: str, kwargs: dict, checkpoint: Path | None):
