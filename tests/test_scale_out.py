@@ -78,15 +78,20 @@ def test_the_main_process_waits_for_every_shard_and_reports_all_failures(tmp_pat
     assert str(raised[0].value).startswith("1 of 4 images failed (1.png: 1.png is broken); the others are in")
 
 
-def test_two_processes_share_one_folder_run(tmp_path):
-    images, out = tmp_path / "images", tmp_path / "out"
-    scenes(images, 3)
+def two_process_uvce(images, out) -> subprocess.CompletedProcess:
+    """`digin uvce` over a folder, in two CPU processes started by torchrun."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--module", "digin_cli",
         "uvce", str(images), "--target", "bar", "--model", "tiny", "--classifier", "tiny:f", "--out", str(out), *FAST,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_processes_share_one_folder_run(tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    scenes(images, 3)
+    done = two_process_uvce(images, out)
     assert done.returncode == 0, done.stdout + done.stderr
     records = sorted(p.name for p in out.glob("scene*_bar.json"))
     assert records == ["scene0_bar.json", "scene1_bar.json", "scene2_bar.json"]
@@ -102,12 +107,7 @@ def test_a_failed_item_of_one_process_stops_no_other(tmp_path):
     # Process 1's shard (scenes 1, 3, 5) has the corrupt image, so it is done a whole item
     # before process 0: it must not end the launch while process 0 works on scene4.
     (images / "scene1.png").write_bytes(b"not a png")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--module", "digin_cli",
-        "uvce", str(images), "--target", "bar", "--model", "tiny", "--classifier", "tiny:f", "--out", str(out), *FAST,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    done = two_process_uvce(images, out)
     assert done.returncode == 1, done.stdout + done.stderr
     _, summary = read_run(out)
     statuses = {entry["input"]["file"].rsplit("/", 1)[-1]: entry["status"] for entry in summary}

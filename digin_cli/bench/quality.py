@@ -29,8 +29,8 @@ from digin_cli.tasks.runtime import Progress, resolve_device
 
 # The rows by the names `digin bench --rows` takes, in the order they are reported.
 ROWS = dict(zip(ROW_NAMES, (generator_row, disagreement_row, neuron_row, uvce_row, neuron_cf_row, directions_row)))
-# Each row's share of a default bench's time (seconds of /tmp/bench-pr02-default, 2-core
-# CPU): parallel rows start longest first, so the processes finish close together.
+# Each row's share of a default bench's time (seconds on a 2-core CPU): parallel rows start
+# longest first, so the processes finish close together.
 ROW_SECONDS = {"generator": 13, "disagree": 130, "neuron": 212, "uvce": 117, "neuron-cf": 361, "directions": 95}
 
 

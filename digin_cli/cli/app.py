@@ -56,9 +56,13 @@ app = typer.Typer(
 )
 
 
-def fail(message: str, code: int = 1) -> None:
+def _line(text: str) -> None:
     # Printed as given: no markup, and no emoji codes (a `--lora style.safetensors:abc:` would show 🔤).
-    stderr.print(f"Error: {message}", markup=False, highlight=False, emoji=False, soft_wrap=True)
+    stderr.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    _line(f"Error: {message}")
     raise typer.Exit(code)
 
 
@@ -117,7 +121,7 @@ def _root(
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
     if issubclass(category, CompileFallbackWarning):
-        stderr.print(f"Warning: {message}", markup=False, highlight=False, emoji=False, soft_wrap=True)
+        _line(f"Warning: {message}")
     else:  # DIGIN_DEBUG: the libraries' warnings as Python shows them
         _show_warning(message, category, filename, lineno, file, line)
 

@@ -10,6 +10,7 @@ once: when nothing answers, the model fails at once, in one line that says how t
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from digin_cli.errors import DiginError
@@ -31,10 +32,17 @@ def hub_unreachable() -> str | None:
     proxy's 5xx), or None when it answers. Offline mode (HF_HUB_OFFLINE=1) counts as an
     answer: the loaders then read the cache only and fail at once by themselves."""
     from huggingface_hub import constants
+
+    return None if constants.HF_HUB_OFFLINE else _probe()
+
+
+@functools.cache
+def _probe() -> str | None:
+    """One request per process: a run asks for its model's family, the model and each
+    classifier, and the hub's reach does not change between them."""
+    from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
-    if constants.HF_HUB_OFFLINE:
-        return None
     try:
         response = get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except Exception as error:  # noqa: BLE001 - whatever the transport raises, nothing answered
