@@ -13,6 +13,7 @@ resumes it, as on the command line); without, the run goes to a temporary folder
 removed once its images are read back. Models and classifiers may be passed in loaded
 (`load_model`, `load_classifier`), so a notebook loads Stable Diffusion once. Errors are
 `DiginError` with the CLI's one-line messages; `progress=False` turns the bar off.
+`judge=` ("shapes:oracle-2", or several) is --judge: each item's `claimed` and `confirmed`.
 """
 
 from __future__ import annotations
@@ -65,6 +66,21 @@ class Item:
     @property
     def after(self) -> dict[str, Any]:
         return self.record["after"]
+
+    @property
+    def claimed(self) -> bool | None:
+        """The finding the item presents holds (None: the command claims nothing)."""
+        return self.record.get("claimed")
+
+    @property
+    def confirmed(self) -> bool | None:
+        """Claimed, and every judge (`judge=`) agrees; None without judges."""
+        return self.record.get("confirmed")
+
+    @property
+    def judges(self) -> dict[str, Any]:
+        """Per judge spec: its top class and p(claimed class) before and after, and `agrees`."""
+        return self.record.get("judges") or {}
 
     @property
     def best_step(self):
@@ -191,6 +207,11 @@ def _real(real_options: dict[str, Any], p2p_fraction: float | Sequence[float] | 
     return RealImageOptions(**values)
 
 
+def _judges(judge) -> tuple:
+    """`judge=`: a spec or a loaded classifier, or several (--judge, repeated)."""
+    return tuple(judge) if isinstance(judge, (list, tuple)) else (judge,) if judge is not None else ()
+
+
 def _split(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     real = {k: v for k, v in options.items() if k in REAL_IMAGE_OPTIONS}
     return real, {k: v for k, v in options.items() if k not in REAL_IMAGE_OPTIONS}
@@ -234,7 +255,7 @@ def _progress():
 
 def disagree(classifier_f, classifier_g, class_name: str, *, num_images: int = 1, seed: int = 0,
              prompt_template: str = "a photograph of a {}", batch_size: int = 1, model=DEFAULT_MODEL,
-             device: str = "auto", dtype: str = "fp32", compile: bool = False, out: str | Path | None = None,  # noqa: A002
+             device: str = "auto", dtype: str = "fp32", compile: bool = False, judge: str | Sequence[str] | None = None, out: str | Path | None = None,  # noqa: A002
              overwrite: bool = False, progress: bool = True, **engine_options) -> Run:  # fmt: skip
     """Images that classifier f assigns to `class_name` and classifier g does not (`digin disagree`)."""
     from digin_cli.tasks.disagree import DisagreeJob, run_disagree
@@ -243,14 +264,14 @@ def disagree(classifier_f, classifier_g, class_name: str, *, num_images: int = 1
     return _run(run_disagree, lambda folder: DisagreeJob(
         classifier_f=classifier_f, classifier_g=classifier_g, class_name=class_name, out=folder,
         seeds=list(range(seed, seed + num_images)), prompt_template=prompt_template, batch_size=batch_size,
-        runtime=_runtime(model, device, dtype, compile, overwrite), sampler=sampler, optim=optim), out, progress)  # fmt: skip
+        runtime=_runtime(model, device, dtype, compile, overwrite), sampler=sampler, optim=optim, judges=_judges(judge)), out, progress)  # fmt: skip
 
 
 def neuron(classifier, *, neuron: int | None = None, direction: str | Path | None = None, layer: str | None = None,
            minimize: bool = False, prompts: list[str] | None = None, select_samples: int = 8, candidates: int = 3,
            num_images: int = 1, seed: int = 0, prompt_template: str = "a photograph of a {}", batch_size: int = 1,
            model=DEFAULT_MODEL, device: str = "auto", dtype: str = "fp32", compile: bool = False,  # noqa: A002
-           out: str | Path | None = None, overwrite: bool = False, progress: bool = True, **engine_options) -> Run:  # fmt: skip
+           judge: str | Sequence[str] | None = None, out: str | Path | None = None, overwrite: bool = False, progress: bool = True, **engine_options) -> Run:  # fmt: skip
     """What a neuron (or a feature direction) of a classifier looks for (`digin neuron`)."""
     from digin_cli.tasks.neuron import NeuronJob, run_neuron
 
@@ -260,13 +281,13 @@ def neuron(classifier, *, neuron: int | None = None, direction: str | Path | Non
         direction_file=Path(direction) if direction is not None else None, layer=layer, maximize=not minimize,
         prompts=list(prompts or []), num_candidates=candidates, select_samples=select_samples,
         prompt_template=prompt_template, batch_size=batch_size, runtime=_runtime(model, device, dtype, compile, overwrite),
-        sampler=sampler, optim=optim), out, progress)  # fmt: skip
+        sampler=sampler, optim=optim, judges=_judges(judge)), out, progress)  # fmt: skip
 
 
 def uvce(inputs: str | Path, classifier, *, target: str | list[str] | None = None, source_class: str | None = None,
          csv: str | Path | None = None, p2p_fraction: float | Sequence[float] = (0.3, 0.4, 0.5), w_latent: float = 25.0,
          w_pixel: float = 250.0, seed: int = 0, batch_size: int = 1, model=DEFAULT_MODEL, device: str = "auto", dtype: str = "fp32",
-         out: str | Path | None = None, overwrite: bool = False, progress: bool = True, **options) -> Run:  # fmt: skip
+         judge: str | Sequence[str] | None = None, out: str | Path | None = None, overwrite: bool = False, progress: bool = True, **options) -> Run:  # fmt: skip
     """Visual counterfactuals of real images (`digin uvce`); real-image options: caption, captioner,
     mask, sam_checkpoint, sam_model_type."""
     from digin_cli.tasks.uvce import UvceJob, run_uvce
@@ -278,7 +299,7 @@ def uvce(inputs: str | Path, classifier, *, target: str | list[str] | None = Non
         classifier=classifier, inputs=Path(inputs), targets=targets, out=folder, source_class=source_class,
         csv_file=Path(csv) if csv is not None else None, weight_latent=w_latent, weight_pixel=w_pixel,
         batch_size=batch_size, real=_real(real, p2p_fraction), runtime=_runtime(model, device, dtype, False, overwrite),
-        sampler=sampler, optim=optim), out, progress)  # fmt: skip
+        sampler=sampler, optim=optim, judges=_judges(judge)), out, progress)  # fmt: skip
 
 
 def neuron_cf(inputs: str | Path, classifier, *, neuron: int | None = None, direction: str | Path | None = None,
@@ -286,7 +307,7 @@ def neuron_cf(inputs: str | Path, classifier, *, neuron: int | None = None, dire
               from_other_class: bool = False, source_class: str | None = None, csv: str | Path | None = None,
               drop_threshold: float = 0.3, object_error_ratio: float = 2.0, hold_object: bool = True,
               w_latent: float = 25.0, w_pixel: float = 250.0, seed: int = 0, batch_size: int = 1, model=DEFAULT_MODEL,
-              device: str = "auto", dtype: str = "fp32", compile: bool = False, out: str | Path | None = None,  # noqa: A002
+              device: str = "auto", dtype: str = "fp32", compile: bool = False, judge: str | Sequence[str] | None = None, out: str | Path | None = None,  # noqa: A002
               overwrite: bool = False, progress: bool = True, **options) -> Run:  # fmt: skip
     """Neuron counterfactuals of real images and the spurious-feature verdict (`digin neuron-cf`)."""
     from digin_cli.tasks.neuron_cf import NeuronCfJob, run_neuron_cf
@@ -299,7 +320,8 @@ def neuron_cf(inputs: str | Path, classifier, *, neuron: int | None = None, dire
         source_class=source_class, csv_file=Path(csv) if csv is not None else None, direction_mode=direction_mode,
         from_other_class=from_other_class, drop_threshold=drop_threshold, object_error_ratio=object_error_ratio,
         hold_object=hold_object, weight_latent=w_latent, weight_pixel=w_pixel, batch_size=batch_size, real=_real(real),
-        runtime=_runtime(model, device, dtype, compile, overwrite), sampler=sampler, optim=optim), out, progress)  # fmt: skip
+        runtime=_runtime(model, device, dtype, compile, overwrite), sampler=sampler, optim=optim, judges=_judges(judge)),
+        out, progress)  # fmt: skip
 
 
 def directions(folder: str | Path, classifier, class_name: str, *, components: int = 10, top_images: int = 8,

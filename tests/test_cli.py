@@ -41,7 +41,7 @@ def test_disagree_writes_pngs_and_json(tmp_path):
     assert config["sampler"]["num_steps"] == 4 and config["optim"]["steps"] == 2
     assert {"torch", "diffusers", "timm", "open_clip", "digin"} <= set(header["versions"])
     assert [item["input"]["seed"] for item in items] == [5, 6]
-    assert header["items"] == {"done": 2, "failed": 0}
+    assert header["items"] == {"done": 2, "failed": 0, "claimed": sum(item["claimed"] for item in items), "confirmed": 0}
     for line in items:
         item = read_record(out, line["item"])
         assert item["classes"] == {"class": "circle"}

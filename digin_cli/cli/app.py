@@ -104,6 +104,34 @@ def wrote(result: dict[str, Any]) -> str:
     return f"Wrote {done} item(s){f' ({failed} failed)' if failed else ''} to {out}; open {out}/index.html for the report"
 
 
+def confirmed_cell(item: dict[str, Any]) -> str:
+    """The table's "confirmed" cell: yes, or how many judges agree ("" without judges)."""
+    if item.get("confirmed") is None:
+        return ""
+    if item["confirmed"]:
+        return "yes"
+    judges = item.get("judges") or {}
+    return f"no ({item.get('judges_agreeing', 0)}/{len(judges)} agree)" if item.get("claimed") else "-"
+
+
+def finish(result: dict[str, Any], fail_on: str | None, lead: str = "") -> None:
+    """The closing lines of a run (what is done, its findings), then with --fail-on exit
+    status 3 when an item is such a finding."""
+    from digin_cli.tasks.judges import FINDING_EXIT_CODE, findings
+
+    items = result["items"]
+    judged = bool(result["header"]["config"].get("judges"))
+    claimed = findings(items, "claimed")
+    summary = ""
+    if any(item.get("claimed") is not None for item in items):
+        summary = f"{len(claimed)} of {len(items)} item(s) claimed"
+        summary += f", {len(findings(items, 'confirmed'))} confirmed by every judge. " if judged else ". "
+    stdout.print(f"{lead}{summary}{wrote(result)}", highlight=False)
+    if fail_on is not None and findings(items, fail_on):
+        _line(f"Found {len(findings(items, fail_on))} {fail_on} finding(s) (--fail-on {fail_on}): exit status {FINDING_EXIT_CODE}")
+        raise typer.Exit(FINDING_EXIT_CODE)
+
+
 def _version(value: bool) -> None:
     if value:
         stdout.print(f"digin {__version__}")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from digin_cli.cli.app import app, call_with_progress, stdout, wrote
+from digin_cli.cli.app import app, call_with_progress, confirmed_cell, finish, stdout
 from digin_cli.cli.options import SEEDS, CommonOptions, PromptTemplateOpt, common_options, with_options
 
 
@@ -31,15 +31,20 @@ def disagree(
     result = call_with_progress(run_disagree, job, common.quiet)
     if not common.quiet:
         stdout.print(_table(result))
-    stdout.print(wrote(result), highlight=False)
+    finish(result, common.fail_on)
 
 
 def _table(result: dict[str, Any]) -> Table:
     table = Table(title=f"disagree: '{result['header']['config']['class_name']}'  (p_f up, p_g down)")
-    for column in ("seed", "p_f before", "p_g before", "p_f after", "p_g after", "best step", "sheet"):
+    judged = bool(result["header"]["config"].get("judges"))
+    columns = ("seed", "p_f before", "p_g before", "p_f after", "p_g after", "claimed", *(("confirmed",) if judged else ()),
+               "best step", "sheet")  # fmt: skip
+    for column in columns:
         table.add_column(column)
     for item in result["items"]:
         b, a = item["before"], item["after"]
+        confirmed = (confirmed_cell(item),) if judged else ()
         table.add_row(str(item["input"]["seed"]), f"{b['p_f']:.3f}", f"{b['p_g']:.3f}", f"{a['p_f']:.3f}",
-                      f"{a['p_g']:.3f}", str(item["best_step"]), item["files"]["sheet"])  # fmt: skip
+                      f"{a['p_g']:.3f}", "yes" if item.get("claimed") else "no", *confirmed, str(item["best_step"]),
+                      item["files"]["sheet"])  # fmt: skip
     return table

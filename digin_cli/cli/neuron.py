@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from digin_cli.cli.app import app, call_with_progress, stdout, wrote
+from digin_cli.cli.app import app, call_with_progress, finish, stdout
 from digin_cli.cli.options import (
     SEEDS,
     ClassifierOpt,
@@ -50,7 +50,7 @@ def neuron(
     if not common.quiet:
         _print_selection(result["header"]["config"])
         stdout.print(_table(result))
-    stdout.print(wrote(result), highlight=False)
+    finish(result, common.fail_on)
 
 
 def _print_selection(config: dict[str, Any]) -> None:
@@ -66,10 +66,13 @@ def _table(result: dict[str, Any]) -> Table:
     config = result["header"]["config"]
     target = config["neuron"] if config["neuron"] is not None else config["direction_file"]
     table = Table(title=f"neuron: {config['mode']} {target}")
-    for column in ("seed", "activation before", "activation after", "top class after", "best step"):
+    judged = bool(config.get("judges"))
+    for column in ("seed", "activation before", "activation after", "top class after", *(("judges' top class after",) if judged else ()),
+                   "best step"):  # fmt: skip
         table.add_column(column)
     for item in result["items"]:
         b, a = item["before"], item["after"]
+        judges = (", ".join(j.get("after", {}).get("top_class_name", "?") for j in (item.get("judges") or {}).values()),)
         table.add_row(str(item["input"]["seed"]), f"{b['activation']:.3f}", f"{a['activation']:.3f}",
-                      f"{a['top_class_name']} {a['top_p']:.2f}", str(item["best_step"]))  # fmt: skip
+                      f"{a['top_class_name']} {a['top_p']:.2f}", *(judges if judged else ()), str(item["best_step"]))  # fmt: skip
     return table

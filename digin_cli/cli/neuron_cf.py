@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from digin_cli.cli.app import app, call_with_progress, stdout, wrote
+from digin_cli.cli.app import app, call_with_progress, confirmed_cell, finish, stdout
 from digin_cli.cli.options import (
     ClassifierOpt,
     CommonOptions,
@@ -74,23 +74,25 @@ def neuron_cf(
     )  # fmt: skip
     result = call_with_progress(run_neuron_cf, job, common.quiet)
     if not common.quiet:
-        stdout.print(_table(result["items"]))
-    stdout.print(f"Flagged as spurious on {result['flagged']} of {result['judged']} image(s). {wrote(result)}", highlight=False)
+        stdout.print(_table(result["items"], bool(job.judges)))
+    finish(result, common.fail_on, lead=f"Flagged as spurious on {result['flagged']} of {result['judged']} image(s). ")
 
 
-def _table(items: list[dict[str, Any]]) -> Table:
+def _table(items: list[dict[str, Any]], judged: bool) -> Table:
     table = Table(title="neuron-cf: activation and p(class), original -> max / min")
-    for column in ("file", "class", "activation", "p(class)", "verdict"):
+    columns = ("file", "class", "activation", "p(class)", "verdict", *(("confirmed",) if judged else ()))
+    for column in columns:
         table.add_column(column)
     for item in items:
         name = Path(item["input"]["file"]).name
         if item.get("status") != "ok":
-            table.add_row(name, "", "", "", f"failed: {item['error']}")
+            table.add_row(name, "", "", "", f"failed: {item['error']}", *[""] * (len(columns) - 5))
             continue
         figures = [item["before"], *item["after"].values()]  # original, then maximized / minimized
         acts = " / ".join(f"{f['activation']:.2f}" for f in figures)
         probs = " / ".join(f"{f['p_class']:.2f}" for f in figures)
-        table.add_row(name, item["classes"]["class"], acts, probs, _verdict(item))
+        confirmed = (confirmed_cell(item),) if judged else ()
+        table.add_row(name, item["classes"]["class"], acts, probs, _verdict(item), *confirmed)
     return table
 
 

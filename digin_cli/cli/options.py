@@ -141,6 +141,7 @@ OPTIM_OPTIONS = OptionGroup(
 
 RUNTIME = "Model and device"
 OUTPUT = "Output"
+JUDGING = "Judges"
 
 
 def runtime_options(compile_unet: bool = True) -> OptionGroup:
@@ -213,12 +214,15 @@ class CommonOptions:
     out: Path
     quiet: bool
     cutout_seed: int | None = None  # --seed, where the command takes it for the cutouts alone
+    judges: tuple[str, ...] = ()  # --judge specs
+    fail_on: str | None = None  # --fail-on: claimed | confirmed (the CLI's exit status 3)
 
     def job_fields(self, seed: int | None = None) -> dict[str, Any]:
         """The fields every job dataclass has, the cutouts seeded by `seed` (else --seed)."""
         cutout_seed = self.cutout_seed if seed is None else seed
         optim = replace(self.optim, seed=cutout_seed or 0)
-        return {"out": self.out, "batch_size": self.batch_size, "runtime": self.runtime, "sampler": self.sampler, "optim": optim}
+        return {"out": self.out, "batch_size": self.batch_size, "runtime": self.runtime, "sampler": self.sampler,
+                "optim": optim, "judges": self.judges}  # fmt: skip
 
 
 def common_options(out: str, compile_unet: bool = True, cutout_seed: bool = False) -> OptionGroup:
@@ -231,14 +235,26 @@ def common_options(out: str, compile_unet: bool = True, cutout_seed: bool = Fals
         _option("quiet", bool, False, "--quiet", "-q", help="No progress bar or table.", panel=OUTPUT),
         _option("overwrite", bool, False, "--overwrite", panel=OUTPUT,
                 help="Start the output folder's run again (its earlier files are removed) instead of resuming it."),
+        _option("judge", list[str] | None, None, "--judge", panel=JUDGING, metavar="SPEC",
+                help="An independent classifier (spec, as --classifier) that judges each result and never enters the loss; repeatable. Records say per item whether every judge confirms its claim."),
+        _option("fail_on", str | None, None, "--fail-on", panel=JUDGING, metavar="claimed|confirmed",
+                help="Exit with status 3 when at least one item is a claimed (or judge-confirmed) finding: a CI gate."),
     ]  # fmt: skip
     if cutout_seed:
         own.append(_option("cutout_seed", int, 0, "--seed", help="Seeds the cutout randomness.", panel=OPTIM))
 
-    def build(overwrite: bool, **values: Any) -> CommonOptions:
+    def build(overwrite: bool, judge: list[str] | None, fail_on: str | None, **values: Any) -> CommonOptions:
+        from digin_cli.cli.app import fail
+        from digin_cli.errors import DiginError
+        from digin_cli.tasks.judges import check_judge_options
+
+        try:  # before anything loads
+            check_judge_options(judge or [], fail_on)
+        except DiginError as error:
+            fail(str(error))
         built = {name: group.build(**{p.name: values.pop(p.name) for p in group.parameters}) for name, group in groups.items()}
         built["runtime"].overwrite = overwrite
-        return CommonOptions(**built, **values)
+        return CommonOptions(**built, **values, judges=tuple(judge or ()), fail_on=fail_on)
 
     parameters = tuple(own) + tuple(p for group in groups.values() for p in group.parameters)
     return OptionGroup(parameters, build)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from digin_cli.cli.app import app, call_with_progress, stdout, wrote
+from digin_cli.cli.app import app, call_with_progress, confirmed_cell, finish, stdout
 from digin_cli.cli.options import ClassifierOpt, CommonOptions, InputsArg, common_options, real_image_options, with_options
 
 
@@ -47,20 +47,23 @@ def uvce(
                   csv_file=csv_file, real=real_options, **weights, **common.job_fields())  # fmt: skip
     result = call_with_progress(run_uvce, job, common.quiet)
     if not common.quiet:
-        stdout.print(_table(result["items"]))
-    stdout.print(wrote(result), highlight=False)
+        stdout.print(_table(result["items"], bool(job.judges)))
+    finish(result, common.fail_on)
 
 
-def _table(items: list[dict[str, Any]]) -> Table:
+def _table(items: list[dict[str, Any]], judged: bool) -> Table:
     table = Table(title="uvce: p(target) before -> after, background kept")
-    for column in ("file", "target", "p(target) before", "p(target) after", "flipped", "background PSNR", "status"):
+    columns = ("file", "target", "p(target) before", "p(target) after", "flipped", *(("confirmed",) if judged else ()),
+               "background PSNR", "status")  # fmt: skip
+    for column in columns:
         table.add_column(column)
     for item in items:
         name = Path(item["input"]["file"]).name
         if item.get("status") != "ok":
-            table.add_row(name, item["classes"].get("target", ""), "", "", "", "", f"failed: {item['error']}")
+            table.add_row(name, item["classes"].get("target", ""), *[""] * (len(columns) - 3), f"failed: {item['error']}")
             continue
+        confirmed = (confirmed_cell(item),) if judged else ()
         table.add_row(name, item["classes"]["target"], f"{item['before']['p_target']:.3f}",
-                      f"{item['after']['p_target']:.3f}", "yes" if item["flipped"] else "no",
+                      f"{item['after']['p_target']:.3f}", "yes" if item["flipped"] else "no", *confirmed,
                       f"{item['background_psnr_db']:.1f} dB", "ok")  # fmt: skip
     return table

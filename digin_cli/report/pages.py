@@ -64,6 +64,16 @@ def outcome(record: dict[str, Any], config: dict[str, Any]) -> tuple[str, str]:
     return "done", "neutral"
 
 
+def judging(record: dict[str, Any]) -> tuple[str, str, str] | None:
+    """The judges' badge of a claimed item: (text, kind, filter value); None without judges
+    or without a claim."""
+    if record.get("status") != "ok" or record.get("confirmed") is None or not record.get("claimed"):
+        return None
+    agreeing, total = record.get("judges_agreeing", 0), len(record.get("judges") or {})
+    text = f"confirmed by {agreeing} of {total} judge{'s' if total != 1 else ''}"
+    return (text, "good", "confirmed") if record["confirmed"] else (text, "bad", "not confirmed")
+
+
 def class_label(record: dict[str, Any]) -> str:
     classes = record.get("classes") or {}
     if "source" in classes or "target" in classes:
@@ -109,6 +119,9 @@ def _figures_rows(record: dict[str, Any]) -> tuple[str, float]:
 def item_card(record: dict[str, Any], config: dict[str, Any], order: int) -> str:
     text, kind = outcome(record, config)
     label = class_label(record)
+    judged = judging(record)
+    judge_badge = f'<span class="badge {judged[1]}">{html.escape(judged[0])}</span>' if judged else ""
+    judge_value = judged[2] if judged else ("not claimed" if record.get("confirmed") is not None else "")
     name = html.escape(record.get("item", ""))
     source = record.get("input") or {}
     where = f"seed {source['seed']}" if "seed" in source else html.escape(Path(str(source.get("file", ""))).name)
@@ -130,9 +143,9 @@ def item_card(record: dict[str, Any], config: dict[str, Any], order: int) -> str
     best = record.get("best_step")
     best_text = ", ".join(f"{k} {v}" for k, v in best.items()) if isinstance(best, dict) else str(best)
     return f"""<article class="card" data-class="{html.escape(label)}" data-outcome="{html.escape(text)}" data-order="{order}"
- data-name="{name}" data-change="{change:.6f}">
+ data-name="{name}" data-change="{change:.6f}" data-judges="{judge_value}">
 <h3>{name}</h3><p class="where">{where} &middot; <span class="cls">{html.escape(label)}</span></p>
-<span class="badge {kind}">{html.escape(text)}</span>
+<div class="badges"><span class="badge {kind}">{html.escape(text)}</span>{judge_badge}</div>
 <div class="images">{images}</div>
 {table}
 <p class="small">kept step {html.escape(best_text)}{f" &middot; {html.escape(verdict)}" if verdict else ""}</p>
@@ -146,15 +159,23 @@ def run_page(header: dict[str, Any], records: list[dict[str, Any]], complete: bo
     config = header.get("config") or {}
     command = header.get("command", "run")
     cards = "\n".join(item_card(record, config, order) for order, record in enumerate(records))
+    counts = header.get("items") or {}
     failures = [r for r in records if r.get("status") != "ok"]
     failed_list = "".join(f"<li><b>{html.escape(r.get('item', ''))}</b>: {html.escape(str(r.get('error')))}</li>" for r in failures)
     classes = sorted({class_label(r) for r in records})
     outcomes = sorted({outcome(r, config)[0] for r in records})
     options = lambda values: "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in values)  # noqa: E731
+    judges = config.get("judges") or []
+    findings = ""
+    if "claimed" in counts:
+        findings = f" &middot; {counts['claimed']} claimed"
+        if judges:
+            findings += f", {counts.get('confirmed', 0)} confirmed by {html.escape(', '.join(judges))}"
+    judge_filter = ('<label>judges <select id="judges"><option value="">all</option>'
+                    + options(["confirmed", "not confirmed", "not claimed"]) + "</select></label>") if judges else ""  # fmt: skip
     settings = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in flatten(config).items())
     versions = ", ".join(f"{k} {v}" for k, v in (header.get("versions") or {}).items())
     command_line = " ".join(header.get("command_line") or []) or f"digin {command} (command line not recorded)"
-    counts = header.get("items") or {}
     refresh = "" if complete else '<meta http-equiv="refresh" content="15">'
     state = "complete" if complete else "running (this page reloads every 15 s)"
     return f"""<!DOCTYPE html>
@@ -163,7 +184,7 @@ def run_page(header: dict[str, Any], records: list[dict[str, Any]], complete: bo
 <style>{CSS}</style></head>
 <body>
 <header><h1>digin {html.escape(command)}</h1>
-<p class="state">{state} &middot; {counts.get('done', 0)} done, {counts.get('failed', 0)} failed &middot;
+<p class="state">{state} &middot; {counts.get('done', 0)} done, {counts.get('failed', 0)} failed{findings} &middot;
 started {html.escape(str(header.get('started', '')))} &middot; {float(header.get('seconds', 0.0)):.0f} s on {html.escape(str(header.get('device', '')))}
 ({html.escape(str(header.get('dtype', '')))})</p>
 <pre class="command">{html.escape(command_line)}</pre>
@@ -172,6 +193,7 @@ started {html.escape(str(header.get('started', '')))} &middot; {float(header.get
 {f'<section class="failures"><h2>Failed</h2><ul>{failed_list}</ul></section>' if failures else ''}
 <nav><label>class <select id="class"><option value="">all</option>{options(classes)}</select></label>
 <label>outcome <select id="outcome"><option value="">all</option>{options(outcomes)}</select></label>
+{judge_filter}
 <label>sort <select id="sort"><option value="order">input order</option><option value="name">name</option>
 <option value="change">change of the first figure</option></select></label> <span id="shown"></span></nav>
 <main id="grid">
@@ -201,6 +223,7 @@ nav{display:flex;flex-wrap:wrap;gap:12px;align-items:center;position:sticky;top:
 .card.failed{border-color:#d93b3b}
 .images{display:flex;gap:6px} figure{margin:0;flex:1;min-width:0} figure img{width:100%;image-rendering:pixelated;border-radius:4px;display:block}
 figcaption{font-size:11px;color:#5b6475;text-align:center}
+.badges{display:flex;flex-wrap:wrap;gap:6px}
 .badge{align-self:flex-start;border-radius:999px;padding:2px 10px;font-size:12px;font-weight:600}
 .badge.good{background:#dcf5e3;color:#17632f} .badge.bad{background:#fde2e2;color:#9c1c1c}
 .badge.neutral{background:#e8ebf0;color:#3b4354} .badge.failed{background:#d93b3b;color:#fff}
@@ -216,13 +239,14 @@ SCRIPT = """
   const pick=id=>document.getElementById(id);
   function update(){
     const cls=pick('class').value, out=pick('outcome').value, sort=pick('sort').value;
+    const jud=pick('judges')?pick('judges').value:'';
     const key=c=>sort==='name'?c.dataset.name:sort==='change'?-parseFloat(c.dataset.change):parseInt(c.dataset.order);
     cards.sort((a,b)=>{const x=key(a),y=key(b);return x<y?-1:x>y?1:0;});
     let shown=0;
-    for(const c of cards){const ok=(!cls||c.dataset.class===cls)&&(!out||c.dataset.outcome===out);
+    for(const c of cards){const ok=(!cls||c.dataset.class===cls)&&(!out||c.dataset.outcome===out)&&(!jud||c.dataset.judges===jud);
       c.style.display=ok?'':'none'; shown+=ok; grid.appendChild(c);}
     pick('shown').textContent=shown+' of '+cards.length+' items';
   }
-  ['class','outcome','sort'].forEach(id=>pick(id).addEventListener('change',update)); update();
+  ['class','outcome','sort','judges'].forEach(id=>pick(id)&&pick(id).addEventListener('change',update)); update();
 })();
 """

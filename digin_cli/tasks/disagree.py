@@ -22,6 +22,7 @@ from digin_cli.tasks.runtime import (
     resolve_runtime,
     slug,
 )
+from digin_cli.tasks.judges import check_judge_options, load_judges
 from digin_cli.tasks.records import run_result
 from digin_cli.tasks.seed_runs import ItemWriter, check_seeds, open_seed_run, optimize_seeds
 
@@ -38,6 +39,7 @@ class DisagreeJob:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    judges: tuple[str, ...] = ()  # classifier specs that judge the results, never the loss
 
 
 def _check_pair(f: Classifier, g: Classifier) -> None:
@@ -57,6 +59,7 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     check_engine_options(job.out, job.sampler, job.optim, job.batch_size, job.runtime)
     check_prompt_template(job.prompt_template)
     check_seeds(job.seeds)
+    check_judge_options(job.judges, None)
     device, unet_dtype = resolve_runtime(job.runtime)
     # 2. The classifiers and the class, then the diffusion model.
     f = load_classifier(job.classifier_f, device)
@@ -65,6 +68,7 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     class_index = resolve_class(f, job.class_name)
     class_name = f.class_names[class_index]
     prompt = job.prompt_template.format(class_name)
+    judges = load_judges(job.judges, f, [class_index])
     engine = open_engine(job.runtime, device, unet_dtype, job.sampler)
     objective = Disagreement(f, g, class_index)
     optim = job.optim.resolved(engine.components, max(max(f.input_size), max(g.input_size)))
@@ -76,8 +80,10 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
         "class_index": class_index,
         "prompt_template": job.prompt_template,
         "prompt": prompt,
+        "judges": judges.specs,
     }
     folder = open_seed_run("disagree", job, specific, engine.components, optim, device)
+    folder.annotator = judges
 
     def labels(title: str, metrics: dict[str, float]) -> list[str]:
         return [title, f"p_f {metrics['p_f']:.3f}", f"p_g {metrics['p_g']:.3f}"]

@@ -25,6 +25,7 @@ from digin_cli.tasks.runtime import (
     with_family_defaults,
     resolve_runtime,
 )
+from digin_cli.tasks.judges import check_judge_options, load_judges
 from digin_cli.tasks.records import rounded, run_result
 from digin_cli.tasks.seed_runs import ItemWriter, check_seeds, open_seed_run, optimize_seeds
 
@@ -46,6 +47,7 @@ class NeuronJob:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    judges: tuple[str, ...] = ()  # classifier specs that judge the results, never the loss
 
 
 def propose_prompts(classifier: Classifier, neuron_weights: torch.Tensor, template: str, count: int) -> list[str]:
@@ -110,6 +112,7 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
     # 1. Check the options before anything heavy is loaded.
     job = with_family_defaults(job)
     _check_neuron(job)
+    check_judge_options(job.judges, None)
     device, unet_dtype = resolve_runtime(job.runtime)
     # 2. The classifier, the neuron (or direction) and the objective.
     classifier = load_classifier(job.classifier, device)
@@ -118,6 +121,7 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
     direction = neuron_target(feature_map, width, job.neuron, job.direction_file, device)
     objective = NeuronObjective(feature_map, neuron=job.neuron, direction=direction, maximize=job.maximize)
     prompts = _candidate_prompts(job, classifier, direction)
+    judges = load_judges(job.judges, classifier)
     # 3. The diffusion model; the start prompt with the highest mean activation.
     engine = open_engine(job.runtime, device, unet_dtype, job.sampler)
     optim = job.optim.resolved(engine.components, max(classifier.input_size))
@@ -138,8 +142,10 @@ def run_neuron(job: NeuronJob, progress: Progress | None = None) -> dict[str, An
         "selection_seeds": selection_seeds if scores else [],
         "selection_scores": scores,
         "prompt": prompt,
+        "judges": judges.specs,
     }
     folder = open_seed_run("neuron", job, specific, engine.components, optim, device)
+    folder.annotator = judges
 
     def labels(title: str, metrics: dict[str, float]) -> list[str]:
         top = classifier.class_names[int(metrics["top_class"])]

@@ -32,6 +32,7 @@ from digin_cli.tasks.real_images import (
     open_session,
     plain_input,
 )
+from digin_cli.tasks.judges import Judges, check_judge_options, load_judges
 from digin_cli.tasks.records import item_record, open_run_folder, rounded, run_result
 from digin_cli.tasks.runtime import (
     NoProgress,
@@ -75,6 +76,7 @@ class NeuronCfJob:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    judges: tuple[str, ...] = ()  # classifier specs that judge the results, never the loss
 
 
 def spurious_verdict(
@@ -126,6 +128,7 @@ def _check_neuron_cf(job: NeuronCfJob) -> list[str]:
     check_number("--w-latent", job.weight_latent, low=0)
     check_number("--w-pixel", job.weight_pixel, low=0)
     check_real_image_options(job.real, job.sampler)
+    check_judge_options(job.judges, None)
     if job.from_other_class:
         if job.class_name is None:
             raise DiginError("--from-other-class needs --class: the class the neuron might trigger")
@@ -144,14 +147,18 @@ def run_neuron_cf(job: NeuronCfJob, progress: Progress | None = None) -> dict[st
     modes = _check_neuron_cf(job)
     items = work_items(job.inputs, job.csv_file, job.source_class if job.from_other_class else job.class_name, [], need_target=False)
     fixed_class: list[int] = []  # --class, resolved before the heavy loads
+    judges: list[Judges] = []
 
     def check(classifier: Classifier) -> None:
         if job.class_name is not None:
             fixed_class.append(resolve_class(classifier, job.class_name))
+        # The classes known up front (--class, the CSV's); a predicted one is matched when judged.
+        known = set(fixed_class) | {resolve_class(classifier, item.source) for item in items if item.source}
+        judges.append(load_judges(job.judges, classifier, sorted(known)))  # before the diffusion model
 
     # 2. The classifier, the engine (and SAM-HQ, the captioner) once; the neuron or direction.
     session = open_session(job.classifier, job.runtime, job.real, job.sampler, job.optim, check=check)
-    run = NeuronCfRun(job, session, modes, fixed_class[0] if fixed_class else None, progress)
+    run = NeuronCfRun(job, session, modes, fixed_class[0] if fixed_class else None, progress, judges[0])
     # 3. The resumable loop over the images, batched.
     prepare = lambda items: session.prepare(items, job.real, job.sampler, record_p2p=False)  # noqa: E731
     records = run_items(items, run.folder, lambda item: [run.label], prepare, run.run_batch, job.batch_size)
@@ -166,7 +173,7 @@ class NeuronCfRun:
     """What the batches of one neuron-cf run share, and how a batch is optimized and written."""
 
     def __init__(self, job: NeuronCfJob, session: Session, modes: list[str], fixed_class: int | None,
-                 progress: Progress) -> None:  # fmt: skip
+                 progress: Progress, judges: Judges) -> None:  # fmt: skip
         self.job, self.session, self.modes, self.fixed_class, self.progress = job, session, modes, fixed_class, progress
         engine = session.engine
         self.feature_map = FeatureMap(session.classifier, job.layer)
@@ -184,9 +191,11 @@ class NeuronCfRun:
             "weight_pixel": job.weight_pixel,
             "hold_object": job.hold_object,
             "real": job.real.record(),
+            "judges": judges.specs,
         }
         config = run_config(job.runtime, specific, engine.components, job.sampler, session.optim)
         self.folder = open_run_folder(job.out, "neuron-cf", config, engine.device, job.runtime)
+        self.folder.annotator = judges
 
     def objective(self, class_indices: list[int], distance, maximize: bool = True) -> NeuronCounterfactual:
         neuron = NeuronObjective(self.feature_map, self.job.neuron, self.direction, maximize=maximize)

@@ -44,17 +44,22 @@ LOCK_FILE = ".digin.lock"
 SHARD_DONE = ".digin-shard-{index}-of-{count}.done"  # a process of a launch has written its shard's records
 WAIT_SECONDS = 0.5  # how often the main process looks for the other shards' markers
 # Config keys that choose which items run or how fast, not what an item's result is.
-NOT_FINGERPRINTED = ("seeds", "inputs", "batch_size", "compile")
+# Judges read the results and change none of them (tasks/judges.py).
+NOT_FINGERPRINTED = ("seeds", "inputs", "batch_size", "compile", "judges")
 
 
 # Optimization settings that choose how much memory a step holds, not its result.
 NOT_FINGERPRINTED_OPTIM = ("views_per_pass",)
+# Optimization settings added after runs were first recorded, with the value that does what
+# those runs did: at that value they are left out, so an earlier run folder still resumes.
+LATER_OPTIM_DEFAULTS = {"augment": "cutouts", "keep": "best-loss", "claim_margin": 0.05, "noise_reg": 0.0}
 
 
 def fingerprint_settings(config: dict[str, Any]) -> dict[str, Any]:
     settings = {key: value for key, value in config.items() if key not in NOT_FINGERPRINTED}
     if isinstance(settings.get("optim"), dict):
-        settings["optim"] = {k: v for k, v in settings["optim"].items() if k not in NOT_FINGERPRINTED_OPTIM}
+        settings["optim"] = {k: v for k, v in settings["optim"].items()
+                             if k not in NOT_FINGERPRINTED_OPTIM and LATER_OPTIM_DEFAULTS.get(k, object()) != v}  # fmt: skip
     return settings
 
 
@@ -86,6 +91,10 @@ class RunFolder:
         self.out = out
         self.header = header
         self._started = time.perf_counter()
+        # What completes a finished record before it is written (tasks/judges.py: its claim
+        # and its judges' views): called as annotator(record, out, config); records judged
+        # otherwise (annotator.stale) are annotated again when a rerun finds them finished.
+        self.annotator = None
 
     @property
     def fingerprint(self) -> str:
@@ -182,9 +191,15 @@ class RunFolder:
     def finished(self, item: str) -> dict[str, Any] | None:
         """The item's record when it finished with this run's settings, else None (to be run)."""
         record = read_json(self.record_path(item))
-        if isinstance(record, dict) and record.get("status") == "ok" and record.get("fingerprint") == self.fingerprint:
-            return record
-        return None
+        if not (isinstance(record, dict) and record.get("status") == "ok" and record.get("fingerprint") == self.fingerprint):
+            return None
+        if self.annotator is not None and self.annotator.stale(record):
+            try:
+                record = self.annotator(record, self.out, self.header["config"])
+            except FileNotFoundError:
+                return None  # its images are gone: make them again
+            write_json(record, self.record_path(item))
+        return record
 
     def write_item(self, record: dict[str, Any]) -> dict[str, Any]:
         """Write a finished item's record (last, atomically: it marks the item done), after
@@ -196,6 +211,8 @@ class RunFolder:
             name = f"{record['item']}_plot.png"
             write_bytes(plot_png(record["history"], record.get("best_step"), title=record["item"]), self.out / name)
             record["files"] = {**record["files"], "plot": name}
+        if record.get("status") == "ok" and self.annotator is not None:
+            record = self.annotator(record, self.out, self.header["config"])
         write_json(record, self.record_path(record["item"]))
         return record
 
@@ -218,6 +235,9 @@ class RunFolder:
             header["items"] = {
                 "done": sum(r.get("status") == "ok" for r in records),
                 "failed": sum(r.get("status") == "failed" for r in records),
+                # Findings: what the run claims, and of those what every judge confirms.
+                "claimed": sum(r.get("status") == "ok" and r.get("claimed") is True for r in records),
+                "confirmed": sum(r.get("status") == "ok" and r.get("confirmed") is True for r in records),
             }
             header["complete"] = len(records) == len(items)
             header["seconds"] = round(header.get("seconds", 0.0) + time.perf_counter() - self._started, 3)

@@ -37,6 +37,7 @@ from digin_cli.tasks.real_images import (
     open_session,
     plain_input,
 )
+from digin_cli.tasks.judges import Judges, check_judge_options, load_judges
 from digin_cli.tasks.records import item_record, open_run_folder, rounded, run_result
 from digin_cli.tasks.runtime import (
     NoProgress,
@@ -66,6 +67,7 @@ class UvceJob:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    judges: tuple[str, ...] = ()  # classifier specs that judge the results, never the loss
 
 
 def _check_uvce(job: UvceJob) -> None:
@@ -79,6 +81,7 @@ def _check_uvce(job: UvceJob) -> None:
     check_number("--w-latent", job.weight_latent, low=0)
     check_number("--w-pixel", job.weight_pixel, low=0)
     check_real_image_options(job.real, job.sampler)
+    check_judge_options(job.judges, None)
 
 
 def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
@@ -90,11 +93,15 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
     _check_uvce(job)
     items = work_items(job.inputs, job.csv_file, job.source_class, job.targets)
 
+    judges: list[Judges] = []
+
     def resolve_targets(classifier: Classifier) -> None:
         # Class names as the classifier spells them: a misspelt target fails before any heavy
         # work, and file names do not depend on how the user wrote the class.
         for item in items:
             item.targets = [classifier.class_names[resolve_class(classifier, t)] for t in item.targets]
+        targets = {resolve_class(classifier, t) for item in items for t in item.targets}
+        judges.append(load_judges(job.judges, classifier, sorted(targets)))  # before the diffusion model
 
     # 2. The classifier, the engine (and SAM-HQ, the captioner), once.
     session = open_session(job.classifier, job.runtime, job.real, job.sampler, job.optim, check=resolve_targets)
@@ -105,9 +112,11 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
         "weight_latent": job.weight_latent,
         "weight_pixel": job.weight_pixel,
         "real": job.real.record(),
+        "judges": judges[0].specs,
     }
     config = run_config(job.runtime, specific, session.engine.components, job.sampler, session.optim)
     folder = open_run_folder(job.out, "uvce", config, session.engine.device, job.runtime)
+    folder.annotator = judges[0]
     # 3. The resumable loop over the images, image x target pairs batched.
     records = run_items(
         items, folder, lambda item: item.targets, lambda items: session.prepare(items, job.real, job.sampler),
