@@ -203,3 +203,28 @@ def test_report_reads_run_folders_of_earlier_versions(tmp_path):
     for key, when, value in (("p_f", "before", 0.125), ("p_f", "after", 0.875), ("p_g", "after", 0.0625)):
         assert f'data-key="{key}" data-when="{when}" data-value="{value}">{value:.3f}<' in page
     assert 'src="circle_seed3_optimized.png"' in page
+
+
+@needs_browser
+def test_the_judges_badge_and_filter(browser, tmp_path):
+    from test_judges import DISAGREE, oracle_copy
+
+    out = tmp_path / "judged"
+    result = runner.invoke(app, [*DISAGREE, "--judge", oracle_copy(), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    # One claim that the judge does not confirm, as a record says it; the page is rebuilt from the records.
+    unconfirmed = out / "triangle_seed1.json"
+    record = json.loads(unconfirmed.read_text())
+    assert record["claimed"] and record["confirmed"]
+    unconfirmed.write_text(json.dumps({**record, "confirmed": False, "judges_agreeing": 0}))
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    _open(browser, out / "index.html")
+    badges = browser.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('.card')].map(c => [c.dataset.name,"
+        " [...c.querySelectorAll('.badge')].map(b => b.textContent)]))")  # fmt: skip
+    assert badges["triangle_seed0"][1] == "confirmed by 1 of 1 judge" and badges["triangle_seed1"][1] == "confirmed by 0 of 1 judge"
+    for choice, expected in (("confirmed", ["triangle_seed0"]), ("not confirmed", ["triangle_seed1"]), ("", ["triangle_seed0", "triangle_seed1"])):
+        browser.execute_script(f"const s=document.getElementById('judges'); s.value='{choice}'; s.dispatchEvent(new Event('change'));")
+        visible = browser.execute_script("return [...document.querySelectorAll('.card')].filter(c => c.style.display !== 'none').map(c => c.dataset.name)")
+        assert sorted(visible) == expected, choice
+    assert "2 claimed, 1 confirmed by" in browser.find_element("tag name", "header").text

@@ -167,10 +167,11 @@ def run_page(header: dict[str, Any], records: list[dict[str, Any]], complete: bo
     options = lambda values: "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in values)  # noqa: E731
     judges = config.get("judges") or []
     findings = ""
-    if "claimed" in counts:
-        findings = f" &middot; {counts['claimed']} claimed"
+    if any("claimed" in r for r in records):  # counted from the records: the page may be rebuilt from them alone
+        count = lambda key: sum(r.get("status") == "ok" and r.get(key) is True for r in records)  # noqa: E731
+        findings = f" &middot; {count('claimed')} claimed"
         if judges:
-            findings += f", {counts.get('confirmed', 0)} confirmed by {html.escape(', '.join(judges))}"
+            findings += f", {count('confirmed')} confirmed by {html.escape(', '.join(judges))}"
     judge_filter = ('<label>judges <select id="judges"><option value="">all</option>'
                     + options(["confirmed", "not confirmed", "not claimed"]) + "</select></label>") if judges else ""  # fmt: skip
     settings = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in flatten(config).items())
