@@ -33,6 +33,11 @@ class ObjectiveInput:
 class ObjectiveOutput:
     loss: torch.Tensor  # (B,) per-item loss, minimized
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,)
+    # (B,) how far the objective's claim about the item holds on these views: >= m where
+    # it holds with margin m (OptimConfig.claim_margin), negative where it does not. None:
+    # the objective makes no claim (a neuron is maximized, nothing is asserted). Kept out
+    # of `metrics` so the records' history stays what it was.
+    claim: torch.Tensor | None = None
 
 
 class Objective(Protocol):
@@ -70,16 +75,41 @@ def class_probability(classifier: Classifier, views: torch.Tensor, class_index: 
 
 @dataclass
 class Disagreement:
-    """Make f see class y while g does not: minimize -(p_f(y) - p_g(y)) (paper eq. 3)."""
+    """Make f see class y while g does not: minimize -(p_f(y) - p_g(y)) (paper eq. 3).
+
+    The claim (the benchmark's rule): p_f >= claim_p_f and p_g <= claim_p_g; its margin is
+    the smaller of the two distances to those thresholds."""
 
     classifier_f: Classifier
     classifier_g: Classifier
     class_index: int
+    claim_p_f: float = 0.5
+    claim_p_g: float = 0.2
 
     def __call__(self, inputs: ObjectiveInput) -> ObjectiveOutput:
         p_f = class_probability(self.classifier_f, inputs.views, self.class_index)  # (B,)
         p_g = class_probability(self.classifier_g, inputs.views, self.class_index)  # (B,)
-        return ObjectiveOutput(loss=-(p_f - p_g), metrics={"p_f": p_f, "p_g": p_g})
+        claim = torch.minimum(p_f - self.claim_p_f, self.claim_p_g - p_g)  # (B,)
+        return ObjectiveOutput(loss=-(p_f - p_g), metrics={"p_f": p_f, "p_g": p_g}, claim=claim)
+
+
+@dataclass
+class ClassLoss:
+    """-log p(class) of one classifier, averaged over each item's views: the reference of a
+    cone projection (engine/guards.py, Cone), whose gradient says where a second (robust)
+    classifier sees more of the class.
+
+    class_index: one class for the whole batch, or one per item (B,)."""
+
+    classifier: Classifier
+    class_index: int | list[int] | torch.Tensor
+
+    def __call__(self, views: torch.Tensor) -> torch.Tensor:
+        """views (B, V, 3, S, S) -> (B,)."""
+        batch, num_views = views.shape[:2]
+        log_probs = self.classifier(views.flatten(0, 1)).float().log_softmax(dim=-1).view(batch, num_views, -1)  # (B, V, C)
+        index = per_item(self.class_index, batch, log_probs.device)  # (B,)
+        return -log_probs.gather(2, index.view(batch, 1, 1).expand(batch, num_views, 1))[..., 0].mean(dim=1)
 
 
 class FeatureMap:
@@ -236,7 +266,9 @@ class RegionDistance:
 class Counterfactual:
     """Universal visual counterfactual: -log p(target) + the background distance (paper sec. 5).
 
-    target_index / source_index: one class for the whole batch, or one per item (B,)."""
+    target_index / source_index: one class for the whole batch, or one per item (B,).
+    The claim: the target is the classifier's top class; its margin is p(target) minus the
+    largest other class's probability (of the view-averaged probabilities)."""
 
     classifier: Classifier
     target_index: int | list[int] | torch.Tensor
@@ -253,15 +285,18 @@ class Counterfactual:
         log_p_target = log_probs.gather(2, target[:, None].expand(batch, num_views, 1))[..., 0]  # (B, V)
         d_latent, d_pixel = self.distance(inputs.images, inputs.latents)
         loss = -log_p_target.mean(dim=1) + d_latent + d_pixel
+        p_target = probs.gather(1, target)[:, 0]  # (B,)
+        runner_up = probs.scatter(1, target, -torch.inf).amax(dim=1)  # (B,) the best other class
         return ObjectiveOutput(
             loss=loss,
             metrics={
-                "p_target": probs.gather(1, target)[:, 0],
+                "p_target": p_target,
                 "p_source": probs.gather(1, source)[:, 0],
                 "top_class": probs.argmax(dim=1).float(),  # of the view-averaged probabilities
                 "distance_latent": d_latent,
                 "distance_pixel": d_pixel,
             },
+            claim=p_target - runner_up,
         )
 
 

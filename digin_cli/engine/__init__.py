@@ -9,6 +9,8 @@ embedding, null_t the per-step null-text embedding, and the image is D(z_0).
 """
 
 from digin_cli.engine.configs import (
+    AUGMENTATIONS,
+    KEEP_RULES,
     REFERENCE_LR_EMBEDDING,
     NonFiniteLoss,
     OptimConfig,
@@ -17,12 +19,16 @@ from digin_cli.engine.configs import (
     SamplerConfig,
     StepReport,
 )
+from digin_cli.engine.guards import Cone, cone_projection, noise_regularization
 from digin_cli.engine.guided_ddim import GuidedDDIM
 from digin_cli.engine.hold import HeldTrajectory, HoldRegion
-from digin_cli.engine.inputs import initial_latents, make_cutouts
+from digin_cli.engine.inputs import initial_latents, make_cutouts, make_views
 
 __all__ = [
+    "AUGMENTATIONS",
+    "KEEP_RULES",
     "REFERENCE_LR_EMBEDDING",
+    "Cone",
     "GuidedDDIM",
     "HeldTrajectory",
     "HoldRegion",
@@ -32,6 +38,9 @@ __all__ = [
     "ProgressCallback",
     "SamplerConfig",
     "StepReport",
+    "cone_projection",
     "initial_latents",
     "make_cutouts",
+    "make_views",
+    "noise_regularization",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -42,6 +43,11 @@ CHECKPOINT_MEMORY_SHARE = 0.25
 # deltas of the optimization, and the null embeddings of null-text inversion.
 REFERENCE_LR_EMBEDDING = 1e-2
 
+# OptimConfig.keep: which iterate an item keeps.
+KEEP_RULES = ("best-loss", "first-claim")
+# OptimConfig.augment: the classifier's views while optimizing (engine/inputs.py, make_views).
+AUGMENTATIONS = ("cutouts", "eot")
+
 
 @dataclass
 class OptimConfig:
@@ -71,6 +77,36 @@ class OptimConfig:
     # graphs are freed before the next pass. None (auto): all, unless that would not fit
     # the memory budget (engine/memory.py). Changes how fast, not what: not fingerprinted.
     views_per_pass: int | None = None
+    # Guards against results that fool only the guide (issue 38). Every default leaves the
+    # optimization exactly as it was without them.
+    # Which iterate an item keeps (KEEP_RULES): "best-loss", the one with the lowest plain
+    # loss (the reference's); "first-claim", the first whose objective's claim holds by
+    # `claim_margin` on the plain image (ObjectiveOutput.claim: disagree p_f >= 0.5 and
+    # p_g <= 0.2, uvce the target is the top class), before later steps over-optimize it;
+    # an item whose claim never holds, or an objective without a claim, keeps its best-loss one.
+    keep: str = "best-loss"
+    claim_margin: float = 0.05  # with keep="first-claim": by how much the claim must hold (its units: probability)
+    # DNO-style noise regularization (engine/guards.py, noise_regularization): the weight of a
+    # loss on z_T, added to every update, that penalizes per-channel and per-patch statistics
+    # (mean, second moment, neighbour correlation, ...) a standard Gaussian sample would show
+    # with a probability under 0.3%. z_T's norm is already kept by the projection. 0: off.
+    noise_reg: float = 0.0
+    # The classifier's views while optimizing (AUGMENTATIONS): "cutouts", the paper's random
+    # crops + Gaussian noise; "eot", an expectation over transformations: the same crops, then
+    # random flips, rotations (+-10 deg), scales (0.9-1.1), brightness / contrast / saturation
+    # jitter (+-10%) and a light blur, then the noise (engine/inputs.py, make_eot_views).
+    augment: str = "cutouts"
+
+    def validate(self) -> None:
+        """ValueError, one line, for a guard setting out of range (before anything loads)."""
+        if self.keep not in KEEP_RULES:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_RULES)}, not '{self.keep}'")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not '{self.augment}'")
+        if not (self.noise_reg >= 0 and math.isfinite(self.noise_reg)):
+            raise ValueError(f"noise_reg must be a finite weight >= 0, not {self.noise_reg}")
+        if not (self.claim_margin >= 0 and math.isfinite(self.claim_margin)):
+            raise ValueError(f"claim_margin must be >= 0, not {self.claim_margin}")
 
     def resolved(self, components: DiffusionComponents, view_size: int | None = None) -> OptimConfig:
         """A copy with every default made concrete, as it will run and be recorded.
@@ -101,11 +137,14 @@ class StepReport:
 @dataclass
 class OptimizationResult:
     initial_images: torch.Tensor  # (B, 3, H, W) iterate 0, in [0, 1], on CPU
-    best_images: torch.Tensor  # (B, 3, H, W) lowest non-augmented loss, on CPU
+    best_images: torch.Tensor  # (B, 3, H, W) the kept iterate (OptimConfig.keep; default: lowest non-augmented loss), on CPU
     best_steps: list[int]  # per item, which iterate was kept
     best_latents: torch.Tensor  # (B, C, h, w) the z_T of the kept iterate, on CPU
     history: list[dict[str, list[float]]] = field(default_factory=list)  # per iterate: name -> per item
     seconds: float = 0.0
+    # Per item, the first iterate whose claim held by OptimConfig.claim_margin on its plain
+    # image, whatever OptimConfig.keep; None where it never did or the objective makes no claim.
+    claim_steps: list[int | None] = field(default_factory=list)
 
     def at_step(self, step: int, item: int) -> dict[str, float]:
         return {name: values[item] for name, values in self.history[step].items()}

@@ -26,7 +26,9 @@ from digin_cli.engine.configs import (
     SamplerConfig,
     StepReport,
 )
+from digin_cli.engine.guards import Cone, noise_regularization
 from digin_cli.engine.hold import HeldTrajectory, HoldRegion
+from digin_cli.engine.inputs import make_views, view_generators
 from digin_cli.engine.loop import AugmentedLoss, BestIterates, Variables, composite, per_step
 from digin_cli.engine.memory import MemoryPlan, StepFootprint, available_memory, plan_memory, saved_activation_bytes
 from digin_cli.errors import CompileFallbackWarning
@@ -269,6 +271,33 @@ class GuidedDDIM:
         report, _ = self._plain_report(objective, z_0, None)
         return report
 
+    @torch.no_grad()
+    def start_views_loss(
+        self, objective: Objective, z_T: torch.Tensor, prompt_emb: torch.Tensor, null_emb: torch.Tensor,
+        sampler: SamplerConfig, config: OptimConfig, cone: Cone | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """A start's guarded loss, (B,), without optimizing: the objective on the augmented views
+        (config.augment, seeded by config.seed, as the optimization draws them) of the last
+        DDIM step's x0-prediction, plus, with a cone, its reference's loss on the same views.
+        To rank starts (the prompt-to-prompt search) by what the optimization will descend,
+        not by the plain image alone, which an over-fitted start can satisfy."""
+        config = config.resolved(self.components)
+        T = sampler.num_steps
+        _, kept = self.run_chain(z_T.to(self.device), per_step(prompt_emb, T), per_step(null_emb, T), sampler.guidance_scale,
+                                 keep_last=1)  # fmt: skip
+        x0 = kept[-1]  # (B, C, h, w)
+        images = self.decode(x0)  # (B, 3, H, W)
+        views = make_views(images, config, view_generators(self.device, config.seed, x0.shape[0]))  # (B, V, 3, S, S)
+        per_pass = config.views_per_pass or views.shape[1]
+        losses = [lambda part: objective(ObjectiveInput(images, x0, part)).loss] + ([cone.reference] if cone else [])
+        total = torch.zeros(x0.shape[0], device=self.device)
+        for loss in losses:
+            # Pass by pass, weighted by its share of the views, as AugmentedLoss adds them up.
+            for first in range(0, views.shape[1], per_pass):
+                part = views[:, first : first + per_pass]  # (B, n, 3, S, S)
+                total = total + loss(part).float() * (part.shape[1] / views.shape[1])
+        return total
+
     # -- the DiG-IN optimization -----------------------------------------
 
     def optimize(
@@ -281,22 +310,25 @@ class GuidedDDIM:
         config: OptimConfig,
         on_step: ProgressCallback | None = None,
         hold: HoldRegion | None = None,
+        cone: Cone | None = None,
     ) -> OptimizationResult:
         """Optimize z_T and per-step prompt / null-text deltas to minimize `objective`.
 
         z_T: (B, C, h, w). prompt_emb: (B, L, D) or per step (T, B, L, D). null_emb likewise
         (per-step null embeddings come from null-text inversion). Every item is optimized
         independently (per-item losses are summed, Adam is elementwise), and every item
-        keeps its own best iterate by the non-augmented loss.
+        keeps its own iterate by config.keep (default: the lowest non-augmented loss).
         hold: what of every item stays as the unoptimized start has it (see HoldRegion,
         HeldTrajectory); None holds nothing.
+        cone: the objective's gradient with respect to the classifier views is projected onto
+        the cone around a reference's (engine/guards.py, Cone); None projects nothing.
         """
         started = time.perf_counter()
         # 1-4. The variables, the loss, the memory plan and the held region.
-        config, variables, loss, held = self._prepare(objective, z_T, prompt_emb, null_emb, sampler, config, hold)
+        config, variables, loss, held = self._prepare(objective, z_T, prompt_emb, null_emb, sampler, config, hold, cone)
         # 5. The loop: iterate 0 is the start; every iterate is judged on its plain image.
         total = config.steps if variables.optimizer is not None else 0
-        best = BestIterates(variables.latent)
+        best = BestIterates(variables.latent, config.keep, config.claim_margin)
         with self._compiled_unet():
             for step in range(total + 1):
                 update = step < total
@@ -315,21 +347,22 @@ class GuidedDDIM:
 
     def first_gradients(
         self, objective: Objective, z_T: torch.Tensor, prompt_emb: torch.Tensor, null_emb: torch.Tensor,
-        sampler: SamplerConfig, config: OptimConfig, hold: HoldRegion | None = None,
+        sampler: SamplerConfig, config: OptimConfig, hold: HoldRegion | None = None, cone: Cone | None = None,
     ) -> dict[str, torch.Tensor | None]:  # fmt: skip
         """What the first update of `optimize` descends: the gradients of the augmented loss at
         the start, unscaled, by variable ("latent" (B, C, h, w), "prompt" and "null"
         (T, B, L, D); None where that is no variable)."""
-        config, variables, loss, held = self._prepare(objective, z_T, prompt_emb, null_emb, sampler, config, hold)
+        config, variables, loss, held = self._prepare(objective, z_T, prompt_emb, null_emb, sampler, config, hold, cone)
         with self._compiled_unet():
             self._pass(variables, loss, sampler, config, held, update=True)
         return variables.gradients()
 
     def _prepare(self, objective: Objective, z_T: torch.Tensor, prompt_emb: torch.Tensor, null_emb: torch.Tensor,
-                 sampler: SamplerConfig, config: OptimConfig, hold: HoldRegion | None,
+                 sampler: SamplerConfig, config: OptimConfig, hold: HoldRegion | None, cone: Cone | None = None,
                  ) -> tuple[OptimConfig, Variables, AugmentedLoss, HeldTrajectory | None]:  # fmt: skip
         """What an optimization starts from, every default made concrete."""
         # 1. Check inputs and make every default concrete.
+        config.validate()
         config = config.resolved(self.components)
         T = sampler.num_steps
         if not 1 <= config.loss_steps <= T:
@@ -339,8 +372,8 @@ class GuidedDDIM:
                                      loss_scaling=self.loss_scaling)  # fmt: skip
         # 3. The loss: its placement on the last K x0-predictions and its augmentations; whether
         #    the chain is checkpointed and how many views a pass (auto: what fits the budget).
-        loss = AugmentedLoss.create(objective, config, batch=z_T.shape[0], device=self.device)
-        config = self._with_memory_plan(objective, variables, sampler, config)
+        loss = AugmentedLoss.create(objective, config, batch=z_T.shape[0], device=self.device, cone=cone)
+        config = self._with_memory_plan(objective, variables, sampler, config, cone)
         # 4. The held region's reference trajectory. Computed eagerly, before the compiled
         #    UNet is switched on: a no-grad call would make it compile a second graph.
         held = None
@@ -402,10 +435,15 @@ class GuidedDDIM:
             # Without checkpointing the activations fit the budget: one batched decode of the K predictions.
             loss.backward(x0_preds, decode, config.views_per_pass, batched=not config.gradient_checkpointing,
                           scale=variables.scaler.scale)  # fmt: skip
+            if config.noise_reg > 0 and variables.latent.requires_grad:
+                # z_T's own term (engine/guards.py): straight into its gradient, beside the chain's.
+                sigma = float(self.components.scheduler.init_noise_sigma)
+                atypical = noise_regularization(variables.latent, sigma)  # (B,)
+                variables.scaler.scale(config.noise_reg * atypical.sum()).backward()
         return z_0
 
     def _with_memory_plan(self, objective: Objective, variables: Variables, sampler: SamplerConfig,
-                          config: OptimConfig) -> OptimConfig:  # fmt: skip
+                          config: OptimConfig, cone: Cone | None = None) -> OptimConfig:  # fmt: skip
         """The config with `gradient_checkpointing` and `views_per_pass` concrete: as given, else
         the plan of what fits CHECKPOINT_MEMORY_SHARE of the available memory (engine/memory.py).
         A run plans once, at its first batch, and keeps the plan for batches no larger."""
@@ -413,11 +451,12 @@ class GuidedDDIM:
             return config
         batch = variables.latent.shape[0]
         key = (type(objective).__name__, sampler.num_steps, sampler.guidance_scale, config.loss_steps, config.num_cutouts,
-               config.view_size, config.gradient_checkpointing, config.views_per_pass, config.checkpoint_decode)  # fmt: skip
+               config.view_size, config.gradient_checkpointing, config.views_per_pass, config.checkpoint_decode,
+               None if cone is None else type(cone.reference).__name__)  # fmt: skip
         planned = self._memory_plans.get(key)
         if planned is None or planned[0] < batch:
             budget = CHECKPOINT_MEMORY_SHARE * available_memory(self.device)
-            plan = plan_memory(self._footprint(objective, variables, sampler, config), budget, batch, sampler.num_steps,
+            plan = plan_memory(self._footprint(objective, variables, sampler, config, cone), budget, batch, sampler.num_steps,
                                config.loss_steps, config.views_per_pass or config.num_cutouts,
                                checkpoint=config.gradient_checkpointing, checkpoint_decode=config.checkpoint_decode,
                                fixed_views=config.views_per_pass is not None)  # fmt: skip
@@ -427,9 +466,10 @@ class GuidedDDIM:
         return replace(config, gradient_checkpointing=checkpoint, views_per_pass=config.views_per_pass or plan.views_per_pass)
 
     def _footprint(self, objective: Objective, variables: Variables, sampler: SamplerConfig,
-                   config: OptimConfig) -> StepFootprint:  # fmt: skip
+                   config: OptimConfig, cone: Cone | None = None) -> StepFootprint:  # fmt: skip
         """Saved-activation bytes, measured eagerly: one DDIM step of this batch, one item's decode,
-        and the objective on one view of each item (random-free stand-in images)."""
+        and the objective on one view of each item (random-free stand-in images); with a cone,
+        the larger of that and its reference's (their passes run one after the other)."""
         prompt_embs, null_embs = variables.embeddings()
         latent = variables.latent.detach().requires_grad_(True)  # (B, C, h, w)
         self.timesteps(sampler.num_steps)
@@ -441,6 +481,8 @@ class GuidedDDIM:
         images = torch.full((batch, 3, side, side), 0.5, device=self.device, requires_grad=True)
         views = torch.full((batch, 1, 3, size, size), 0.5, device=self.device, requires_grad=True)
         view = saved_activation_bytes(lambda: objective(ObjectiveInput(images, latent, views)).loss)
+        if cone is not None:
+            view = max(view, saved_activation_bytes(lambda: cone.reference(views)))
         return StepFootprint(ddim_step=step, decode=decode, view=view)
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""What the optimization starts from and what the classifiers see: z_T per seed, random cutouts."""
+"""What the optimization starts from and what the classifiers see: z_T per seed, random cutouts
+(and, with OptimConfig.augment "eot", an expectation over more transformations)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,110 @@ def make_cutouts(
     crops = crop_and_resize(images, left, top, side, num_cutouts, size)  # (count, 3, size, size)
     noise = torch.cat([torch.randn((num_cutouts, *crops.shape[1:]), generator=g, device=device) for g in generators])
     return (crops + noise.to(crops) * noise_std).view(batch, num_cutouts, *crops.shape[1:])
+
+
+def make_views(images: torch.Tensor, config, generators: list[torch.Generator]) -> torch.Tensor:
+    """The classifier's views of `images` (B, 3, H, W) while optimizing, as `config.augment`
+    (an OptimConfig) names them: (B, num_cutouts, 3, S, S), S = config.view_size."""
+    if config.augment == "cutouts":
+        return make_cutouts(images, config.num_cutouts, config.view_size, config.cutout_min_scale, config.cutout_noise_std,
+                            generators)  # fmt: skip
+    if config.augment == "eot":
+        return make_eot_views(images, config.num_cutouts, config.view_size, config.cutout_min_scale,
+                              config.cutout_noise_std, generators)  # fmt: skip
+    raise ValueError(f"unknown augmentation '{config.augment}'")
+
+
+# The ranges of make_eot_views' transformations: light enough that the class stays what it
+# is, strong enough that a pattern tuned to one pixel grid, orientation or colour balance
+# does not survive them all.
+EOT_ROTATION_DEGREES = 10.0  # uniform in +-10
+EOT_SCALE = (0.9, 1.1)  # zoom about the view's centre (below 1: the border is reflected in)
+EOT_JITTER = 0.1  # brightness, contrast and saturation factors uniform in 1 +- 0.1
+EOT_BLUR_SIGMA = 1.0  # Gaussian blur, sd uniform in [0, 1] view pixels
+EOT_BLUR_RADIUS = 2  # the blur kernel's half-width: 5 taps
+
+
+def make_eot_views(
+    images: torch.Tensor,
+    num_cutouts: int,
+    size: int,
+    min_scale: float,
+    noise_std: float,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """An expectation over transformations: make_cutouts' crops, each then flipped
+    horizontally (half of them), rotated, zoomed, colour-jittered and blurred, then the
+    Gaussian noise. images: (B, 3, H, W) -> (B, num_cutouts, 3, size, size). Differentiable in
+    `images`; every draw from the item's own generator, so an item's views do not depend on
+    its batch, and a seed repeats them exactly."""
+    batch, _, height, width = images.shape
+    device = images.device
+    V = num_cutouts
+    # 1. Per item, in this order from its generator: the crop (as make_cutouts), then the
+    #    flip, angle, zoom, three jitter factors and blur sd; the noise last.
+    draws = [[torch.rand(V, generator=g, device=device) for _ in range(10)] for g in generators]
+    u, left_u, top_u, flip_u, angle_u, zoom_u, bright_u, contrast_u, saturation_u, blur_u = (
+        torch.cat(parts) for parts in zip(*draws))  # (B * V,) each  # fmt: skip
+    noise = torch.cat([torch.randn((V, 3, size, size), generator=g, device=device) for g in generators])  # (B * V, 3, S, S)
+    # 2. The crops, as make_cutouts draws them.
+    side = (1.0 - (1.0 - min_scale) * u**2) * min(height, width)
+    views = crop_and_resize(images, left_u * (width - side), top_u * (height - side), side, V, size)  # (B * V, 3, S, S)
+    # 3. Geometry, colour, blur, noise.
+    views = flip_views(views, flip_u < 0.5)
+    low, high = EOT_SCALE
+    views = rotate_and_zoom(views, (2 * angle_u - 1) * EOT_ROTATION_DEGREES, low + (high - low) * zoom_u)
+    factors = [1 + EOT_JITTER * (2 * f - 1) for f in (bright_u, contrast_u, saturation_u)]
+    views = jitter_colours(views, *factors)
+    views = blur_views(views, EOT_BLUR_SIGMA * blur_u)
+    return (views + noise.to(views) * noise_std).view(batch, V, *views.shape[1:])
+
+
+def flip_views(views: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """views (N, 3, S, S) mirrored left-right where flip (N,) bool is set: an exact copy, no resampling."""
+    return torch.where(flip.view(-1, 1, 1, 1), views.flip(-1), views)
+
+
+def rotate_and_zoom(views: torch.Tensor, degrees: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
+    """views (N, 3, S, S) rotated by degrees (N,) about their centre and zoomed by zoom (N,)
+    (above 1: magnified), bilinear, the border reflected in where the view would leave the
+    image. Rotation 0 at zoom 1 samples every pixel centre: the identity, up to rounding."""
+    angle = torch.deg2rad(degrees.to(views.dtype))  # (N,)
+    cos, sin = torch.cos(angle) / zoom.to(views), torch.sin(angle) / zoom.to(views)
+    # Output -> input coordinates (normalized, square views): the inverse rotation, scaled by 1 / zoom.
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
+                         torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)  # (N, 2, 3)  # fmt: skip
+    grid = torch.nn.functional.affine_grid(theta, list(views.shape), align_corners=False)  # (N, S, S, 2)
+    return torch.nn.functional.grid_sample(views, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def jitter_colours(views: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
+                   saturation: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """views (N, 3, S, S) with brightness, contrast and saturation factors (N,) each, applied in
+    that order as torchvision's ColorJitter defines them: brightness scales; contrast blends
+    with the view's mean grey; saturation blends with each pixel's grey (ITU-R 601 luma).
+    Not clamped to [0, 1]: a clamp would cut the gradient of every pixel it touches, and the
+    decoded images sit at 0 and 1 in places."""
+    luma = torch.tensor([0.299, 0.587, 0.114], dtype=views.dtype, device=views.device).view(1, 3, 1, 1)
+    views = views * brightness.to(views).view(-1, 1, 1, 1)
+    mean_grey = (views * luma).sum(dim=1, keepdim=True).mean(dim=(2, 3), keepdim=True)  # (N, 1, 1, 1)
+    views = mean_grey + (views - mean_grey) * contrast.to(views).view(-1, 1, 1, 1)
+    grey = (views * luma).sum(dim=1, keepdim=True)  # (N, 1, S, S)
+    return grey + (views - grey) * saturation.to(views).view(-1, 1, 1, 1)
+
+
+def blur_views(views: torch.Tensor, sigma: torch.Tensor, radius: int = EOT_BLUR_RADIUS) -> torch.Tensor:
+    """views (N, 3, S, S), each blurred by a separable Gaussian of sd sigma (N,) pixels, 2 * radius + 1
+    taps, the border reflected; an sd near 0 is the identity."""
+    count, channels, size, _ = views.shape
+    offsets = torch.arange(-radius, radius + 1, dtype=views.dtype, device=views.device)  # (taps,)
+    weights = torch.exp(-0.5 * (offsets / sigma.to(views).clamp_min(1e-3).view(-1, 1)) ** 2)  # (N, taps)
+    weights = (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (N * 3, taps)
+    # One grouped convolution per axis: every view-channel its own kernel.
+    flat = torch.nn.functional.pad(views.reshape(1, count * channels, size, size), [radius] * 4, mode="reflect")
+    flat = torch.nn.functional.conv2d(flat, weights.view(-1, 1, 1, 2 * radius + 1), groups=count * channels)
+    flat = torch.nn.functional.conv2d(flat, weights.view(-1, 1, 2 * radius + 1, 1), groups=count * channels)
+    return flat.view(count, channels, size, size)
 
 
 def crop_and_resize(images: torch.Tensor, left: torch.Tensor, top: torch.Tensor, side: torch.Tensor,

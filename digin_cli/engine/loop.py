@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from digin_cli.engine.configs import OptimConfig, OptimizationResult
+from digin_cli.engine.guards import Cone, cone_projection
 from digin_cli.engine.hold import HeldTrajectory
-from digin_cli.engine.inputs import make_cutouts, view_generators
+from digin_cli.engine.inputs import make_views, view_generators
 from digin_cli.objectives import Objective, ObjectiveInput, ObjectiveOutput
 
 
@@ -89,21 +90,24 @@ class Variables:
 
 @dataclass
 class AugmentedLoss:
-    """The loss an update descends: the objective on random cutouts of the decoded
-    x0-predictions of the last K steps, weighted k / (1 + ... + K)."""
+    """The loss an update descends: the objective on the augmented views (OptimConfig.augment)
+    of the decoded x0-predictions of the last K steps, weighted k / (1 + ... + K); with a
+    cone, the objective's gradient with respect to the views projected onto it (guards.py)."""
 
     objective: Objective
     weights: list[float]
     config: OptimConfig
-    # One cutout generator per item, all seeded alike: an item's augmentations, hence its
+    # One view generator per item, all seeded alike: an item's augmentations, hence its
     # result, do not depend on the batch it shares (only on --seed).
     generators: list[torch.Generator]
+    cone: Cone | None = None
 
     @classmethod
-    def create(cls, objective: Objective, config: OptimConfig, batch: int, device: torch.device) -> AugmentedLoss:
+    def create(cls, objective: Objective, config: OptimConfig, batch: int, device: torch.device,
+               cone: Cone | None = None) -> AugmentedLoss:  # fmt: skip
         K = config.loss_steps
         weights = [k / (K * (K + 1) / 2) for k in range(1, K + 1)]
-        return cls(objective, weights, config, view_generators(device, config.seed, batch))
+        return cls(objective, weights, config, view_generators(device, config.seed, batch), cone)
 
     def backward(self, x0_preds: list[torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor],
                  views_per_pass: int, batched: bool = False,
@@ -115,7 +119,8 @@ class AugmentedLoss:
         1. The K decodes (`batched`: one decode of K * B, fewer, larger calls); their graphs stay.
         2. Per loss step, the image and its latent become leaves; the objective runs on the
            views pass by pass, each pass backpropagated into the leaves at once (its
-           classifier graph freed), then the views' gradient through the cutouts into the image.
+           classifier graph freed), then the views' gradient (projected onto the cone, if
+           any: view_gradient) through the augmentations into the image.
         3. One backward from the K images and latents, with their gradients, through the
            decodes and the chain.
 
@@ -123,7 +128,6 @@ class AugmentedLoss:
         over its views plus terms of the image and latent alone (objectives.Objective): pass
         c, with share n_c / V of the views, enters weighted n_c / V. `scale` multiplies every
         term before its backward (fp16 loss scaling)."""
-        config = self.config
         batch = x0_preds[0].shape[0]
         # 1. The decoded x0-predictions, K x (B, 3, H, W).
         decoded_all = decode(torch.cat(x0_preds)).split(batch) if batched else [decode(x0) for x0 in x0_preds]
@@ -133,18 +137,10 @@ class AugmentedLoss:
         for weight, x0, decoded in zip(self.weights, x0_preds, decoded_all):
             image = decoded.detach().requires_grad_(True)  # (B, 3, H, W)
             latent = x0.detach().requires_grad_(True)  # (B, C, h, w)
-            views = make_cutouts(
-                image, config.num_cutouts, config.view_size, config.cutout_min_scale, config.cutout_noise_std,
-                self.generators,
-            )  # (B, V, 3, S, S)  # fmt: skip
-            view_leaves = views.detach().requires_grad_(True)
-            num_views = views.shape[1]
-            for first in range(0, num_views, views_per_pass):
-                part = view_leaves[:, first : first + views_per_pass]  # (B, n, 3, S, S)
-                term = self.objective(ObjectiveInput(image, latent, part)).loss  # (B,)
-                scale(term.sum() * (weight * part.shape[1] / num_views)).backward()
-            if view_leaves.grad is not None:
-                views.backward(view_leaves.grad)  # into image.grad, through the crops
+            views = make_views(image, self.config, self.generators)  # (B, V, 3, S, S)
+            view_gradient = self.view_gradient(image, latent, views, weight, views_per_pass, scale)
+            if view_gradient is not None:
+                views.backward(view_gradient)  # into image.grad, through the augmentations
             for root, leaf in ((decoded, image), (x0, latent)):
                 if leaf.grad is not None and root.requires_grad:
                     roots.append(root)
@@ -153,15 +149,51 @@ class AugmentedLoss:
         if roots:
             torch.autograd.backward(roots, gradients)
 
+    def view_gradient(self, image: torch.Tensor, latent: torch.Tensor, views: torch.Tensor, weight: float,
+                      views_per_pass: int, scale: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:  # fmt: skip
+        """The gradient of one loss step's objective with respect to its views (B, V, 3, S, S),
+        None if it has none; its terms of the image and latent alone go into their .grad as
+        the passes run, unprojected. With a cone, the guide's gradient over all passes, then
+        the reference's over all passes, then per item the projection of the one onto the
+        cone around the other."""
+        guide = run_passes(lambda part: self.objective(ObjectiveInput(image, latent, part)).loss, views, weight,
+                           views_per_pass, scale)  # fmt: skip
+        if self.cone is None or guide is None:
+            return guide
+        reference = run_passes(self.cone.reference, views, 1.0, views_per_pass, scale)
+        if reference is None:  # the reference does not see the views: no direction to follow
+            return guide
+        return cone_projection(guide.flatten(1), reference.flatten(1), self.cone.degrees).view_as(guide)
+
+
+def run_passes(loss: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor, weight: float, views_per_pass: int,
+               scale: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:  # fmt: skip
+    """The gradient of weight * loss(views) (B,), summed over items, with respect to views
+    (B, V, 3, S, S), computed `views_per_pass` views at a time (each pass's graph freed by
+    its backward, its share n / V of the views weighting it); None where loss ignores the views."""
+    leaves = views.detach().requires_grad_(True)
+    num_views = views.shape[1]
+    for first in range(0, num_views, views_per_pass):
+        part = leaves[:, first : first + views_per_pass]  # (B, n, 3, S, S)
+        term = loss(part)  # (B,)
+        scale(term.sum() * (weight * part.shape[1] / num_views)).backward()
+    return leaves.grad
+
 
 class BestIterates:
-    """The history of every iterate, and per item the one with the lowest plain loss so far."""
+    """The history of every iterate, and per item the iterate it keeps: the one with the
+    lowest plain loss so far ("best-loss"), or ("first-claim") the first whose claim holds
+    by `claim_margin`, after which that item's kept iterate no longer changes; until then,
+    and where the claim never holds or the objective makes none, its best-loss iterate."""
 
-    def __init__(self, latent: torch.Tensor) -> None:
+    def __init__(self, latent: torch.Tensor, keep: str = "best-loss", claim_margin: float = 0.0) -> None:
         batch = latent.shape[0]
+        self.keep_first_claim = keep == "first-claim"
+        self.claim_margin = claim_margin
         self.history: list[dict[str, list[float]]] = []
         self.best_loss = torch.full((batch,), math.inf)
         self.best_steps = [0] * batch
+        self.claim_steps: list[int | None] = [None] * batch
         self.best_latents = latent.detach().cpu().clone()  # (B, C, h, w)
         self.best_images: torch.Tensor | None = None  # (B, 3, H, W)
         self.initial_images: torch.Tensor | None = None  # (B, 3, H, W)
@@ -177,8 +209,19 @@ class BestIterates:
         if self.initial_images is None:
             self.initial_images = images_cpu.clone()
             self.best_images = images_cpu.clone()
+        claimed_before = torch.tensor([s is not None for s in self.claim_steps])  # (B,)
+        claims = torch.zeros_like(claimed_before)  # (B,) the claim holds at this iterate
+        if report.claim is not None:
+            claims = report.claim.detach().float().cpu() >= self.claim_margin
+            for b in torch.nonzero(claims & ~claimed_before).flatten().tolist():
+                self.claim_steps[b] = step
         improved = plain_loss < self.best_loss  # (B,)
-        for b in torch.nonzero(improved).flatten().tolist():
+        if self.keep_first_claim:
+            # Items claimed earlier keep that iterate; a first claim replaces the best-loss one.
+            kept = ~claimed_before & (improved | claims)
+        else:
+            kept = improved
+        for b in torch.nonzero(kept).flatten().tolist():
             self.best_loss[b] = plain_loss[b]
             self.best_steps[b] = step
             self.best_images[b] = images_cpu[b]
@@ -192,6 +235,7 @@ class BestIterates:
             best_latents=self.best_latents,
             history=self.history,
             seconds=seconds,
+            claim_steps=list(self.claim_steps),
         )
 
 
