@@ -38,7 +38,8 @@ SAMPLER_OPTIONS = {"ddim_steps": "num_steps", "guidance": "guidance_scale", "spa
 OPTIM_OPTIONS = {
     "steps": "steps", "lr_latent": "lr_latent", "lr_prompt": "lr_prompt", "lr_null": "lr_null",
     "optimize_latent": "optimize_latent", "optimize_prompt": "optimize_prompt", "optimize_null": "optimize_null",
-    "loss_steps": "loss_steps", "cutouts": "num_cutouts",
+    "loss_steps": "loss_steps", "cutouts": "num_cutouts", "augment": "augment", "keep": "keep",
+    "claim_margin": "claim_margin", "noise_reg": "noise_reg",
 }  # fmt: skip
 REAL_IMAGE_OPTIONS = {"caption": "caption", "captioner": "captioner", "mask": "mask_file",
                       "sam_checkpoint": "sam_checkpoint", "sam_model_type": "sam_model_type"}  # fmt: skip
@@ -255,7 +256,7 @@ def _progress():
 
 def disagree(classifier_f, classifier_g, class_name: str, *, num_images: int = 1, seed: int = 0,
              prompt_template: str = "a photograph of a {}", batch_size: int = 1, model=DEFAULT_MODEL,
-             device: str = "auto", dtype: str = "fp32", compile: bool = False, judge: str | Sequence[str] | None = None, out: str | Path | None = None,  # noqa: A002
+             device: str = "auto", dtype: str = "fp32", compile: bool = False, cone: str | None = None, judge: str | Sequence[str] | None = None, out: str | Path | None = None,  # noqa: A002
              overwrite: bool = False, progress: bool = True, **engine_options) -> Run:  # fmt: skip
     """Images that classifier f assigns to `class_name` and classifier g does not (`digin disagree`)."""
     from digin_cli.tasks.disagree import DisagreeJob, run_disagree
@@ -264,7 +265,8 @@ def disagree(classifier_f, classifier_g, class_name: str, *, num_images: int = 1
     return _run(run_disagree, lambda folder: DisagreeJob(
         classifier_f=classifier_f, classifier_g=classifier_g, class_name=class_name, out=folder,
         seeds=list(range(seed, seed + num_images)), prompt_template=prompt_template, batch_size=batch_size,
-        runtime=_runtime(model, device, dtype, compile, overwrite), sampler=sampler, optim=optim, judges=_judges(judge)), out, progress)  # fmt: skip
+        runtime=_runtime(model, device, dtype, compile, overwrite), sampler=sampler, optim=optim, judges=_judges(judge),
+        cone=cone), out, progress)  # fmt: skip
 
 
 def neuron(classifier, *, neuron: int | None = None, direction: str | Path | None = None, layer: str | None = None,
@@ -287,7 +289,7 @@ def neuron(classifier, *, neuron: int | None = None, direction: str | Path | Non
 def uvce(inputs: str | Path, classifier, *, target: str | list[str] | None = None, source_class: str | None = None,
          csv: str | Path | None = None, p2p_fraction: float | Sequence[float] = (0.3, 0.4, 0.5), w_latent: float = 25.0,
          w_pixel: float = 250.0, seed: int = 0, batch_size: int = 1, model=DEFAULT_MODEL, device: str = "auto", dtype: str = "fp32",
-         judge: str | Sequence[str] | None = None, out: str | Path | None = None, overwrite: bool = False, progress: bool = True, **options) -> Run:  # fmt: skip
+         cone: str | None = None, judge: str | Sequence[str] | None = None, out: str | Path | None = None, overwrite: bool = False, progress: bool = True, **options) -> Run:  # fmt: skip
     """Visual counterfactuals of real images (`digin uvce`); real-image options: caption, captioner,
     mask, sam_checkpoint, sam_model_type."""
     from digin_cli.tasks.uvce import UvceJob, run_uvce
@@ -299,7 +301,7 @@ def uvce(inputs: str | Path, classifier, *, target: str | list[str] | None = Non
         classifier=classifier, inputs=Path(inputs), targets=targets, out=folder, source_class=source_class,
         csv_file=Path(csv) if csv is not None else None, weight_latent=w_latent, weight_pixel=w_pixel,
         batch_size=batch_size, real=_real(real, p2p_fraction), runtime=_runtime(model, device, dtype, False, overwrite),
-        sampler=sampler, optim=optim, judges=_judges(judge)), out, progress)  # fmt: skip
+        sampler=sampler, optim=optim, judges=_judges(judge), cone=cone), out, progress)  # fmt: skip
 
 
 def neuron_cf(inputs: str | Path, classifier, *, neuron: int | None = None, direction: str | Path | None = None,

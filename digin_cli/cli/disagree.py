@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from digin_cli.cli.app import app, call_with_progress, confirmed_cell, finish, stdout
-from digin_cli.cli.options import SEEDS, CommonOptions, PromptTemplateOpt, common_options, with_options
+from digin_cli.cli.options import SEEDS, CommonOptions, ConeOpt, PromptTemplateOpt, common_options, with_options
 
 
 @app.command()
@@ -20,6 +20,7 @@ def disagree(
     classifier_g: Annotated[str, typer.Option("--classifier-g", "-g", help="Classifier that should not see the class.")],
     class_name: Annotated[str, typer.Option("--class", "-c", help="Target class: a name (any case) or an index.")],
     prompt_template: PromptTemplateOpt = "a photograph of a {}",
+    cone: ConeOpt = None,
     seeds: list[int] | None = None,
     common: CommonOptions | None = None,
 ) -> None:
@@ -27,7 +28,7 @@ def disagree(
     from digin_cli.tasks.disagree import DisagreeJob, run_disagree
 
     job = DisagreeJob(classifier_f=classifier_f, classifier_g=classifier_g, class_name=class_name, seeds=seeds,
-                      prompt_template=prompt_template, **common.job_fields(seed=seeds[0] if seeds else 0))  # fmt: skip
+                      prompt_template=prompt_template, cone=cone, **common.job_fields(seed=seeds[0] if seeds else 0))  # fmt: skip
     result = call_with_progress(run_disagree, job, common.quiet)
     if not common.quiet:
         stdout.print(_table(result))

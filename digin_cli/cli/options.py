@@ -97,6 +97,11 @@ NeuronOpt = Annotated[int | None, typer.Option("--neuron", "-u", help="Neuron in
 DirectionOpt = Annotated[
     Path | None, typer.Option("--direction", help="A .npy/.pt vector in feature space instead of one neuron.")
 ]
+ConeOpt = Annotated[
+    str | None,
+    typer.Option("--cone", metavar="SPEC[:DEGREES]", rich_help_panel="Guards (results that fool only the guide)",
+                 help="DVCE's cone: keep the guide's gradient within DEGREES (default 30) of a second, robust classifier's, e.g. shapes:robust:30."),
+]
 LayerOpt = Annotated[str | None, typer.Option(help="Named module to read (default: the input of the last linear layer).")]
 
 
@@ -120,6 +125,7 @@ SAMPLER_OPTIONS = OptionGroup(
 )
 
 OPTIM = "Optimization"
+GUARDS = "Guards (results that fool only the guide)"
 OPTIM_OPTIONS = OptionGroup(
     (
         _option("steps", int, 20, "--steps", help="Optimization (Adam) steps.", panel=OPTIM),
@@ -134,6 +140,14 @@ OPTIM_OPTIONS = OptionGroup(
         _option("loss_steps", int | None, None, "--loss-steps", panel=OPTIM,
                 help="Put the loss on the last K DDIM steps (default: 3, or all of fewer)."),
         _option("cutouts", int, 16, "--cutouts", help="Augmented classifier views per image.", panel=OPTIM),
+        _option("augment", str, "cutouts", "--augment", panel=GUARDS, metavar="cutouts|eot",
+                help="The classifier's views: cutouts (random crops + noise, the paper's) or eot (also flips, small rotations and scales, colour jitter and blur)."),
+        _option("keep", str, "best-loss", "--keep", panel=GUARDS, metavar="best-loss|first-claim",
+                help="Which iterate to keep: the lowest loss, or the first whose claim holds by --claim-margin (before later steps over-optimize)."),
+        _option("claim_margin", float, 0.05, "--claim-margin", panel=GUARDS,
+                help="With --keep first-claim: by how much (probability) the claim must hold."),
+        _option("noise_reg", float, 0.0, "--noise-reg", panel=GUARDS, metavar="WEIGHT",
+                help="Keep z_T typical of a standard Gaussian (DNO's noise regularization): the weight of its loss; 0 is off."),
     ),  # fmt: skip
     # The cutout seed is set by each command (--seed means more than that for runs from seeds).
     lambda cutouts, **values: _engine().OptimConfig(num_cutouts=cutouts, **values),

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from digin_cli.cli.app import app, call_with_progress, confirmed_cell, finish, stdout
-from digin_cli.cli.options import ClassifierOpt, CommonOptions, InputsArg, common_options, real_image_options, with_options
+from digin_cli.cli.options import ClassifierOpt, CommonOptions, ConeOpt, InputsArg, common_options, real_image_options, with_options
 
 
 @app.command()
@@ -34,6 +34,7 @@ def uvce(
         typer.Option("--p2p-fraction", help="Share of DDIM steps with injected cross-attention; repeat for several: each "
                      "counterfactual starts from the one with the lowest loss (default 0.3, 0.4 and 0.5, as the reference)."),
     ] = None,
+    cone: ConeOpt = None,
     real: tuple | None = None,
     common: CommonOptions | None = None,
 ) -> None:
@@ -44,7 +45,7 @@ def uvce(
     if p2p_fraction:
         real_options = replace(real_options, p2p_fractions=tuple(p2p_fraction))
     job = UvceJob(classifier=classifier, inputs=inputs, targets=list(target or []), source_class=source_class,
-                  csv_file=csv_file, real=real_options, **weights, **common.job_fields())  # fmt: skip
+                  csv_file=csv_file, cone=cone, real=real_options, **weights, **common.job_fields())  # fmt: skip
     result = call_with_progress(run_uvce, job, common.quiet)
     if not common.quiet:
         stdout.print(_table(result["items"], bool(job.judges)))

@@ -22,6 +22,7 @@ from digin_cli.tasks.runtime import (
     resolve_runtime,
     slug,
 )
+from digin_cli.tasks.guards import check_cone, load_cone
 from digin_cli.tasks.judges import check_judge_options, load_judges
 from digin_cli.tasks.records import run_result
 from digin_cli.tasks.seed_runs import ItemWriter, check_seeds, open_seed_run, optimize_seeds
@@ -40,6 +41,7 @@ class DisagreeJob:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     judges: tuple[str, ...] = ()  # classifier specs that judge the results, never the loss
+    cone: str | None = None  # "SPEC[:DEGREES]": the guide's gradient kept within a cone around SPEC's
 
 
 def _check_pair(f: Classifier, g: Classifier) -> None:
@@ -60,6 +62,7 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     check_prompt_template(job.prompt_template)
     check_seeds(job.seeds)
     check_judge_options(job.judges, None)
+    check_cone(job.cone, job.judges)
     device, unet_dtype = resolve_runtime(job.runtime)
     # 2. The classifiers and the class, then the diffusion model.
     f = load_classifier(job.classifier_f, device)
@@ -69,6 +72,7 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
     class_name = f.class_names[class_index]
     prompt = job.prompt_template.format(class_name)
     judges = load_judges(job.judges, f, [class_index])
+    cone = load_cone(job.cone, f, [class_index])
     engine = open_engine(job.runtime, device, unet_dtype, job.sampler)
     objective = Disagreement(f, g, class_index)
     optim = job.optim.resolved(engine.components, max(max(f.input_size), max(g.input_size)))
@@ -81,6 +85,7 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
         "prompt_template": job.prompt_template,
         "prompt": prompt,
         "judges": judges.specs,
+        **({"cone": cone.record()} if cone else {}),  # absent without: earlier run folders resume
     }
     folder = open_seed_run("disagree", job, specific, engine.components, optim, device)
     folder.annotator = judges
@@ -90,5 +95,6 @@ def run_disagree(job: DisagreeJob, progress: Progress | None = None) -> dict[str
 
     sheet_title = f"'{class_name}'  f={f.spec}  g={g.spec}"
     writer = ItemWriter(folder, "disagree", slug(class_name), sheet_title, labels, classes={"class": class_name})
-    records = optimize_seeds(engine, objective, prompt, job.seeds, job.batch_size, job.sampler, optim, progress, writer)
+    records = optimize_seeds(engine, objective, prompt, job.seeds, job.batch_size, job.sampler, optim, progress, writer,
+                             cone=cone.cone(f, class_index) if cone else None)  # fmt: skip
     return run_result(folder, records, started)

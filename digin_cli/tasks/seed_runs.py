@@ -78,7 +78,7 @@ class ItemWriter:
 
 
 def _optimize_chunk(engine: GuidedDDIM, objective, prompt_emb: torch.Tensor, null_emb: torch.Tensor, chunk: list[int],
-                    sampler: SamplerConfig, optim: OptimConfig, progress: Progress) -> OptimizationResult | None:  # fmt: skip
+                    sampler: SamplerConfig, optim: OptimConfig, progress: Progress, cone=None) -> OptimizationResult | None:  # fmt: skip
     """One batch of seeds optimized together; None when it ran out of memory."""
     batch = len(chunk)
     progress.start(f"seed {chunk[0]}" if batch == 1 else f"seeds {chunk[0]}-{chunk[-1]}", optim.steps)
@@ -92,6 +92,7 @@ def _optimize_chunk(engine: GuidedDDIM, objective, prompt_emb: torch.Tensor, nul
                 sampler,
                 optim,
                 on_step=progress.step,
+                cone=cone,
             )
     except MEMORY_ERRORS:
         return None
@@ -110,10 +111,12 @@ def optimize_seeds(
     progress: Progress,
     writer: ItemWriter,
     shard: Shard | None = None,
+    cone=None,
 ) -> list[dict[str, Any]]:
     """Optimize one image per seed of this process's shard from `prompt`, `batch_size` at a
     time, skipping the seeds already finished; returns every seed's record on disk, in
-    seed order (also those of other processes, as far as they are done). A batch that runs
+    seed order (also those of other processes, as far as they are done). `cone`: the
+    engine's Cone (--cone), or None. A batch that runs
     out of memory stops the run in one line; the batches before it keep their records."""
     shard = shard or Shard.current()
     items = [writer.item(seed) for seed in seeds]
@@ -122,7 +125,7 @@ def optimize_seeds(
     null_emb = engine.null_embedding()  # (1, L, D)
     for start in range(0, len(pending), batch_size):
         chunk = pending[start : start + batch_size]
-        result = _optimize_chunk(engine, objective, prompt_emb, null_emb, chunk, sampler, optim, progress)
+        result = _optimize_chunk(engine, objective, prompt_emb, null_emb, chunk, sampler, optim, progress, cone)
         if result is None:
             release_memory()  # outside the `except`: the batch's tensors are freed by now
             raise DiginError(f"{out_of_memory(batch_size, counted(len(chunk), 'image') + ' in one batch')}; "

@@ -37,6 +37,7 @@ from digin_cli.tasks.real_images import (
     open_session,
     plain_input,
 )
+from digin_cli.tasks.guards import ConeGuide, check_cone, load_cone
 from digin_cli.tasks.judges import Judges, check_judge_options, load_judges
 from digin_cli.tasks.records import item_record, open_run_folder, rounded, run_result
 from digin_cli.tasks.runtime import (
@@ -68,6 +69,7 @@ class UvceJob:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     judges: tuple[str, ...] = ()  # classifier specs that judge the results, never the loss
+    cone: str | None = None  # "SPEC[:DEGREES]": the guide's gradient kept within a cone around SPEC's
 
 
 def _check_uvce(job: UvceJob) -> None:
@@ -82,6 +84,7 @@ def _check_uvce(job: UvceJob) -> None:
     check_number("--w-pixel", job.weight_pixel, low=0)
     check_real_image_options(job.real, job.sampler)
     check_judge_options(job.judges, None)
+    check_cone(job.cone, job.judges)
 
 
 def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
@@ -94,6 +97,7 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
     items = work_items(job.inputs, job.csv_file, job.source_class, job.targets)
 
     judges: list[Judges] = []
+    cones: list[ConeGuide | None] = []
 
     def resolve_targets(classifier: Classifier) -> None:
         # Class names as the classifier spells them: a misspelt target fails before any heavy
@@ -102,6 +106,7 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
             item.targets = [classifier.class_names[resolve_class(classifier, t)] for t in item.targets]
         targets = {resolve_class(classifier, t) for item in items for t in item.targets}
         judges.append(load_judges(job.judges, classifier, sorted(targets)))  # before the diffusion model
+        cones.append(load_cone(job.cone, classifier, sorted(targets)))
 
     # 2. The classifier, the engine (and SAM-HQ, the captioner), once.
     session = open_session(job.classifier, job.runtime, job.real, job.sampler, job.optim, check=resolve_targets)
@@ -113,6 +118,10 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
         "weight_pixel": job.weight_pixel,
         "real": job.real.record(),
         "judges": judges[0].specs,
+        # How the prompt-to-prompt start is chosen: by the loss the optimization descends
+        # (augmented views, the cone's reference), not by the plain image alone.
+        "p2p_search": "guarded views",
+        **({"cone": cones[0].record()} if cones[0] else {}),  # absent without: earlier run folders resume
     }
     config = run_config(job.runtime, specific, session.engine.components, job.sampler, session.optim)
     folder = open_run_folder(job.out, "uvce", config, session.engine.device, job.runtime)
@@ -120,7 +129,7 @@ def run_uvce(job: UvceJob, progress: Progress | None = None) -> dict[str, Any]:
     # 3. The resumable loop over the images, image x target pairs batched.
     records = run_items(
         items, folder, lambda item: item.targets, lambda items: session.prepare(items, job.real, job.sampler),
-        lambda tasks: _counterfactuals(session, tasks, job, progress), job.batch_size,
+        lambda tasks: _counterfactuals(session, tasks, job, progress, cones[0]), job.batch_size,
     )  # fmt: skip
     return run_result(folder, records, started)
 
@@ -158,7 +167,8 @@ def _edit(components, classifier: Classifier, prepared: PreparedImage, target: s
     return Edit(target, target_index, target_name, source_name, target_caption, mapping)
 
 
-def _counterfactuals(session: Session, tasks: list[Task], job: UvceJob, progress: Progress) -> list[dict[str, Any]]:
+def _counterfactuals(session: Session, tasks: list[Task], job: UvceJob, progress: Progress,
+                     cone_guide: ConeGuide | None) -> list[dict[str, Any]]:  # fmt: skip
     """Counterfactuals of B tasks (image x target) in one engine batch: each starts from its own
     prompt-to-prompt edit and inversion, keeps its own background; writes every task's files."""
     started = time.perf_counter()
@@ -169,8 +179,9 @@ def _counterfactuals(session: Session, tasks: list[Task], job: UvceJob, progress
     batch = batch_inputs(engine, prepared, False, job.weight_latent, job.weight_pixel)  # the background stays
     objective = Counterfactual(classifier, [e.target_index for e in edits], [p.source_index for p in prepared], batch.distance)
     target_embs = engine.encode_text([e.target_caption for e in edits])  # (B, L, D)
+    cone = cone_guide.cone(classifier, [e.target_index for e in edits]) if cone_guide else None
     # 2. Each task's prompt-to-prompt start: how many steps get the recorded attention.
-    search = _search_p2p_steps(session, objective, prepared, edits, batch, target_embs, job)
+    search = _search_p2p_steps(session, objective, prepared, edits, batch, target_embs, job, cone)
     inject_steps = [min(search[b], key=search[b].get) for b in range(len(tasks))]
     control = AttentionControl.for_batch([p.control for p in prepared], [e.mapping for e in edits], inject_steps)
     # 3. The optimization, from the chosen prompt-to-prompt starts.
@@ -186,6 +197,7 @@ def _counterfactuals(session: Session, tasks: list[Task], job: UvceJob, progress
                 job.sampler,
                 session.optim,
                 on_step=progress.step,
+                cone=cone,
             )
     finally:
         progress.finish()
@@ -205,13 +217,16 @@ def _counterfactuals(session: Session, tasks: list[Task], job: UvceJob, progress
 
 
 def _search_p2p_steps(session: Session, objective: Counterfactual, prepared: list[PreparedImage], edits: list[Edit],
-                      batch, target_embs: torch.Tensor, job: UvceJob) -> list[dict[int, float | None]]:  # fmt: skip
-    """Per task, the plain loss of its prompt-to-prompt start at each candidate number of
-    injected steps (the --p2p-fraction shares of the DDIM steps, rounded up).
+                      batch, target_embs: torch.Tensor, job: UvceJob, cone) -> list[dict[int, float | None]]:  # fmt: skip
+    """Per task, the guarded loss of its prompt-to-prompt start at each candidate number of
+    injected steps (the --p2p-fraction shares of the DDIM steps, rounded up): the objective
+    on the augmented views the optimization will see, plus the cone's reference loss.
 
     The reference's UVCE samples the start at 0.3, 0.4 and 0.5 and optimizes from the
     one with the lowest loss: a longer injection keeps more of the original's layout (and
-    background), a shorter one lets the target's shape form. One forward sample a
+    background), a shorter one lets the target's shape form. Ranked by the plain image
+    alone, the search preferred starts that satisfy the guide at once: a bar turned into
+    a trapezoid the oracle calls a triangle, kept at step 0. One forward sample a
     candidate, no gradients; with one candidate nothing is sampled."""
     T = job.sampler.num_steps
     candidates = sorted({math.ceil(fraction * T) for fraction in job.real.p2p_fractions})
@@ -221,7 +236,8 @@ def _search_p2p_steps(session: Session, objective: Counterfactual, prepared: lis
     for steps in candidates:
         control = AttentionControl.for_batch([p.control for p in prepared], [e.mapping for e in edits], steps)
         with attach(session.engine, control), finite_losses():
-            losses[steps] = session.engine.start_report(objective, batch.z_T, target_embs, batch.null_embs, job.sampler).loss
+            losses[steps] = session.engine.start_views_loss(objective, batch.z_T, target_embs, batch.null_embs, job.sampler,
+                                                            session.optim, cone=cone)  # fmt: skip
     return [{steps: float(losses[steps][b]) for steps in candidates} for b in range(len(prepared))]
 
 
