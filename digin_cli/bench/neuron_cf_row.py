@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from digin_cli.bench.claims import JUDGE, JUDGES, claim_counts, claim_headline, claim_rates, judge_view
 from digin_cli.bench.config import BenchConfig
 from digin_cli.bench.stats import format_rate, rate
 from digin_cli.bench.scenes import as_tensor, scene_file, write_csv
@@ -22,6 +23,8 @@ from digin_cli.tasks.real_images import RealImageOptions
 from digin_cli.tasks.runtime import Progress
 from digin_cli.world.scenes import BACKGROUNDS, caption, judge_colours, sample_scene
 
+SCENE_FIRST_SEED = 9_000  # the dev scenes' RNG seeds: 9_000 + k, three scenes (one per mode) each
+
 
 def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Row "neuron-cf": the documented background neuron of shapes:background-biased on rendered scenes.
@@ -32,6 +35,12 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
     - minimize on scenes of the class planted on that background: is the neuron flagged
       as a harmful spurious feature (p(class) drops with the object kept)?
     - control: the circle neuron, minimized on circles, must not be flagged.
+
+    Each minimizing run's claim is its flag (the record's `claimed`); shapes:oracle-2
+    (--judge) confirms it when its own verdict, on the same images with the object kept
+    as recorded, is the recorded one (the record's `confirmed`). A control run is cleared
+    when judged and not flagged, and its clearance confirmed when oracle-2's verdict is
+    "not flagged" too.
     """
     # 1. The documented neurons and the scenes of each mode.
     meta = shapes_classifier_meta("background-biased")
@@ -40,7 +49,7 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
     planted_shape = shape_planted_with(meta, background)
     control = meta["control_neuron"]
     n = config.neuron_cf_seeds
-    off, on, circles = _scenes(n, planted_shape, background, control["shape"])
+    off, on, circles = _scenes(scene_seeds(config), planted_shape, background, control["shape"])
     root = config.out / "neuron-cf"
     # 2. Maximized off the neuron's background: turned, object kept, activation gained.
     turned, object_psnrs, gains = 0, [], []
@@ -50,52 +59,87 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
         object_psnrs.append(masked_psnr(as_tensor(maximized), as_tensor(image), torch.from_numpy(mask).float()[None]))
         gains.append((record["before"]["activation"], record["after"]["maximized"]["activation"]))
     # 3. Minimized on it, and the control neuron minimized on its shape: digin's verdicts.
-    verdicts = [record["verdict"] for record, _, _ in _folder_run(config, progress, index, on, "min", root / "min")]
-    flagged = sum(v["flagged"] for v in verdicts)
-    min_kept = sum(v["object_kept"] for v in verdicts)
-    control_verdicts = [
-        record["verdict"] for record, _, _ in _folder_run(config, progress, control["index"], circles, "min", root / "control")
-    ]
-    control_flagged = sum(v["flagged"] for v in control_verdicts)
-    # Cleared: judged and not flagged. A run whose object changed is inconclusive, which
-    # is neither a flag nor a clearance.
-    control_cleared = sum(v["object_kept"] and not v["flagged"] for v in control_verdicts)
+    minimized = [record for record, _, _ in _folder_run(config, progress, index, on, "min", root / "min")]
+    controls = [record for record, _, _ in _folder_run(config, progress, control["index"], circles, "min", root / "control")]
     # 4. The figures.
     before = sum(g[0] for g in gains) / n
     after = sum(g[1] for g in gains) / n
-    rates = {"max_turned": rate(turned, n), "min_flagged": rate(flagged, n), "control_flagged": rate(control_flagged, n),
-             "control_cleared": rate(control_cleared, n)}  # fmt: skip
+    rates = {"max_turned": rate(turned, n), **_verdict_rates(minimized, controls)}
+    min_rates = {key: rates[f"min_{key}"] for key in ("claimed", "confirmed", "precision")}
+    flagged, min_kept = rates["min_claimed"]["successes"], sum(r["verdict"]["object_kept"] for r in minimized)
     return {
         "row": f"neuron-cf: shapes:background-biased neuron {index} ({background}) on {planted_shape}s; control neuron {control['index']}",
         "headline": {
             "runs": f"{n} max + {n} min + {n} control",
             f"max: background turned to {background}": f"{format_rate(rates['max_turned'])}; activation {before:.2f} -> {after:.2f}",
             "max: object kept (PSNR inside the object mask, median)": f"{float(np.median(object_psnrs)):.1f} dB",
-            f"min: flagged as spurious for {planted_shape}": f"{format_rate(rates['min_flagged'])}; object kept in {min_kept} of {n}",
+            **claim_headline(min_rates, f"flagged as spurious for {planted_shape}", prefix="min: "),
+            f"min: -> {JUDGE} still sees the {planted_shape} (of the flags)": format_rate(rates["min_precision_class_kept_by_judge"]),
+            "min: object kept": f"{min_kept} of {n}",
             f"control neuron {control['index']} flagged": format_rate(rates["control_flagged"]),
             f"control neuron {control['index']} cleared (object kept, no sharp drop)": format_rate(rates["control_cleared"]),
+            f"control: -> cleared and {JUDGE} clears it too": format_rate(rates["control_cleared_confirmed"]),
         },
         "rates": rates,
-        "criterion": "turned: renderer colour statistics outside the ground-truth object mask; flagged: digin's verdict (p(class) drop >= 0.3 with the object core's squared error at most 2x the reconstruction's)",
+        "criterion": "turned: renderer colour statistics outside the ground-truth object mask; flagged (claimed): digin's "
+                     "verdict (p(class) drop >= 0.3 with the object core's squared error at most 2x the reconstruction's); "
+                     f"confirmed: {JUDGE}'s own verdict by the same rule (--judge) is the recorded one; class kept by judge: "
+                     f"a flag where {JUDGE}'s top class on the minimized image is still the class; min_flagged and "
+                     "min_claimed are the same count",
         "neuron": index,
         "background": background,
         "share_background_turned": turned / n,
         "median_object_psnr_db": round(float(np.median(object_psnrs)), 2),
         "flagged_rate": flagged / n,
         "min_object_kept_rate": min_kept / n,
-        "control_flagged_rate": control_flagged / n,
-        "control_cleared_rate": control_cleared / n,
+        "control_flagged_rate": rates["control_flagged"]["rate"],
+        "control_cleared_rate": rates["control_cleared"]["rate"],
         "runs": 3 * n,
     }
 
 
-def _scenes(n: int, planted_shape: str, background: str, control_shape: str) -> tuple[list, list, list]:
-    """n scenes of each mode: the planted shape off and on the neuron's background, the control's shape."""
+def _verdict_rates(minimized: list[dict[str, Any]], controls: list[dict[str, Any]]) -> dict[str, dict]:
+    """The minimizing runs' flags (claims), the judge's confirmations and their precision
+    (min_*), and the control's flags and clearances (control_*)."""
+    min_counts, control_counts = claim_counts(minimized), claim_counts(controls)
+    n = control_counts["runs"]
+    # Cleared: judged and not flagged. A run whose object changed is inconclusive, which
+    # is neither a flag nor a clearance. Its clearance is confirmed when the judge's own
+    # verdict clears it too (it agrees with "not flagged").
+    cleared = [r for r in controls if r["verdict"]["object_kept"] and not r["verdict"]["flagged"]]
+    cleared_confirmed = sum(judge_view(r)["agrees"] is True for r in cleared)
+    # A flag read the other way: the judge, which does not use the background, still sees
+    # the class in the minimized image, so the guide's drop came from the feature and not
+    # from a lost object. tasks/judges.py's `agrees` asks instead that the judge's own
+    # p(class) drops too, which a judge free of the shortcut should not do.
+    class_kept = sum(r["claimed"] is True and judge_view(r)["minimized"]["top_class_name"] == r["classes"]["class"]
+                     for r in minimized)  # fmt: skip
+    return {
+        "min_flagged": rate(min_counts["claimed"], min_counts["runs"]),  # = min_claimed, by its name before the judges
+        **{f"min_{key}": value for key, value in claim_rates(min_counts).items()},
+        "min_flag_class_kept_by_judge": rate(class_kept, min_counts["runs"]),
+        "min_precision_class_kept_by_judge": rate(class_kept, min_counts["claimed"]),
+        "control_flagged": rate(control_counts["claimed"], n),
+        "control_confirmed_flagged": rate(control_counts["confirmed"], n),
+        "control_cleared": rate(len(cleared), n),
+        "control_cleared_confirmed": rate(cleared_confirmed, n),
+        "control_cleared_precision": rate(cleared_confirmed, len(cleared)),
+    }
+
+
+def scene_seeds(config: BenchConfig) -> list[int]:
+    """The RNG seeds of the row's scenes on the config's split (dev: as before the splits),
+    one a run; each draws that run's scene of every mode."""
+    return config.seeds(config.neuron_cf_seeds, first=SCENE_FIRST_SEED)
+
+
+def _scenes(seeds: list[int], planted_shape: str, background: str, control_shape: str) -> tuple[list, list, list]:
+    """A scene of each mode per seed: the planted shape off and on the neuron's background, the control's shape."""
     others = [b for b in BACKGROUNDS if b != background]
     off, on, controls = [], [], []
-    for seed in range(n):  # the same scenes as when each ran alone
-        rng = np.random.default_rng(9_000 + seed)
-        off.append(sample_scene(rng, shape=planted_shape, background=others[seed % len(others)]))
+    for k, seed in enumerate(seeds):  # the same scenes as when each ran alone
+        rng = np.random.default_rng(seed)
+        off.append(sample_scene(rng, shape=planted_shape, background=others[k % len(others)]))
         on.append(sample_scene(rng, shape=planted_shape, background=background))
         controls.append(sample_scene(rng, shape=control_shape))
     return off, on, controls
@@ -120,7 +164,7 @@ def _folder_run(config: BenchConfig, progress: Progress | None, neuron: int, sce
         classifier="shapes:background-biased", inputs=folder / "scenes", out=folder / "out", neuron=neuron,
         csv_file=folder / "scenes.csv", direction_mode=mode, batch_size=config.batch_size,
         real=RealImageOptions(mask_file=folder / "masks"), runtime=config.runtime(),
-        sampler=config.sampler(), optim=config.optim(),
+        sampler=config.sampler(), optim=config.optim(), judges=JUDGES,
     )  # fmt: skip
     result = run_neuron_cf(job, progress)
     records = {Path(record["input"]["file"]).stem: record for record in result["items"]}

@@ -12,12 +12,35 @@ from digin_cli.io import read_rgb
 from digin_cli.models.builtin import shapes_classifier_meta
 from digin_cli.tasks.neuron import NeuronJob, run_neuron
 from digin_cli.tasks.runtime import Progress
-from digin_cli.world.scenes import judge_colours, one_start_per_shape
+from digin_cli.world.scenes import BACKGROUNDS, COLOURS, SHAPES, judge_colours, one_start_per_shape
+
+# The test split's starts wear other colours: shape k the colour k + 2 (a derangement of
+# the dev split's colour k), and off the background the other backgrounds in another turn.
+# A start is a prompt and a seed (there is no scene), so the splits share neither.
+TEST_COLOUR_SHIFT = 2
 
 
-def _neuron_prompts(background: str, on: bool) -> list[str]:
-    """The neuron row's starting prompts: one per shape, each with its own colour and background."""
-    return [f"a photograph of a {colour} {shape} on {where}" for shape, colour, where in one_start_per_shape(background, on)]
+def _starts(background: str, on: bool, split: str) -> list[tuple[str, str, str]]:
+    """(shape, colour, background) starts, one per shape: dev's are world/scenes.py's
+    one_start_per_shape (what every setting so far was tuned on), test's the same kind of
+    start with no (shape, colour) pair of dev's."""
+    if split == "dev":
+        return one_start_per_shape(background, on)
+    others = [b for b in BACKGROUNDS if b != background]
+    return [(shape, COLOURS[(k + TEST_COLOUR_SHIFT) % len(COLOURS)], background if on else others[(k + 1) % len(others)])
+            for k, shape in enumerate(SHAPES)]  # fmt: skip
+
+
+def neuron_prompts(config: BenchConfig, background: str, on: bool) -> list[str]:
+    """The neuron row's starting prompts on the config's split: one per shape (as many as
+    --shapes names), each with its own colour, on `background` or off it."""
+    starts = _starts(background, on, config.split)[: len(config.shapes)]
+    return [f"a photograph of a {colour} {shape} on {where}" for shape, colour, where in starts]
+
+
+def neuron_seeds(config: BenchConfig) -> list[int]:
+    """Each starting prompt's generator seeds on the config's split (dev: 0, 1, ..., as before)."""
+    return config.seeds(config.neuron_seeds)
 
 
 def neuron_runs(config: BenchConfig, progress: Progress | None, out: Path, background: str, maximize: bool,
@@ -26,11 +49,11 @@ def neuron_runs(config: BenchConfig, progress: Progress | None, out: Path, backg
     starting prompt (off `background` to maximize, on it to minimize), `config.neuron_seeds`
     seeds each: (activation before, after, background judged from the pixels) per run."""
     seen = []
-    for k, prompt in enumerate(_neuron_prompts(background, on=not maximize)[: len(config.shapes)]):
+    for k, prompt in enumerate(neuron_prompts(config, background, on=not maximize)):
         job = NeuronJob(
             classifier="shapes:background-biased",
             out=out / str(k),
-            seeds=list(range(config.neuron_seeds)),
+            seeds=neuron_seeds(config),
             neuron=neuron,
             direction_file=direction_file,
             maximize=maximize,

@@ -2,7 +2,8 @@
 
 Every row runs a subcommand on the built-in shapes world with fixed seeds and judges
 the result by ground truth (the renderer's colour statistics, the planted biases),
-never by the classifiers being explained alone. The rows live in a module each; they
+never by the classifiers being explained alone. The seeds come in two disjoint splits
+(config.py): "dev" to choose settings on, "test" to report. The rows live in a module each; they
 share no files, so they may run at once, each in its own process.
 """
 
@@ -14,7 +15,8 @@ from typing import Any
 
 import torch
 
-from digin_cli.bench.config import ROW_NAMES, BenchConfig
+from digin_cli.bench.claims import JUDGES
+from digin_cli.bench.config import ROW_NAMES, SPLIT_OFFSET, BenchConfig
 from digin_cli.bench.directions_row import directions_row
 from digin_cli.bench.disagree_row import disagreement_row
 from digin_cli.bench.generator_row import generator_row
@@ -44,8 +46,12 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
     else:
         rows = _run_rows_at_once(chosen, config, jobs, progress)
     result = {
-        "benchmark": "shapes world, judged by ground truth",
+        # The split in the title too: the bench page (report/build.py) shows the title.
+        "benchmark": f"shapes world, judged by ground truth, {config.split} split",
         "config": {
+            "split": config.split,
+            "split_seed_offset": SPLIT_OFFSET if config.split == "test" else 0,
+            "judges": list(JUDGES),
             "shapes": config.shapes,
             "runs_per_rate": config.runs,
             "seeds_per_shape": config.seeds_per_shape,

@@ -24,6 +24,10 @@ def bench(
     out: OutOpt = Path("digin-out/bench"),
     shapes: Annotated[str | None, typer.Option(help="Comma-separated shapes to run (default: all of them).")] = None,
     full: Annotated[bool, typer.Option("--full", help="48 runs behind every headline rate instead of 16 (about 3x the time).")] = False,
+    runs: Annotated[int | None, typer.Option(help="Runs behind every headline rate (default: 16; 48 with --full).")] = None,
+    split: Annotated[
+        str, typer.Option(help="Seeds to run: test (to report) or dev (to choose settings on); the two share no seed, scene or start.")
+    ] = "test",
     seeds: Annotated[int | None, typer.Option(help="Runs (seeds) per shape for the disagree row (default: the runs / 4).")] = None,
     steps: StepsOpt = 20,
     ddim_steps: Annotated[int, typer.Option("--ddim-steps", help="DDIM sampling steps (the paper's 20: --ddim-steps 20 --spacing leading).")] = 8,
@@ -89,19 +93,22 @@ def bench(
     from digin_cli.bench.config import DEFAULT_RUNS, FULL_RUNS, BenchConfig
     from digin_cli.bench.quality import run_bench
 
-    config = BenchConfig(out=out, runs=FULL_RUNS if full else DEFAULT_RUNS, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps,
+    if full and runs is not None:
+        fail("give --full or --runs, not both (--full is --runs 48)")
+    runs = runs if runs is not None else FULL_RUNS if full else DEFAULT_RUNS
+    config = BenchConfig(out=out, runs=runs, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps,
                          spacing=spacing, batch_size=batch_size, uvce_seeds=uvce_seeds, neuron_seeds=neuron_seeds,
                          neuron_cf_seeds=neuron_cf_seeds, directions_images=directions_images, device=device,
-                         model=model, disagree_g=disagree_g, jobs=jobs)  # fmt: skip
+                         model=model, disagree_g=disagree_g, jobs=jobs, split=split)  # fmt: skip
     config.shapes = _names(shapes) or config.shapes
     config.rows = _names(rows) if rows is not None else config.rows
     result = call_with_progress(run_bench, config, quiet)
-    stdout.print(_bench_table(result["rows"]))
+    stdout.print(_bench_table(result["rows"], result["config"]["split"]))
     stdout.print(f"Wrote {result['json']} ({result['seconds']:.0f} s)", highlight=False)
 
 
-def _bench_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="digin bench: shapes world, judged by ground truth")
+def _bench_table(rows: list[dict[str, Any]], split: str) -> Table:
+    table = Table(title=f"digin bench: shapes world, judged by ground truth ({split} split)")
     for column in ("row", "figure", "value"):
         table.add_column(column)
     for row in rows:
