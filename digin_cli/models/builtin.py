@@ -196,6 +196,8 @@ def builtin_catalog() -> dict[str, list[tuple[str, str]]]:
         acc = meta.get("accuracy", {}).get("in_distribution")
         bias = meta.get("bias")
         what = f"timm {meta['arch']}, " + (f"planted {bias} shortcut (95%)" if bias else "balanced training")
+        if meta.get("adversarial"):
+            what += f", adversarially trained (L2 radius {meta['adversarial']['eps']:g})"
         classifiers.append((f"shapes:{name}", what + (f", in-distribution accuracy {acc:.1%}" if acc else "")))
     classifiers += [
         (f"tiny:{name}", f"timm test_resnet over {', '.join(TINY_CLASSES)}, random weights (seed {seed})")
