@@ -148,3 +148,32 @@ def test_a_rows_claims_are_the_counts_of_its_records(tmp_path):
     assert disagree["rates"]["confirmed_geometry"]["successes"] == geometry == triangle["confirmed_geometry"]
     item = uvce["items"][0]
     assert uvce["rates"]["confirmed_geometry"]["successes"] == int(item["claimed"] and item["geometry"] == item["target"])
+
+
+def test_the_guards_reach_the_rows_runs_and_bench_json(tmp_path):
+    # The bench takes the commands' guard options and hands them to its jobs: the run
+    # folder records them as a user's run would, and bench.json says what the rows ran with.
+    from digin_cli.bench.quality import run_bench
+
+    config = BenchConfig(out=tmp_path, rows=["disagree"], shapes=["triangle"], seeds_per_shape=2, steps=1, ddim_steps=4,
+                         batch_size=2, device="cpu", jobs=1, split="dev", keep="first-claim", augment="eot",
+                         claim_margin=0.1, noise_reg=0.5, cone="shapes:robust:45")  # fmt: skip
+    result = run_bench(config)
+    assert result["config"]["guards"] == {"keep": "first-claim", "augment": "eot", "claim_margin": 0.1,
+                                          "noise_reg": 0.5, "cone": "shapes:robust:45"}  # fmt: skip
+    run = json.loads((tmp_path / "disagree" / "triangle" / "run.json").read_text())["config"]
+    optim = run["optim"]
+    assert (optim["keep"], optim["augment"], optim["claim_margin"], optim["noise_reg"]) == ("first-claim", "eot", 0.1, 0.5)
+    assert run["cone"]["spec"] == "shapes:robust" and run["cone"]["degrees"] == 45
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--keep", "latest"], "Error: --keep must be one of best-loss, first-claim, not 'latest'"),
+    (["--noise-reg", "-1"], "Error: --noise-reg must be a finite weight >= 0"),
+    (["--cone", f"{JUDGE}:30"], f"Error: --judge {JUDGE} is also --cone's model"),
+    (["--cone", "shapes:robust:95"], "Error: --cone"),
+])  # fmt: skip
+def test_bad_bench_guards_are_one_line_before_any_row_runs(tmp_path, extra, message):
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--rows", "disagree", *extra])
+    assert result.exit_code == 1 and result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "bench.json").exists()

@@ -161,13 +161,22 @@ def test_each_commands_claim_and_how_a_judge_agrees(tmp_path):
     neuron_cf = lambda flagged, before, after: {"command": "neuron-cf", "status": "ok", "class_index": 0,  # noqa: E731
         "after": {"minimized": {}}, "files": {"original": before, "minimized": after}, "from_other_class": None,
         "verdict": {"flagged": flagged, "object_kept": True, "drop_threshold": 0.3}}  # fmt: skip
+    trigger = lambda triggers, after: {"command": "neuron-cf", "status": "ok", "class_index": 0,  # noqa: E731
+        "after": {"maximized": {}}, "files": {"original": "black.png", "maximized": after}, "verdict": None,
+        "from_other_class": {"triggers_class": triggers}}  # fmt: skip
     uvce = lambda target, after: {"command": "uvce", "status": "ok", "flipped": True, "target_index": target,  # noqa: E731
                                   "after": {}, "files": {"original": "black.png", "counterfactual": after}}  # fmt: skip
     cases = [
-        # neuron-cf: lowering the neuron took p(bright) from ~1 to ~0 in the judge's eyes too: it agrees.
-        (neuron_cf(True, "white.png", "black.png"), True, True),
-        (neuron_cf(True, "white.png", "white.png"), True, False),  # no drop for the judge: not confirmed
+        # neuron-cf: a flag says the object stayed while the guide's confidence dropped. The
+        # judge still sees "bright" on the minimized image (it does not share the guide's
+        # shortcut, so it need not drop): it agrees.
+        (neuron_cf(True, "white.png", "white.png"), True, True),
+        (neuron_cf(True, "white.png", "black.png"), True, False),  # the judge sees the object gone: not confirmed
         (neuron_cf(False, "white.png", "white.png"), False, False),  # agrees that nothing is flagged, but no claim
+        # With --from-other-class: the guide was made to see "bright" on another class's image.
+        # The judge seeing "dark" there confirms the trigger is the guide's alone.
+        (trigger(True, "black.png"), True, True),
+        (trigger(True, "white.png"), True, False),  # the judge sees "bright" too: the image really changed
         (uvce(0, "white.png"), True, True),  # the judge's top class on the counterfactual is the target
         (uvce(1, "white.png"), True, False),
         ({"command": "disagree", "status": "ok", "after": {"p_f": 0.9, "p_g": 0.1},

@@ -56,6 +56,14 @@ class BenchConfig:
     # one-thread processes do 1.4x the work of one two-thread process (README, "Performance").
     jobs: int | None = None
     split: str = "test"  # the seeds: "dev" to choose settings on, "test" (disjoint from dev) to report
+    # The guards (issue 38), as the optimizing commands take them; the defaults are the
+    # engine's, so a bench without them is the bench before them. `cone` applies to the
+    # disagree and uvce rows, the only commands with --cone.
+    keep: str = "best-loss"
+    augment: str = "cutouts"
+    claim_margin: float = 0.05
+    noise_reg: float = 0.0
+    cone: str | None = None
 
     def __post_init__(self) -> None:
         per_shape = -(-self.runs // len(SHAPES))  # ceil: 4 shapes (or 4 starting prompts) share the runs
@@ -83,6 +91,16 @@ class BenchConfig:
                              "or a folder that python -m digin_cli.world.train_diffusion --out wrote")  # fmt: skip
         if self.jobs is not None and self.jobs < 1:
             raise DiginError(f"--jobs must be at least 1, got {self.jobs}")
+        try:
+            self.optim().validate()
+        except ValueError as error:  # "noise_reg must be ..." -> "--noise-reg must be ...", as the commands say it
+            field_name, _, rest = str(error).partition(" ")
+            raise DiginError(f"--{field_name.replace('_', '-')} {rest}") from None
+        if self.cone is not None:
+            from digin_cli.bench.claims import JUDGES
+            from digin_cli.tasks.guards import check_cone
+
+            check_cone(self.cone, JUDGES)
         unknown_rows = [r for r in self.rows if r not in ROW_NAMES]
         if unknown_rows or not self.rows:
             raise DiginError(f"--rows: unknown or no row(s) '{','.join(self.rows)}'; the rows are {', '.join(ROW_NAMES)}")
@@ -108,6 +126,12 @@ class BenchConfig:
         return SamplerConfig(num_steps=self.ddim_steps, timestep_spacing=self.spacing)
 
     def optim(self) -> OptimConfig:
-        """...and the reference optimization settings but for the number of steps and the
-        cutouts' seed, which is a seed of the split too."""
-        return OptimConfig(steps=self.steps, seed=self.seed(0))
+        """...and the reference optimization settings but for the number of steps, the
+        guards, and the cutouts' seed, which is a seed of the split too."""
+        return OptimConfig(steps=self.steps, seed=self.seed(0), keep=self.keep, augment=self.augment,
+                           claim_margin=self.claim_margin, noise_reg=self.noise_reg)  # fmt: skip
+
+    def guards(self) -> dict[str, object]:
+        """The guard settings, as bench.json records them."""
+        return {"keep": self.keep, "augment": self.augment, "claim_margin": self.claim_margin,
+                "noise_reg": self.noise_reg, "cone": self.cone}  # fmt: skip

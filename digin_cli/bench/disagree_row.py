@@ -142,6 +142,7 @@ def _run_shape(config: BenchConfig, shape: str, folder: Path, progress: Progress
         sampler=config.sampler(),
         optim=config.optim(),
         judges=JUDGES,
+        cone=config.cone,
     )
     return run_disagree(job, progress)
 

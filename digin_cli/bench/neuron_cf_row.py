@@ -74,7 +74,6 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
             f"max: background turned to {background}": f"{format_rate(rates['max_turned'])}; activation {before:.2f} -> {after:.2f}",
             "max: object kept (PSNR inside the object mask, median)": f"{float(np.median(object_psnrs)):.1f} dB",
             **claim_headline(min_rates, f"flagged as spurious for {planted_shape}", prefix="min: "),
-            f"min: -> {JUDGE} still sees the {planted_shape} (of the flags)": format_rate(rates["min_precision_class_kept_by_judge"]),
             "min: object kept": f"{min_kept} of {n}",
             f"control neuron {control['index']} flagged": format_rate(rates["control_flagged"]),
             f"control neuron {control['index']} cleared (object kept, no sharp drop)": format_rate(rates["control_cleared"]),
@@ -83,9 +82,9 @@ def neuron_cf_row(config: BenchConfig, progress: Progress | None = None) -> dict
         "rates": rates,
         "criterion": "turned: renderer colour statistics outside the ground-truth object mask; flagged (claimed): digin's "
                      "verdict (p(class) drop >= 0.3 with the object core's squared error at most 2x the reconstruction's); "
-                     f"confirmed: {JUDGE}'s own verdict by the same rule (--judge) is the recorded one; class kept by judge: "
-                     f"a flag where {JUDGE}'s top class on the minimized image is still the class; min_flagged and "
-                     "min_claimed are the same count",
+                     f"confirmed (--judge): {JUDGE}'s top class on the minimized image is still the class, so the "
+                     "guide's drop came from the feature and not from a lost object; cleared and confirmed: the same "
+                     "for a clearance; min_flagged and min_claimed are the same count",
         "neuron": index,
         "background": background,
         "share_background_turned": turned / n,
@@ -104,21 +103,13 @@ def _verdict_rates(minimized: list[dict[str, Any]], controls: list[dict[str, Any
     min_counts, control_counts = claim_counts(minimized), claim_counts(controls)
     n = control_counts["runs"]
     # Cleared: judged and not flagged. A run whose object changed is inconclusive, which
-    # is neither a flag nor a clearance. Its clearance is confirmed when the judge's own
-    # verdict clears it too (it agrees with "not flagged").
+    # is neither a flag nor a clearance. Its clearance is confirmed when the judge, too,
+    # still sees the class on the minimized image (it agrees that the object stayed).
     cleared = [r for r in controls if r["verdict"]["object_kept"] and not r["verdict"]["flagged"]]
     cleared_confirmed = sum(judge_view(r)["agrees"] is True for r in cleared)
-    # A flag read the other way: the judge, which does not use the background, still sees
-    # the class in the minimized image, so the guide's drop came from the feature and not
-    # from a lost object. tasks/judges.py's `agrees` asks instead that the judge's own
-    # p(class) drops too, which a judge free of the shortcut should not do.
-    class_kept = sum(r["claimed"] is True and judge_view(r)["minimized"]["top_class_name"] == r["classes"]["class"]
-                     for r in minimized)  # fmt: skip
     return {
         "min_flagged": rate(min_counts["claimed"], min_counts["runs"]),  # = min_claimed, by its name before the judges
         **{f"min_{key}": value for key, value in claim_rates(min_counts).items()},
-        "min_flag_class_kept_by_judge": rate(class_kept, min_counts["runs"]),
-        "min_precision_class_kept_by_judge": rate(class_kept, min_counts["claimed"]),
         "control_flagged": rate(control_counts["claimed"], n),
         "control_confirmed_flagged": rate(control_counts["confirmed"], n),
         "control_cleared": rate(len(cleared), n),

@@ -66,6 +66,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> dict[str
             "rows": chosen,
             "model": config.model,
             "disagree_g": config.disagree_g,
+            "guards": config.guards(),
             "jobs": jobs,
         },
         "rows": rows,

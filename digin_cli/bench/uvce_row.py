@@ -53,6 +53,7 @@ def uvce_row(config: BenchConfig, progress: Progress | None = None) -> dict[str,
         sampler=config.sampler(),
         optim=config.optim(),
         judges=JUDGES,
+        cone=config.cone,
     )
     # 2. The run, then every counterfactual judged.
     result = run_uvce(job, progress)

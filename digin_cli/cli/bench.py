@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from digin_cli.cli.app import app, call, call_with_progress, fail, stderr, stdout
-from digin_cli.cli.options import BatchOpt, DeviceOpt, OutOpt, QuietOpt, StepsOpt
+from digin_cli.cli.options import GUARD_OPTIONS, BatchOpt, ConeOpt, DeviceOpt, OutOpt, QuietOpt, StepsOpt, with_options
 
 PERF = "--perf (performance benchmark)"
 
@@ -20,6 +20,7 @@ def _names(text: str | None) -> list[str] | None:
 
 
 @app.command()
+@with_options(guards=GUARD_OPTIONS)
 def bench(
     out: OutOpt = Path("digin-out/bench"),
     shapes: Annotated[str | None, typer.Option(help="Comma-separated shapes to run (default: all of them).")] = None,
@@ -57,6 +58,8 @@ def bench(
         int | None, typer.Option(help="Rows run at once, each in its own process (default: 2 on a CPU, 1 on a GPU).")
     ] = None,
     quiet: QuietOpt = False,
+    cone: ConeOpt = None,
+    guards: dict[str, Any] | None = None,
     perf: Annotated[
         bool, typer.Option("--perf", help="Run the performance benchmark instead (step cost, memory, batching).")
     ] = False,
@@ -99,7 +102,7 @@ def bench(
     config = BenchConfig(out=out, runs=runs, seeds_per_shape=seeds, steps=steps, ddim_steps=ddim_steps,
                          spacing=spacing, batch_size=batch_size, uvce_seeds=uvce_seeds, neuron_seeds=neuron_seeds,
                          neuron_cf_seeds=neuron_cf_seeds, directions_images=directions_images, device=device,
-                         model=model, disagree_g=disagree_g, jobs=jobs, split=split)  # fmt: skip
+                         model=model, disagree_g=disagree_g, jobs=jobs, split=split, cone=cone, **guards)  # fmt: skip
     config.shapes = _names(shapes) or config.shapes
     config.rows = _names(rows) if rows is not None else config.rows
     result = call_with_progress(run_bench, config, quiet)

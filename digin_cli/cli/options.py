@@ -153,6 +153,13 @@ OPTIM_OPTIONS = OptionGroup(
     lambda cutouts, **values: _engine().OptimConfig(num_cutouts=cutouts, **values),
 )
 
+# The guards alone, for `digin bench` (whose optimization settings are otherwise its own):
+# the same declared options as above, built into a dict of OptimConfig fields.
+GUARD_OPTIONS = OptionGroup(
+    tuple(p for p in OPTIM_OPTIONS.parameters if p.annotation.__metadata__[0].rich_help_panel == GUARDS),
+    lambda **values: values,
+)
+
 RUNTIME = "Model and device"
 OUTPUT = "Output"
 JUDGING = "Judges"

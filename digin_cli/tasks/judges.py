@@ -16,8 +16,15 @@ it agrees with the item's claim:
 
 - disagree: its top class on the kept image is the class;
 - uvce: its top class on the counterfactual is the target;
-- neuron-cf: its own verdict on the class (the same drop threshold, the object kept as
-  recorded) is the recorded one;
+- neuron-cf: it sees what the verdict says of the object. A flag says that lowering the
+  feature drops the guide's confidence while the object stays, so the judge agrees when its
+  top class on the minimized image is still the class; it need not lose confidence itself,
+  since a judge free of the guide's shortcut should not (the drop is the guide's, and only
+  the guide can measure it). A clearance or an inconclusive verdict (the object lost)
+  likewise: the judge agrees when it sees the class exactly when the record kept the
+  object. With --from-other-class a trigger says the guide sees the class although the
+  object is another one: the judge agrees when its top class on the maximized image is
+  not the class;
 - neuron: nothing to agree with; its top classes are recorded.
 
 ``confirmed`` is true when the item claims a finding and every judge agrees with it, None
@@ -183,12 +190,10 @@ def _agrees(record: dict[str, Any], seen: dict[str, dict[str, Any]], index: int 
     if command in ("disagree", "uvce"):
         return seen["after"]["top_class"] == index
     verdict, triggers = record.get("verdict"), record.get("from_other_class")
-    if verdict:  # the judge's own spurious verdict, the object kept as the record measured it
-        drop = seen["before"]["p_claimed"] - seen["minimized"]["p_claimed"]
-        return (drop >= verdict["drop_threshold"] and verdict["object_kept"]) == verdict["flagged"]
-    if triggers:
-        judged = seen["maximized"]["p_claimed"] >= 0.5 > seen["before"]["p_claimed"]
-        return judged == triggers["triggers_class"]
+    if verdict:  # the object as the judge sees it, against the object as the record kept it
+        return (seen["minimized"]["top_class"] == index) == verdict["object_kept"]
+    if triggers:  # the class the guide was made to see, which the judge should not see
+        return (seen["maximized"]["top_class"] != index) == triggers["triggers_class"]
     return None
 
 
