@@ -101,6 +101,11 @@ def read_json(path: Path) -> Any:
         return None
 
 
+def read_lines(path: Path) -> list[str]:
+    """A UTF-8 text file's lines (OSError or UnicodeDecodeError when it cannot be read)."""
+    return Path(path).read_text(encoding="utf-8").splitlines()
+
+
 def remove_tree(path: Path) -> None:
     """A folder and everything in it, if it exists (a benchmark's own output folder)."""
     if Path(path).is_dir():

@@ -69,7 +69,9 @@ def item_claim(record: dict[str, Any], config: dict[str, Any]) -> ItemClaim:
     command, after = record["command"], record.get("after") or {}
     if command == "disagree":
         claimed = after["p_f"] >= DISAGREE_P_F and after["p_g"] <= DISAGREE_P_G
-        return ItemClaim(claimed, config["class_index"], "initial", {"after": "optimized"})
+        # A class scan's records name their own class (tasks/scan.py); a one-class run's config does.
+        class_index = record["class_index"] if "class_index" in record else config["class_index"]
+        return ItemClaim(claimed, class_index, "initial", {"after": "optimized"})
     if command == "uvce":
         return ItemClaim(bool(record["flipped"]), record["target_index"], "original", {"after": "counterfactual"})
     if command == "neuron-cf":

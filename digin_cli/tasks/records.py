@@ -9,7 +9,10 @@ A run folder holds:
   and after, best step, history, output files, status, error, seconds;
 - ``summary.jsonl``, one line per item (its record without the history), rebuilt from the
   records on disk after every batch, under a lock, so it is complete after any number of
-  resumes and of processes writing into the folder;
+  resumes and of processes writing into the folder; a class scan (tasks/scan.py) adds one
+  line per class after them (format ``digin-class/1``, no ``item`` key), its ranking;
+- a class scan with a screen: ``screen.json``, the screening figures of each class, written
+  as each class is screened, so a rerun screens nothing twice;
 - while several processes share a folder run, ``.digin-shard-<index>-of-<count>.done``,
   one per process that has written its share; the main process removes them once all are
   there (and any left by a launch that was stopped, when it opens the folder).
@@ -40,12 +43,16 @@ RUN_FORMAT = "digin-run/1"
 ITEM_FORMAT = "digin-item/1"
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.jsonl"
+SCREEN_FILE = "screen.json"  # a class scan's screening figures (tasks/scan.py)
+SCREEN_FORMAT = "digin-screen/1"
+CLASS_FORMAT = "digin-class/1"  # a summary line of a class scan's ranking
 LOCK_FILE = ".digin.lock"
 SHARD_DONE = ".digin-shard-{index}-of-{count}.done"  # a process of a launch has written its shard's records
 WAIT_SECONDS = 0.5  # how often the main process looks for the other shards' markers
 # Config keys that choose which items run or how fast, not what an item's result is.
 # Judges read the results and change none of them (tasks/judges.py).
-NOT_FINGERPRINTED = ("seeds", "inputs", "batch_size", "compile", "judges")
+# A class scan's class list and its screen (tasks/scan.py) choose which (class, seed) items run.
+NOT_FINGERPRINTED = ("seeds", "inputs", "batch_size", "compile", "judges", "classes", "scan")
 
 
 # Optimization settings that choose how much memory a step holds, not its result.
@@ -95,6 +102,9 @@ class RunFolder:
         # and its judges' views): called as annotator(record, out, config); records judged
         # otherwise (annotator.stale) are annotated again when a rerun finds them finished.
         self.annotator = None
+        # What a run adds to its header from its records whenever the summary is rebuilt
+        # (tasks/scan.py: a class scan's "scan" and "ranking"): called as summarizer(records).
+        self.summarizer = None
 
     @property
     def fingerprint(self) -> str:
@@ -150,7 +160,7 @@ class RunFolder:
         """Remove what digin wrote here: every record, the files it names, the summary."""
         for record_path in self.out.glob("*.json"):
             record = read_json(record_path)
-            if not isinstance(record, dict) or record.get("format") not in (ITEM_FORMAT, RUN_FORMAT):
+            if not isinstance(record, dict) or record.get("format") not in (ITEM_FORMAT, RUN_FORMAT, SCREEN_FORMAT):
                 continue
             for name in (record.get("files") or {}).values():
                 remove_file(self.out / name)
@@ -221,6 +231,21 @@ class RunFolder:
         record = item_record(self.header["command"], item, input_, status="failed", error=error)
         return self.write_item(record)
 
+    # -- a class scan's screening figures ---------------------------------------------------
+
+    def screened(self) -> dict[str, dict[str, Any]]:
+        """The screening entries (by class index, as a string) stored for this run's settings."""
+        stored = read_json(self.out / SCREEN_FILE)
+        if not (isinstance(stored, dict) and stored.get("format") == SCREEN_FORMAT and stored.get("fingerprint") == self.fingerprint):
+            return {}
+        return dict(stored.get("classes") or {})
+
+    def write_screened(self, key: str, entry: dict[str, Any]) -> None:
+        """Add one class's screening entry to screen.json (read, merged and written under the lock)."""
+        with self.lock():
+            classes = {**self.screened(), key: entry}
+            write_json({"format": SCREEN_FORMAT, "fingerprint": self.fingerprint, "classes": classes}, self.out / SCREEN_FILE)
+
     def rebuild_summary(self, items: list[str]) -> list[dict[str, Any]]:
         """summary.jsonl and the page index.html from the records of `items` (in this
         order) that exist on disk."""
@@ -230,8 +255,11 @@ class RunFolder:
             records = [read_json(self.record_path(item)) for item in items]
             records = [r for r in records if isinstance(r, dict) and r.get("format") == ITEM_FORMAT]
             lines = [{k: v for k, v in r.items() if k != "history"} for r in records]
-            write_jsonl(lines, self.out / SUMMARY_FILE)
             header = read_json(self.out / RUN_FILE) or self.header
+            if self.summarizer is not None:
+                header.update(self.summarizer(records))
+                lines += [{"format": CLASS_FORMAT, **entry} for entry in header.get("ranking") or []]
+            write_jsonl(lines, self.out / SUMMARY_FILE)
             header["items"] = {
                 "done": sum(r.get("status") == "ok" for r in records),
                 "failed": sum(r.get("status") == "failed" for r in records),

@@ -8,7 +8,7 @@ done; a rerun skips the seeds whose record is finished, and several processes
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ class ItemWriter:
     labels: Callable[[str, dict[str, float]], list[str]]  # (panel title, figures) -> label lines under the image
     classes: dict[str, str]  # the record's class names
     figures: Callable[[dict[str, float]], dict[str, Any]] = rounded  # a figures dict as the record states it
+    details: dict[str, Any] = field(default_factory=dict)  # the command's own fields of every record (a scan: class_index)
 
     def item(self, seed: int) -> str:
         return f"{self.stem}_seed{seed}"
@@ -72,7 +73,7 @@ class ItemWriter:
             self.command, name, {"seed": seed}, classes=self.classes, before=self.figures(before),
             after=self.figures(after), best_step=best_step, history=item_history(result, index), files=files,
             # Items of one batch are optimized together; each gets the batch time divided evenly.
-            seconds=result.seconds / batch, prompt=prompt, batch_size=batch,
+            seconds=result.seconds / batch, prompt=prompt, batch_size=batch, **self.details,
         )  # fmt: skip
         return self.folder.write_item(record)
 
@@ -112,14 +113,16 @@ def optimize_seeds(
     writer: ItemWriter,
     shard: Shard | None = None,
     cone=None,
+    summary_items: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Optimize one image per seed of this process's shard from `prompt`, `batch_size` at a
     time, skipping the seeds already finished; returns every seed's record on disk, in
     seed order (also those of other processes, as far as they are done). `cone`: the
-    engine's Cone (--cone), or None. A batch that runs
+    engine's Cone (--cone), or None. `summary_items`: every item of the run, in order, when the
+    run has more than these seeds (a class scan), for the summary. A batch that runs
     out of memory stops the run in one line; the batches before it keep their records."""
     shard = shard or Shard.current()
-    items = [writer.item(seed) for seed in seeds]
+    items = summary_items or [writer.item(seed) for seed in seeds]
     pending = [seed for seed in shard.take(seeds) if writer.folder.finished(writer.item(seed)) is None]
     prompt_emb = engine.encode_text([prompt])  # (1, L, D)
     null_emb = engine.null_embedding()  # (1, L, D)
