@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from digin_cli.bench import directions_row, disagree_row, neuron_cf_row, neuron_row, uvce_row
+from digin_cli.bench import directions_row, disagree_row, generator_row, neuron_cf_row, neuron_row, uvce_row
 from digin_cli.bench.claims import JUDGE
 from digin_cli.bench.config import FULL_RUNS, MAX_SEEDS, SPLIT_OFFSET, BenchConfig
 from digin_cli.cli import app
@@ -34,6 +34,7 @@ def _row_seeds(config: BenchConfig) -> dict[str, set]:
     """Every seed and start of every row on the config's split, by what it seeds."""
     background = "grass"
     return {
+        "generator row seeds": set(generator_row.generator_seeds(config)),
         "disagree generator seeds": set(disagree_row.disagree_seeds(config)),
         "disagree exists scenes": _exists_seeds(config),
         "uvce scenes": set(uvce_row.scene_seeds(config).values()),
@@ -80,6 +81,7 @@ def test_dev_keeps_the_seeds_everything_so_far_was_tuned_on(tmp_path):
     assert _exists_seeds(dev) == {77_000 + 10 * k + c for k in range(4) for c in range(4)}
     assert uvce_row.scene_seeds(dev)["bar_3"] == 7_103
     assert neuron_cf_row.scene_seeds(dev) == list(range(9_000, 9_016))
+    assert generator_row.generator_seeds(dev)[:3] == [0, 1, 1000] and len(generator_row.generator_seeds(dev)) == 128
     assert neuron_row.neuron_seeds(dev) == [0, 1, 2, 3] and dev.optim().seed == 0
     assert (dev.seed(directions_row.FOLDER_SEED), dev.seed(directions_row.HELD_OUT_SEED)) == (1901, 1902)
     starts = one_start_per_shape("grass", on=False)

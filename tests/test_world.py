@@ -219,8 +219,9 @@ def test_bench_runs_a_candidate_world_model_and_another_g(tmp_path, monkeypatch)
     (folder / "model_index.json").write_text("{}")
     models = []
 
-    def fake_evaluation(seeds, sampler, device, model):
+    def fake_evaluation(seeds, sampler, device, model, seed_offset):
         models.append(model)
+        assert seed_offset == 1_000_000  # the test split's seeds
         return {"images": 4, "recognised": {"oracle": 3, "oracle-2": 2, "geometry": 1}, "colours_correct": 4,
                 "backgrounds_correct": 4, "by_shape": {}}  # fmt: skip
 

@@ -9,9 +9,40 @@ import typer
 from rich.table import Table
 
 from digin_cli.cli.app import app, call, call_with_progress, fail, stderr, stdout
-from digin_cli.cli.options import GUARD_OPTIONS, BatchOpt, ConeOpt, DeviceOpt, OutOpt, QuietOpt, StepsOpt, with_options
+from digin_cli.cli.options import (
+    GUARD_OPTIONS,
+    BatchOpt,
+    ConeOpt,
+    DeviceOpt,
+    OptionGroup,
+    OutOpt,
+    QuietOpt,
+    StepsOpt,
+    _option,
+    with_options,
+)
 
 PERF = "--perf (performance benchmark)"
+# The performance benchmark's own options, handed to _perf as one dict.
+PERF_OPTIONS = OptionGroup(
+    (
+        _option("perf_resolution", int | None, None, "--perf-resolution", panel=PERF,
+                help="Image side of the SD-sized pipeline (default: 512 on CUDA, else 128)."),
+        _option("perf_steps", int | None, None, "--perf-steps", panel=PERF,
+                help="DDIM steps T (default: 20; 5 for the SD-sized pipeline on CPU)."),
+        _option("repeats", int, 3, "--repeats", help="Timed repeats per figure (after one warm-up).", panel=PERF),
+        _option("pipelines", str, "shapes,sd1-random,sdxl-random", "--pipelines", panel=PERF,
+                help="Comma-separated pipelines: shapes, sd1-random, sdxl-random, or a model folder / hub id."),
+        _option("batch_sizes", str, "1,2", "--batch-sizes", help="Comma-separated batch sizes for throughput.", panel=PERF),
+        _option("feature_pipelines", str, "shapes", "--feature-pipelines", panel=PERF,
+                help="Pipelines on which to time the speed features against their absence."),
+        _option("few_step_pipeline", str, "sd1-random", "--few-step-pipeline", panel=PERF,
+                help="Pipeline of the few-step row (1, 2, 4, 20 DDIM steps, guided and not); none: no row."),
+        _option("few_step_resolution", int | None, None, "--few-step-resolution", panel=PERF,
+                help="Image side of the few-step row (default: 512 on CUDA, else 64)."),
+    ),  # fmt: skip
+    lambda **values: values,
+)
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -20,7 +51,7 @@ def _names(text: str | None) -> list[str] | None:
 
 
 @app.command()
-@with_options(guards=GUARD_OPTIONS)
+@with_options(guards=GUARD_OPTIONS, perf_options=PERF_OPTIONS)
 def bench(
     out: OutOpt = Path("digin-out/bench"),
     shapes: Annotated[str | None, typer.Option(help="Comma-separated shapes to run (default: all of them).")] = None,
@@ -63,35 +94,12 @@ def bench(
     perf: Annotated[
         bool, typer.Option("--perf", help="Run the performance benchmark instead (step cost, memory, batching).")
     ] = False,
-    perf_resolution: Annotated[
-        int | None, typer.Option(help="Image side of the SD-sized pipeline (default: 512 on CUDA, else 128).", rich_help_panel=PERF)
-    ] = None,
-    perf_steps: Annotated[
-        int | None, typer.Option(help="DDIM steps T (default: 20; 5 for the SD-sized pipeline on CPU).", rich_help_panel=PERF)
-    ] = None,
-    repeats: Annotated[int, typer.Option(help="Timed repeats per figure (after one warm-up).", rich_help_panel=PERF)] = 3,
-    pipelines: Annotated[
-        str, typer.Option(help="Comma-separated pipelines: shapes, sd1-random, sdxl-random, or a model folder / hub id.",
-                          rich_help_panel=PERF)
-    ] = "shapes,sd1-random,sdxl-random",
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes for throughput.", rich_help_panel=PERF)] = "1,2",
-    feature_pipelines: Annotated[
-        str, typer.Option(help="Pipelines on which to time the speed features against their absence.", rich_help_panel=PERF)
-    ] = "shapes",
-    few_step_pipeline: Annotated[
-        str, typer.Option(help="Pipeline of the few-step row (1, 2, 4, 20 DDIM steps, guided and not); none: no row.",
-                          rich_help_panel=PERF)
-    ] = "sd1-random",
-    few_step_resolution: Annotated[
-        int | None, typer.Option(help="Image side of the few-step row (default: 512 on CUDA, else 64).", rich_help_panel=PERF)
-    ] = None,
+    perf_options: dict[str, Any] | None = None,
 ) -> None:
     """Quality benchmark on the built-in shapes world, judged by ground truth (fixed seeds);
     with --perf, the performance benchmark."""
     if perf:
-        few_steps = None if few_step_pipeline.strip().lower() == "none" else few_step_pipeline.strip()
-        _perf(out, device, perf_resolution, perf_steps, repeats, pipelines, batch_sizes, feature_pipelines, quiet,
-              few_steps, few_step_resolution)  # fmt: skip
+        _perf(out, device, quiet, **perf_options)
         return
     from digin_cli.bench.config import DEFAULT_RUNS, FULL_RUNS, BenchConfig
     from digin_cli.bench.quality import run_bench
@@ -120,16 +128,17 @@ def _bench_table(rows: list[dict[str, Any]], split: str) -> Table:
     return table
 
 
-def _perf(out: Path, device: str, resolution: int | None, steps: int | None, repeats: int, pipelines: str,
-          batch_sizes: str, feature_pipelines: str, quiet: bool, few_step_pipeline: str | None,
+def _perf(out: Path, device: str, quiet: bool, perf_resolution: int | None, perf_steps: int | None, repeats: int,
+          pipelines: str, batch_sizes: str, feature_pipelines: str, few_step_pipeline: str,
           few_step_resolution: int | None) -> None:  # fmt: skip
     from digin_cli.bench.perf import PerfConfig, run_perf
 
+    few_step_pipeline = None if few_step_pipeline.strip().lower() == "none" else few_step_pipeline.strip()
     try:
         batches = [int(b) for b in _names(batch_sizes)]
     except ValueError:
         fail(f"--batch-sizes must be comma-separated integers, got '{batch_sizes}'")
-    config = PerfConfig(out=out, device=device, pipelines=_names(pipelines), sd_resolution=resolution, ddim_steps=steps,
+    config = PerfConfig(out=out, device=device, pipelines=_names(pipelines), sd_resolution=perf_resolution, ddim_steps=perf_steps,
                         repeats=repeats, batch_sizes=batches, feature_pipelines=_names(feature_pipelines),
                         few_step_pipeline=few_step_pipeline, few_step_resolution=few_step_resolution)  # fmt: skip
     log = (lambda message: None) if quiet else (lambda message: stderr.print(message, highlight=False))

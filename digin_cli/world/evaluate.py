@@ -37,15 +37,25 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
+def generation_jobs(seeds_per_prompt: int, seed_offset: int = 0) -> list[tuple[tuple[str, str, str], int]]:
+    """Every (shape, colour, background) prompt with its seeds: distinct seeds per image,
+    seed_offset + the prompt's index * 1000 + the repeat."""
+    combos = itertools.product(SHAPES, COLOURS, BACKGROUNDS)
+    return [(combo, seed_offset + index * 1000 + k) for index, combo in enumerate(combos) for k in range(seeds_per_prompt)]
+
+
 @torch.no_grad()
 def evaluate_generation(seeds_per_prompt: int = 2, sampler: SamplerConfig | None = None, batch: int = 32,
-                        device: str = "cpu", model: str = "shapes") -> dict:  # fmt: skip
+                        device: str = "cpu", model: str = "shapes", seed_offset: int = 0) -> dict:  # fmt: skip
+    """Sample every prompt `seeds_per_prompt` times (`generation_jobs`; the bench's test
+    split moves the seeds past its dev seeds with `seed_offset`) and judge each image."""
+    if not 1 <= seeds_per_prompt <= 1000:
+        raise ValueError(f"seeds_per_prompt must be from 1 to 1000 (1000 seeds a prompt), got {seeds_per_prompt}")
     sampler = sampler or SamplerConfig()
     components = sampling_components(load_diffusion(model), sampler)  # the sampler's spacing
     engine = GuidedDDIM(components, device=torch.device(device))
     oracles = {"oracle": load_classifier("shapes:oracle", device), "oracle-2": load_classifier("shapes:oracle-2", device)}
-    combos = list(itertools.product(SHAPES, COLOURS, BACKGROUNDS))
-    jobs = [(combo, seed) for combo in combos for seed in range(seeds_per_prompt)]
+    jobs = generation_jobs(seeds_per_prompt, seed_offset)
     null = engine.null_embedding()
     # Per prompted shape: how often each judge sees it.
     by_shape = {shape: {judge: 0 for judge in SHAPE_JUDGES} | {"images": 0} for shape in SHAPES}
@@ -54,8 +64,7 @@ def evaluate_generation(seeds_per_prompt: int = 2, sampler: SamplerConfig | None
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
         prompts = [f"a photograph of a {c} {s} on {b}" for (s, c, b), _ in chunk]
-        # Distinct seeds per image: the combo index times 1000 plus the repeat.
-        seeds = [combos.index(combo) * 1000 + seed for combo, seed in chunk]
+        seeds = [seed for _, seed in chunk]
         images = engine.sample(
             initial_latents(components, seeds), engine.encode_text(prompts), null.expand(len(chunk), -1, -1), sampler
         )  # (B, 3, 64, 64)
