@@ -131,6 +131,18 @@ class Run:
     def report(self) -> Path | None:
         return None if self.out is None else self.out / "index.html"
 
+    @property
+    def ranking(self) -> list[dict[str, Any]]:
+        """A class scan's classes, ranked (tasks/scan.py, RANKING_RULE): per class its rank,
+        counts (items, claimed, confirmed), best item and image, best margin and screening
+        score; [] for a one-class run."""
+        return self.header.get("ranking") or []
+
+    @property
+    def screening(self) -> list[dict[str, Any]] | None:
+        """With screen=: every class's screening figures (p_f, p_g per seed, score), highest score first."""
+        return (self.header.get("scan") or {}).get("screening")
+
     def __getitem__(self, index: int) -> Item:
         return self.items[index]
 
@@ -254,11 +266,15 @@ def _progress():
 # -- the tasks -----------------------------------------------------------------------------
 
 
-def disagree(classifier_f, classifier_g, class_name: str, *, num_images: int = 1, seed: int = 0,
+def disagree(classifier_f, classifier_g, class_name: str | Sequence[str], *, classes_file: str | Path | None = None,
+             screen: int | None = None, top: int | None = None, num_images: int = 1, seed: int = 0,
              prompt_template: str = "a photograph of a {}", batch_size: int = 1, model=DEFAULT_MODEL,
              device: str = "auto", dtype: str = "fp32", compile: bool = False, cone: str | None = None, judge: str | Sequence[str] | None = None, out: str | Path | None = None,  # noqa: A002
              overwrite: bool = False, progress: bool = True, **engine_options) -> Run:  # fmt: skip
-    """Images that classifier f assigns to `class_name` and classifier g does not (`digin disagree`)."""
+    """Images that classifier f assigns to `class_name` and classifier g does not (`digin disagree`).
+    Several classes (a list, `classes_file=`, or "all": every class of f) are a class scan:
+    `num_images` seeds a class, optionally screened first (`screen=K, top=N`: --screen, --top);
+    the run's `ranking` ranks the classes."""
     from digin_cli.tasks.disagree import DisagreeJob, run_disagree
 
     sampler, optim = _engine(engine_options, seed)
@@ -266,7 +282,8 @@ def disagree(classifier_f, classifier_g, class_name: str, *, num_images: int = 1
         classifier_f=classifier_f, classifier_g=classifier_g, class_name=class_name, out=folder,
         seeds=list(range(seed, seed + num_images)), prompt_template=prompt_template, batch_size=batch_size,
         runtime=_runtime(model, device, dtype, compile, overwrite), sampler=sampler, optim=optim, judges=_judges(judge),
-        cone=cone), out, progress)  # fmt: skip
+        cone=cone, classes_file=Path(classes_file) if classes_file is not None else None, screen=screen, top=top),
+        out, progress)  # fmt: skip
 
 
 def neuron(classifier, *, neuron: int | None = None, direction: str | Path | None = None, layer: str | None = None,

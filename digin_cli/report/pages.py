@@ -6,7 +6,8 @@ At the top the run's command line and settings; then a grid of the items, each w
 images before and after, its classes, its figures before -> after and its outcome as a
 badge, filterable by class and outcome and sortable; each item opens to its sheet, mask,
 difference map and optimization plot. Failures are listed with their error. While a run
-goes the page reloads itself every 15 s.
+goes the page reloads itself every 15 s. A class scan (more than one class) opens on its
+ranking of the classes (tasks/scan.py); a class's row filters the grid to its items.
 """
 
 from __future__ import annotations
@@ -154,6 +155,32 @@ def item_card(record: dict[str, Any], config: dict[str, Any], order: int) -> str
 </article>"""
 
 
+def ranking_section(header: dict[str, Any]) -> str:
+    """A class scan's ranking as the page's first view (empty for a run of one class): per
+    class its rank, best image, counts, best margin and screening score; a row opens the class."""
+    ranking = header.get("ranking") or []
+    if len(ranking) < 2:
+        return ""
+    judged = bool((header.get("config") or {}).get("judges"))
+    scan = header.get("scan") or {}
+    screened = scan.get("screening") is not None
+    heads = ["rank", "class", "best image", "items", "claimed", *(["confirmed"] if judged else []), "best p_f - p_g",
+             *(["screen score"] if screened else [])]  # fmt: skip
+    rows = []
+    for entry in ranking:
+        name = html.escape(entry["class"])
+        items = str(entry["items"]) if entry["optimized"] else "screened out"
+        cells = [str(entry["rank"]), f'<a href="#grid">{name}</a>', _img(entry.get("best_image"), f"best image of {entry['class']}", "thumb"),
+                 items, str(entry["claimed"]), *([str(entry["confirmed"])] if judged else []),
+                 "" if entry["best_margin"] is None else _number(entry["best_margin"]),
+                 *([_number(entry["screen_score"])] if screened else [])]  # fmt: skip
+        rows.append(f'<tr class="rank" data-class="{name}" data-rank="{entry["rank"]}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    chosen = f" &middot; screened {len(ranking)} classes by {scan.get('screen')} seeds, optimized the top {len(scan.get('chosen') or [])}" if screened else ""
+    return f"""<section id="ranking"><h2>Classes, ranked{chosen}</h2>
+<table class="ranking"><tr>{"".join(f"<th>{h}</th>" for h in heads)}</tr>{"".join(rows)}</table>
+<p class="small">Ranked: {html.escape(str(scan.get("ranking_rule", "")))}. Open a class to see its items.</p></section>"""
+
+
 def run_page(header: dict[str, Any], records: list[dict[str, Any]], complete: bool) -> str:
     """The page of a run folder from its header and its records (in input order)."""
     config = header.get("config") or {}
@@ -162,7 +189,8 @@ def run_page(header: dict[str, Any], records: list[dict[str, Any]], complete: bo
     counts = header.get("items") or {}
     failures = [r for r in records if r.get("status") != "ok"]
     failed_list = "".join(f"<li><b>{html.escape(r.get('item', ''))}</b>: {html.escape(str(r.get('error')))}</li>" for r in failures)
-    classes = sorted({class_label(r) for r in records})
+    # A scan's classes also where nothing of theirs is done (screened out): its rows filter by them.
+    classes = sorted({class_label(r) for r in records} | {e["class"] for e in header.get("ranking") or []})
     outcomes = sorted({outcome(r, config)[0] for r in records})
     options = lambda values: "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in values)  # noqa: E731
     judges = config.get("judges") or []
@@ -191,6 +219,7 @@ started {html.escape(str(header.get('started', '')))} &middot; {float(header.get
 <pre class="command">{html.escape(command_line)}</pre>
 <details><summary>settings</summary><table class="settings">{settings}</table><p class="small">{html.escape(versions)}</p></details>
 </header>
+{ranking_section(header)}
 {f'<section class="failures"><h2>Failed</h2><ul>{failed_list}</ul></section>' if failures else ''}
 <nav><label>class <select id="class"><option value="">all</option>{options(classes)}</select></label>
 <label>outcome <select id="outcome"><option value="">all</option>{options(outcomes)}</select></label>
@@ -232,6 +261,10 @@ table.figures{border-collapse:collapse;font-size:13px} table.figures th,table.fi
 td.num{font-variant-numeric:tabular-nums}
 .error{color:#9c1c1c;word-break:break-word}
 .details{display:flex;flex-direction:column;gap:8px} .details img.wide{image-rendering:auto}
+#ranking{overflow-x:auto} table.ranking{border-collapse:collapse;font-size:13px}
+table.ranking th,table.ranking td{padding:3px 10px 3px 0;text-align:left;vertical-align:middle}
+tr.rank{cursor:pointer} tr.rank:hover{background:#f0f2f5} tr.rank.open{background:#e3ecfb}
+img.thumb{width:48px;height:48px;image-rendering:pixelated;border-radius:4px;display:block}
 """
 
 SCRIPT = """
@@ -249,5 +282,10 @@ SCRIPT = """
     pick('shown').textContent=shown+' of '+cards.length+' items';
   }
   ['class','outcome','sort','judges'].forEach(id=>pick(id)&&pick(id).addEventListener('change',update)); update();
+  // A scan's ranking: a class's row opens it, i.e. filters the grid to its items.
+  for(const row of document.querySelectorAll('tr.rank')){
+    row.addEventListener('click',e=>{e.preventDefault(); pick('class').value=row.dataset.class; update();
+      document.querySelectorAll('tr.rank').forEach(r=>r.classList.toggle('open',r===row)); grid.scrollIntoView();});
+  }
 })();
 """
