@@ -1,4 +1,4 @@
-"""Claims and confirmations as the bench reports them (issue 38).
+"""Claims and confirmations as the bench reports them.
 
 A row's runs are counted as a user's run counts them: what each record claims
 (``claimed``) and whether the classifier judge confirms it (``confirmed``), both written by

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from digin_cli.engine import OptimConfig, SamplerConfig
 from digin_cli.errors import DiginError
-from digin_cli.tasks.runtime import SPACINGS, RuntimeOptions
+from digin_cli.tasks.runtime import SPACINGS, RuntimeOptions, check_guards
 from digin_cli.world.scenes import BACKGROUNDS, SHAPES
 
 ROW_NAMES = ("generator", "disagree", "neuron", "uvce", "neuron-cf", "directions")  # the rows by the names --rows takes, in run order
@@ -16,7 +16,7 @@ ROW_NAMES = ("generator", "disagree", "neuron", "uvce", "neuron-cf", "directions
 # 60%), 48 with --full (about +-14). Each row's seeds are derived from it unless given.
 DEFAULT_RUNS, FULL_RUNS = 16, 48
 
-# The seed splits (issue 38): settings are chosen on "dev", figures reported on "test".
+# The seed splits: settings are chosen on "dev", figures reported on "test".
 SPLITS = ("dev", "test")
 # Every seed a row draws (a generator's z_T, a scene's RNG, the cutouts') is a dev seed
 # handed through BenchConfig.seed, which adds SPLIT_OFFSET on the test split and refuses a
@@ -56,7 +56,7 @@ class BenchConfig:
     # one-thread processes do 1.4x the work of one two-thread process (README, "Performance").
     jobs: int | None = None
     split: str = "test"  # the seeds: "dev" to choose settings on, "test" (disjoint from dev) to report
-    # The guards (issue 38), as the optimizing commands take them; the defaults are the
+    # The guards, as the optimizing commands take them; the defaults are the
     # engine's, so a bench without them is the bench before them. `cone` applies to the
     # disagree and uvce rows, the only commands with --cone.
     keep: str = "best-loss"
@@ -91,11 +91,7 @@ class BenchConfig:
                              "or a folder that python -m digin_cli.world.train_diffusion --out wrote")  # fmt: skip
         if self.jobs is not None and self.jobs < 1:
             raise DiginError(f"--jobs must be at least 1, got {self.jobs}")
-        try:
-            self.optim().validate()
-        except ValueError as error:  # "noise_reg must be ..." -> "--noise-reg must be ...", as the commands say it
-            field_name, _, rest = str(error).partition(" ")
-            raise DiginError(f"--{field_name.replace('_', '-')} {rest}") from None
+        check_guards(self.optim())
         if self.cone is not None:
             from digin_cli.bench.claims import JUDGES
             from digin_cli.tasks.guards import check_cone

@@ -77,7 +77,7 @@ class OptimConfig:
     # graphs are freed before the next pass. None (auto): all, unless that would not fit
     # the memory budget (engine/memory.py). Changes how fast, not what: not fingerprinted.
     views_per_pass: int | None = None
-    # Guards against results that fool only the guide (issue 38). Every default leaves the
+    # Guards against results that fool only the guide. Every default leaves the
     # optimization exactly as it was without them.
     # Which iterate an item keeps (KEEP_RULES): "best-loss", the one with the lowest plain
     # loss (the reference's); "first-claim", the first whose objective's claim holds by

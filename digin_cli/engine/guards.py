@@ -1,4 +1,4 @@
-"""Guards against results that fool only the guide (issue 38): DVCE's cone projection of the
+"""Guards against results that fool only the guide: DVCE's cone projection of the
 guide's gradient, and DNO-style regularization that keeps z_T typical of a standard Gaussian.
 Both are maths on tensors; loop.py and guided_ddim.py apply them."""
 

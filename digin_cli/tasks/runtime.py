@@ -239,11 +239,7 @@ def check_engine_options(out: Path, sampler: SamplerConfig, optim: OptimConfig, 
         )
     if optim.num_cutouts < 1:
         raise DiginError("--cutouts must be at least 1")
-    try:
-        optim.validate()
-    except ValueError as error:  # "noise_reg must be ..." -> "--noise-reg must be ..."
-        field_name, _, rest = str(error).partition(" ")
-        raise DiginError(f"--{field_name.replace('_', '-')} {rest}") from None
+    check_guards(optim)
     for option, lr in (("--lr-latent", optim.lr_latent), ("--lr-prompt", optim.lr_prompt), ("--lr-null", optim.lr_null)):
         if lr is not None and not (math.isfinite(lr) and lr > 0):
             raise DiginError(f"{option} must be a positive learning rate, got {lr}")
@@ -361,3 +357,13 @@ class Shard:
 
     def take(self, items: list) -> list:
         return items[self.index :: self.count]
+
+
+def check_guards(optim: OptimConfig) -> None:
+    """OptimConfig.validate's error as the options name it: "noise_reg must be ..." ->
+    "Error: --noise-reg must be ..."."""
+    try:
+        optim.validate()
+    except ValueError as error:
+        field_name, _, rest = str(error).partition(" ")
+        raise DiginError(f"--{field_name.replace('_', '-')} {rest}") from None
